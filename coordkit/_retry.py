@@ -9,6 +9,7 @@ from __future__ import annotations
 import anyio
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     stop_never,
@@ -36,3 +37,23 @@ def retry_unavailable(*, attempts: int | None = None) -> AsyncRetrying:
         stop=stop,
         reraise=True,
     )
+
+
+class Backoff:
+    """Delays between consecutive failures of a long-lived loop (reconnects, keepalives), reset by a success.
+
+    Uses :data:`RECONNECT_WAIT`, so every retry in coordkit follows the same policy.
+    """
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        """Count one more failure and return how long to wait before the next attempt."""
+        self.failures += 1
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = self.failures
+        return float(RECONNECT_WAIT(state))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal, TypeAlias
+
+from ._keys import in_range, prefix_end
 
 CompareOp = Literal["==", "!=", "<", ">"]
 SortBy = Literal["key", "create", "mod", "version", "value"]
@@ -88,6 +91,13 @@ class Put:
     value: bytes
     lease: int = 0
 
+    def __post_init__(self) -> None:
+        _check_key(self.key, allow_empty=False)
+        if not isinstance(self.value, bytes):
+            raise TypeError(f"value must be bytes, not {type(self.value).__name__}")
+        if not isinstance(self.lease, int) or self.lease < 0:
+            raise ValueError(f"lease must be a non-negative int, not {self.lease!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class Delete:
@@ -95,6 +105,9 @@ class Delete:
 
     key: bytes
     prefix: bool = False
+
+    def __post_init__(self) -> None:
+        _check_key(self.key, allow_empty=self.prefix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +132,24 @@ class Range:
     keys_only: bool = False
     count_only: bool = False
 
+    def __post_init__(self) -> None:
+        _check_key(self.key, allow_empty=self.prefix)
+        for name in ("limit", "max_create_revision", "min_create_revision"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+        if self.sort_by not in ("key", "create", "mod", "version", "value"):
+            raise ValueError(f"sort_by must be key, create, mod, version or value, not {self.sort_by!r}")
 
-Op = Union[Put, Delete, Range]
+
+def _check_key(key: object, *, allow_empty: bool) -> None:
+    if not isinstance(key, bytes):
+        raise TypeError(f"keys are bytes, not {type(key).__name__}")
+    if not key and not allow_empty:
+        raise ValueError("the empty key is only allowed as a prefix")
+
+
+Op: TypeAlias = Put | Delete | Range
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +177,7 @@ class DeleteResult:
     revision: int
 
 
-OpResult = Union[RangeResult, PutResult, DeleteResult]
+OpResult: TypeAlias = RangeResult | PutResult | DeleteResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,3 +221,47 @@ class WatchBatch:
 
     revision: int
     events: tuple[Event, ...] = field(default_factory=tuple)
+
+
+#: etcd's default ``--max-request-bytes`` (1.5 MiB): a larger request is refused.
+MAX_REQUEST_BYTES = 1536 * 1024
+#: etcd's largest lease TTL in seconds.
+MAX_LEASE_TTL = 9_000_000_000
+
+
+def check_ttl(ttl: int) -> None:
+    """Reject a lease TTL no etcd server would grant (ValueError/TypeError), before anything is sent."""
+    if not isinstance(ttl, int) or isinstance(ttl, bool):
+        raise TypeError(f"lease ttl must be an int number of seconds, not {type(ttl).__name__}")
+    if not 1 <= ttl <= MAX_LEASE_TTL:
+        raise ValueError(f"lease ttl must be between 1 and {MAX_LEASE_TTL} seconds, not {ttl}")
+
+
+def check_txn(compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> None:
+    """Reject a malformed transaction the way etcd does, before anything is sent.
+
+    Raises:
+        TypeError: an element is not a Compare / Put / Delete / Range.
+        ValueError: a branch writes one key twice (two puts, or a put inside a delete's range), as etcd's
+            "duplicate key given in txn request".
+    """
+    for c in compare:
+        if not isinstance(c, Compare):
+            raise TypeError(f"txn compares must be Compare, not {type(c).__name__}")
+    for branch in (success, failure):
+        puts: set[bytes] = set()
+        deletes: list[Delete] = []
+        for op in branch:
+            if isinstance(op, Put):
+                if op.key in puts:
+                    raise ValueError(f"duplicate key given in txn request: {op.key!r}")
+                puts.add(op.key)
+            elif isinstance(op, Delete):
+                deletes.append(op)
+            elif not isinstance(op, Range):
+                raise TypeError(f"txn operations must be Put, Delete or Range, not {type(op).__name__}")
+        for d in deletes:
+            end = prefix_end(d.key) if d.prefix else None
+            for key in puts:
+                if in_range(key, d.key, end):
+                    raise ValueError(f"duplicate key given in txn request: {key!r}")

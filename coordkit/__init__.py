@@ -1,0 +1,82 @@
+"""coordkit: distributed coordination for asyncio, written once above a small backend protocol."""
+
+from __future__ import annotations
+
+from ._backend import Backend as Backend
+from ._errors import (
+    AuthenticationError as AuthenticationError,
+    BackendError as BackendError,
+    CompactedError as CompactedError,
+    CoordkitError as CoordkitError,
+    LeaseExpiredError as LeaseExpiredError,
+    NotOwnerError as NotOwnerError,
+    OwnershipLostError as OwnershipLostError,
+    RequestTooLargeError as RequestTooLargeError,
+    SessionClosedError as SessionClosedError,
+    UnavailableError as UnavailableError,
+)
+from ._etcd import EtcdBackend as EtcdBackend
+from ._memory import MemoryBackend as MemoryBackend, MemoryFaults as MemoryFaults, MemoryStore as MemoryStore
+from ._session import Session as Session, SessionStatistics as SessionStatistics
+from ._types import (
+    Compare as Compare,
+    CompareTarget as CompareTarget,
+    Delete as Delete,
+    DeleteResult as DeleteResult,
+    Event as Event,
+    EventType as EventType,
+    KeyValue as KeyValue,
+    Lease as Lease,
+    Put as Put,
+    PutResult as PutResult,
+    Range as Range,
+    RangeResult as RangeResult,
+    TxnResult as TxnResult,
+    WatchBatch as WatchBatch,
+)
+from ._version import __version__ as __version__
+from ._watch import (
+    Snapshot as Snapshot,
+    Watch as Watch,
+    WatchStatistics as WatchStatistics,
+    wait_deleted as wait_deleted,
+)
+
+__all__ = (
+    "AuthenticationError",
+    "Backend",
+    "BackendError",
+    "CompactedError",
+    "Compare",
+    "CompareTarget",
+    "CoordkitError",
+    "Delete",
+    "DeleteResult",
+    "EtcdBackend",
+    "Event",
+    "EventType",
+    "KeyValue",
+    "Lease",
+    "LeaseExpiredError",
+    "MemoryBackend",
+    "MemoryFaults",
+    "MemoryStore",
+    "NotOwnerError",
+    "OwnershipLostError",
+    "Put",
+    "PutResult",
+    "Range",
+    "RangeResult",
+    "RequestTooLargeError",
+    "Session",
+    "SessionClosedError",
+    "SessionStatistics",
+    "Snapshot",
+    "TxnResult",
+    "UnavailableError",
+    "Watch",
+    "WatchBatch",
+    "WatchStatistics",
+    "__version__",
+    "wait_deleted",
+)

@@ -1,0 +1,465 @@
+"""MemoryBackend: an in-process store with etcd v3 semantics, virtual time and fault hooks.
+
+One :class:`MemoryStore` plays the etcd cluster; each :class:`MemoryBackend` is one client of it (one simulated
+process), so a fault can hit one client while the others go on. Time is ``anyio.current_time()``: under a
+virtual clock (trio's ``MockClock``, ``looptime``) a 10 s lease expires in no real time.
+
+Lease expiry needs no background task: every call, and every watch waiting for events, first expires the
+leases whose deadline has passed, and a waiting watch wakes at the next lease deadline. So an expiry is seen at
+the same virtual instant a background sweeper would produce it, and nothing runs that nobody owns.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import final
+
+import anyio
+import anyio.lowlevel
+
+from ._errors import CompactedError, LeaseExpiredError, RequestTooLargeError, UnavailableError
+from ._keys import in_range, prefix_end
+from ._types import (
+    MAX_REQUEST_BYTES,
+    Compare,
+    CompareTarget,
+    Delete,
+    DeleteResult,
+    Event,
+    EventType,
+    KeyValue,
+    Lease,
+    Op,
+    OpResult,
+    Put,
+    PutResult,
+    Range,
+    RangeResult,
+    TxnResult,
+    WatchBatch,
+    check_ttl,
+    check_txn,
+)
+
+#: etcd's smallest lease TTL with its default heartbeat (100 ms) and election timeout (1 s): shorter asks get it.
+MIN_LEASE_TTL = 2
+
+_SORT_KEYS: dict[str, Callable[[KeyValue], bytes | int]] = {
+    "key": lambda kv: kv.key,
+    "create": lambda kv: kv.create_revision,
+    "mod": lambda kv: kv.mod_revision,
+    "version": lambda kv: kv.version,
+    "value": lambda kv: kv.value,
+}
+
+
+@dataclass(slots=True)
+class _LeaseState:
+    ttl: int
+    expires_at: float
+    keys: set[bytes] = field(default_factory=set)
+
+
+@final
+class MemoryStore:
+    """The shared state of a simulated etcd cluster: keys, revisions, leases, history.
+
+    Create clients with :class:`MemoryBackend` (``MemoryBackend(store=store)``). Store-wide fault hooks
+    (compaction, lease expiry) are on :attr:`MemoryBackend.faults` too.
+
+    Args:
+        seed: seeds lease ids, so runs are reproducible.
+    """
+
+    def __init__(self, *, seed: int | None = None) -> None:
+        self.revision = 1
+        self.compact_revision = 0
+        self._kvs: dict[bytes, KeyValue] = {}
+        self._keys: list[bytes] = []  # sorted, for ranges
+        self._history: list[WatchBatch] = []  # every revision after compact_revision - 1, in order
+        self._leases: dict[int, _LeaseState] = {}
+        self._rng = random.Random(seed)
+        self._changed: anyio.Event | None = None
+
+    # -- time and notification -------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def _wait_changed(self) -> None:
+        """Wait until the store changes or the next lease deadline passes."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        changed = self._changed
+        next_expiry = min((lease.expires_at for lease in self._leases.values()), default=None)
+        if next_expiry is None:
+            await changed.wait()
+        else:
+            with anyio.move_on_at(next_expiry):
+                await changed.wait()
+
+    def expire_due(self) -> None:
+        """Expire every lease whose deadline has passed (called before every operation)."""
+        now = anyio.current_time()
+        due = sorted(
+            (lease.expires_at, lease_id) for lease_id, lease in self._leases.items() if lease.expires_at <= now
+        )
+        for _, lease_id in due:
+            self.revoke(lease_id)
+
+    # -- writes ----------------------------------------------------------------------------------------
+
+    def _commit(self, events: list[Event]) -> None:
+        self._history.append(WatchBatch(self.revision, tuple(events)))
+        self._notify()
+
+    def _put(self, op: Put, revision: int, events: list[Event]) -> None:
+        old = self._kvs.get(op.key)
+        if old is None:
+            kv = KeyValue(op.key, op.value, revision, revision, 1, op.lease)
+            bisect.insort(self._keys, op.key)
+        else:
+            kv = KeyValue(op.key, op.value, old.create_revision, revision, old.version + 1, op.lease)
+            if old.lease and old.lease != op.lease and old.lease in self._leases:
+                self._leases[old.lease].keys.discard(op.key)
+        if op.lease:
+            self._leases[op.lease].keys.add(op.key)
+        self._kvs[op.key] = kv
+        events.append(Event(EventType.PUT, kv))
+
+    def _delete_keys(self, keys: list[bytes], revision: int, events: list[Event]) -> None:
+        for key in keys:
+            kv = self._kvs.pop(key)
+            del self._keys[bisect.bisect_left(self._keys, key)]
+            if kv.lease in self._leases:  # absent while its own revoke runs
+                self._leases[kv.lease].keys.discard(key)
+            events.append(Event(EventType.DELETE, KeyValue(key, b"", 0, revision, 0, 0)))
+
+    def _matching(self, key: bytes, prefix: bool) -> list[bytes]:
+        if not prefix:
+            return [key] if key in self._kvs else []
+        end = prefix_end(key)
+        lo = bisect.bisect_left(self._keys, key)
+        hi = len(self._keys) if end == b"" else bisect.bisect_left(self._keys, end)
+        return self._keys[lo:hi]
+
+    def _range(self, op: Range) -> RangeResult:
+        kvs = [self._kvs[k] for k in self._matching(op.key, op.prefix)]
+        count = len(kvs)
+        if op.max_create_revision:
+            kvs = [kv for kv in kvs if kv.create_revision <= op.max_create_revision]
+        if op.min_create_revision:
+            kvs = [kv for kv in kvs if kv.create_revision >= op.min_create_revision]
+        if op.sort_by != "key" or op.descending:
+            kvs.sort(key=_SORT_KEYS[op.sort_by], reverse=op.descending)
+        more = bool(op.limit) and len(kvs) > op.limit
+        if more:
+            kvs = kvs[: op.limit]
+        if op.count_only:
+            kvs = []
+        elif op.keys_only:
+            kvs = [replace(kv, value=b"") for kv in kvs]
+        return RangeResult(tuple(kvs), count, more, self.revision)
+
+    def _holds(self, c: Compare) -> bool:
+        kv = self._kvs.get(c.key)
+        actual: int | bytes
+        if c.target is CompareTarget.VALUE:
+            if kv is None:
+                return False  # etcd: a value compare on a missing key is false
+            actual = kv.value
+        elif kv is None:
+            actual = 0
+        else:
+            actual = {
+                CompareTarget.CREATE: kv.create_revision,
+                CompareTarget.MOD: kv.mod_revision,
+                CompareTarget.VERSION: kv.version,
+                CompareTarget.LEASE: kv.lease,
+            }[c.target]
+        operand = c.operand
+        if c.op == "==":
+            return actual == operand
+        if c.op == "!=":
+            return actual != operand
+        if c.op == "<":
+            return actual < operand  # type: ignore[operator]  # same type: checked by Compare
+        return actual > operand  # type: ignore[operator]
+
+    def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> TxnResult:
+        """Apply a transaction atomically (synchronous: nothing can interleave)."""
+        succeeded = all(self._holds(c) for c in compare)
+        ops = success if succeeded else failure
+        for op in ops:
+            if isinstance(op, Put) and op.lease and op.lease not in self._leases:
+                raise LeaseExpiredError(op.lease)
+        writes = any(
+            isinstance(op, Put) or (isinstance(op, Delete) and self._matching(op.key, op.prefix)) for op in ops
+        )
+        revision = self.revision + 1 if writes else self.revision
+        events: list[Event] = []
+        responses: list[OpResult] = []
+        for op in ops:
+            if isinstance(op, Range):
+                responses.append(replace(self._range(op), revision=revision))
+            elif isinstance(op, Put):
+                self._put(op, revision, events)
+                responses.append(PutResult(revision))
+            else:
+                keys = self._matching(op.key, op.prefix)
+                self._delete_keys(keys, revision, events)
+                responses.append(DeleteResult(len(keys), revision))
+        if writes:
+            self.revision = revision
+            self._commit(events)
+        return TxnResult(succeeded, tuple(responses), self.revision)
+
+    # -- leases ----------------------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> Lease:
+        ttl = max(ttl, MIN_LEASE_TTL)
+        lease_id = self._rng.getrandbits(62) + 1
+        while lease_id in self._leases:
+            lease_id = self._rng.getrandbits(62) + 1
+        self._leases[lease_id] = _LeaseState(ttl, anyio.current_time() + ttl)
+        return Lease(lease_id, ttl)
+
+    def refresh(self, lease_id: int) -> int:
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            raise LeaseExpiredError(lease_id)
+        lease.expires_at = anyio.current_time() + lease.ttl
+        self._notify()  # waiting watches re-arm on the new deadline
+        return lease.ttl
+
+    def revoke(self, lease_id: int) -> None:
+        """Delete the lease and all its keys at one revision (no-op for an unknown lease)."""
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return
+        if lease.keys:
+            self.revision += 1
+            events: list[Event] = []
+            self._delete_keys(sorted(lease.keys), self.revision, events)
+            self._commit(events)
+        else:
+            self._notify()
+
+    def lease_ids(self) -> list[int]:
+        """Ids of the leases alive now."""
+        return list(self._leases)
+
+    # -- history ---------------------------------------------------------------------------------------
+
+    def compact(self, revision: int | None = None) -> int:
+        """Forget history before ``revision`` (default: the current revision), as etcd's compaction does.
+
+        A watch that starts before it, or lags behind it, fails with CompactedError.
+        """
+        revision = self.revision if revision is None else revision
+        if revision > self.revision:
+            raise ValueError(f"cannot compact to a future revision {revision} (current {self.revision})")
+        if revision <= self.compact_revision:
+            raise CompactedError(self.compact_revision)
+        self.compact_revision = revision
+        cut = bisect.bisect_left(self._history, revision, key=lambda batch: batch.revision)
+        del self._history[:cut]
+        self._notify()
+        return revision
+
+    def batches_from(self, revision: int) -> list[WatchBatch]:
+        if revision < self.compact_revision:
+            raise CompactedError(self.compact_revision)
+        start = bisect.bisect_left(self._history, revision, key=lambda batch: batch.revision)
+        return self._history[start:]
+
+
+@final
+class MemoryFaults:
+    """Fault hooks of one :class:`MemoryBackend` client (and of its store), for tests.
+
+    Client faults (partition, suspended keepalives, broken watches, latency, failing calls) hit only this
+    client; store faults (``expire_lease``, ``compact``) hit everyone, as on a real cluster.
+    """
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self.latency = 0.0
+        self._fail_calls = 0
+        self._partitioned = False
+        self._keepalives_suspended = False
+        self._watch_epoch = 0
+        self._healed: anyio.Event | None = None
+
+    # store-wide
+    def expire_lease(self, lease_id: int) -> None:
+        """Expire a lease now, as if its TTL had run out: its keys are deleted at one revision."""
+        self._store.revoke(lease_id)
+
+    def compact(self, revision: int | None = None) -> int:
+        """Compact the store's history up to ``revision`` (default: current). Returns the compact revision."""
+        return self._store.compact(revision)
+
+    # this client only
+    def partition(self) -> None:
+        """Cut this client off: its calls hang (cancellably) until :meth:`heal`; its watch streams break."""
+        self._partitioned = True
+        self.break_watches()
+
+    def heal(self) -> None:
+        """End a partition and resume suspended keepalives."""
+        self._partitioned = False
+        self._keepalives_suspended = False
+        if self._healed is not None:
+            self._healed.set()
+            self._healed = None
+
+    def suspend_keepalives(self) -> None:
+        """Make this client's lease refreshes hang (a lost keepalive stream) until :meth:`heal`."""
+        self._keepalives_suspended = True
+
+    def break_watches(self) -> None:
+        """Break every watch stream this client has open: each raises UnavailableError."""
+        self._watch_epoch += 1
+        self._store._notify()
+
+    def fail_calls(self, count: int) -> None:
+        """Make this client's next ``count`` calls raise UnavailableError without reaching the store."""
+        self._fail_calls = count
+
+    def set_latency(self, seconds: float) -> None:
+        """Delay every call of this client by ``seconds`` (of the event loop's clock) before it applies."""
+        if seconds < 0:
+            raise ValueError("latency cannot be negative")
+        self.latency = seconds
+
+    async def _enter(self, *, keepalive: bool = False) -> None:
+        """Every call's entry: a cancellation point, then latency, partition and injected failures."""
+        if self.latency:
+            await anyio.sleep(self.latency)
+        else:
+            await anyio.lowlevel.checkpoint()
+        while self._partitioned or (keepalive and self._keepalives_suspended):
+            if self._healed is None:
+                self._healed = anyio.Event()
+            await self._healed.wait()
+        if self._fail_calls:
+            self._fail_calls -= 1
+            raise UnavailableError("injected failure (MemoryFaults.fail_calls)")
+        self._store.expire_due()
+
+
+@final
+class MemoryBackend:
+    """An in-process backend with exactly etcd's semantics, for tests and single-process use.
+
+    ``MemoryBackend()`` makes a new store; ``MemoryBackend(store=other.store)`` (or :meth:`connect`) makes
+    another client of the same store, like a second process talking to the same cluster. Usable from asyncio
+    and trio; time comes from the running event loop's clock, so virtual clocks make TTLs instant.
+
+    Fault hooks for tests are on :attr:`faults`.
+    """
+
+    name = "memory"
+
+    def __init__(self, *, store: MemoryStore | None = None, seed: int | None = None) -> None:
+        self.store = store if store is not None else MemoryStore(seed=seed)
+        self.faults = MemoryFaults(self.store)
+        self._closed = False
+
+    def connect(self) -> MemoryBackend:
+        """Another client of the same store (its own faults, same data)."""
+        return MemoryBackend(store=self.store)
+
+    async def __aenter__(self) -> MemoryBackend:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self.faults.break_watches()
+        await anyio.lowlevel.checkpoint()
+
+    async def _enter(self, *, keepalive: bool = False) -> None:
+        if self._closed:
+            raise UnavailableError("backend is closed")
+        await self.faults._enter(keepalive=keepalive)
+
+    async def range(self, request: Range) -> RangeResult:
+        if not isinstance(request, Range):
+            raise TypeError(f"range takes a Range, not {type(request).__name__}")
+        await self._enter()
+        return self.store._range(request)
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        check_txn(compare, success, failure)
+        size = sum(len(op.key) + len(op.value) for op in (*success, *failure) if isinstance(op, Put))
+        if size > MAX_REQUEST_BYTES:
+            raise RequestTooLargeError(f"request is too large ({size} bytes > {MAX_REQUEST_BYTES})")
+        await self._enter()
+        return self.store.txn(compare, success, failure)
+
+    async def grant(self, ttl: int) -> Lease:
+        check_ttl(ttl)
+        await self._enter()
+        return self.store.grant(ttl)
+
+    async def refresh(self, lease_id: int) -> int:
+        await self._enter(keepalive=True)
+        return self.store.refresh(lease_id)
+
+    async def revoke(self, lease_id: int) -> None:
+        await self._enter()
+        self.store.revoke(lease_id)
+
+    def watch(
+        self, key: bytes, *, prefix: bool = False, start_revision: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
+        if not isinstance(key, bytes):
+            raise TypeError(f"keys are bytes, not {type(key).__name__}")
+        if not isinstance(start_revision, int) or start_revision < 1:
+            raise ValueError(f"start_revision must be an int >= 1, not {start_revision!r}")
+        return self._watch(key, prefix, start_revision)
+
+    @asynccontextmanager
+    async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
+        await self._enter()
+        epoch = self.faults._watch_epoch
+        self.store.batches_from(start_revision)  # a compacted start fails at once, as etcd's does
+        end = prefix_end(key) if prefix else None
+        stream = self._stream(key, end, start_revision, epoch)
+        try:
+            yield stream
+        finally:
+            await stream.aclose()
+
+    async def _stream(
+        self, key: bytes, end: bytes | None, next_revision: int, epoch: int
+    ) -> AsyncGenerator[WatchBatch, None]:
+        store = self.store
+        while True:
+            if epoch != self.faults._watch_epoch:
+                raise UnavailableError("watch stream broken")
+            store.expire_due()
+            delivered = False
+            for batch in store.batches_from(next_revision):
+                next_revision = batch.revision + 1
+                events = tuple(e for e in batch.events if in_range(e.kv.key, key, end))
+                if events:
+                    delivered = True
+                    yield WatchBatch(batch.revision, events)
+                    if epoch != self.faults._watch_epoch:
+                        raise UnavailableError("watch stream broken")
+            if not delivered:
+                await store._wait_changed()

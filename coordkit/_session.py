@@ -1,0 +1,236 @@
+"""Session: one lease per client, kept alive by a task the session owns, with a local validity deadline.
+
+The lease-loss guarantee: ``session.deadline`` is the send time of the last acknowledged keepalive + the
+granted TTL - a safety margin, on the local monotonic clock. The server cannot expire the lease before
+send time + TTL (it restarts the TTL when it receives the keepalive, which is after it was sent), so when the
+local deadline passes without a renewal, coordkit declares the session lost and cancels every guarded block
+*before* the server can hand what they guard to somebody else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from types import TracebackType
+from typing import final
+
+import anyio
+import anyio.abc
+
+from . import _telemetry
+from ._backend import Backend
+from ._errors import (
+    LeaseExpiredError,
+    OwnershipLostError,
+    SessionClosedError,
+    UnavailableError,
+)
+from ._retry import Backoff, retry_unavailable
+from ._types import check_ttl
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatistics:
+    """State and counters of a :class:`Session`."""
+
+    lease_id: int
+    ttl: int
+    deadline: float
+    lost: bool
+    keepalives: int
+    keepalive_failures: int
+    guarded_blocks: int
+
+
+@final
+class Session:
+    """A lease kept alive for as long as the ``async with`` lasts, shared by every recipe built on it.
+
+    ``async with Session(backend, ttl=10) as session:`` grants a lease, refreshes it every ``ttl / 3`` seconds
+    from a task the session owns, and revokes it on exit, so whatever it held is released at once rather than
+    after a TTL. Many locks, elections and memberships share one session and one keepalive loop.
+
+    When the local deadline passes without a renewal, or the server reports the lease gone, the session is
+    *lost*: :attr:`lost` becomes true, :meth:`wait_lost` returns, and every block opened with :meth:`guarded`
+    is cancelled and raises its typed error. A lost session stays lost; open a new one to go on.
+
+    Args:
+        backend: the store.
+        ttl: lease time-to-live in seconds (the server may grant more: etcd's minimum is 2 s with default
+            settings).
+        safety_margin: seconds before the server-side expiry at which the session counts itself lost;
+            default a tenth of the TTL, between 0.1 and 1 s. Must be less than two thirds of the TTL.
+    """
+
+    def __init__(self, backend: Backend, *, ttl: int = 10, safety_margin: float | None = None) -> None:
+        check_ttl(ttl)
+        if safety_margin is None:
+            safety_margin = max(0.1, min(1.0, ttl / 10))
+        if not isinstance(safety_margin, int | float) or not math.isfinite(safety_margin) or safety_margin < 0:
+            raise ValueError(f"safety_margin must be a finite number >= 0, not {safety_margin!r}")
+        if safety_margin >= ttl * 2 / 3:
+            raise ValueError(f"safety_margin {safety_margin} leaves no time to renew a {ttl} s lease")
+        self.backend = backend
+        self._requested_ttl = ttl
+        self._margin = float(safety_margin)
+        self._lease_id = 0
+        self._ttl = ttl
+        self._deadline = -math.inf
+        self._open = False
+        self._lost_event: anyio.Event | None = None
+        self._lost_reason = ""
+        self._guards: set[anyio.CancelScope] = set()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._keepalives = 0
+        self._keepalive_failures = 0
+
+    # -- public state ----------------------------------------------------------------------------------
+
+    @property
+    def lease_id(self) -> int:
+        """The session's lease id (0 before the session is entered)."""
+        return self._lease_id
+
+    @property
+    def ttl(self) -> int:
+        """The TTL the server granted, in seconds."""
+        return self._ttl
+
+    @property
+    def deadline(self) -> float:
+        """Local time (``anyio.current_time()``) until which the lease is known to be valid."""
+        return self._deadline
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease's validity could no longer be guaranteed."""
+        return self._lost_event is not None and self._lost_event.is_set()
+
+    async def wait_lost(self) -> None:
+        """Return when the session is lost (never, while it stays healthy)."""
+        self._require_entered()
+        assert self._lost_event is not None
+        await self._lost_event.wait()
+
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(
+            self._lease_id,
+            self._ttl,
+            self._deadline,
+            self.lost,
+            self._keepalives,
+            self._keepalive_failures,
+            len(self._guards),
+        )
+
+    def _attrs(self) -> dict[str, str | int]:
+        return _telemetry.attributes(backend=self.backend.name, lease_id=self._lease_id)
+
+    def _require_entered(self) -> None:
+        if self._lost_event is None:
+            raise SessionClosedError("the session has not been entered (use 'async with Session(...)')")
+
+    # -- guarded blocks --------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def guarded(
+        self, lost_error: Callable[[str], OwnershipLostError] = OwnershipLostError
+    ) -> AsyncIterator[None]:
+        """Run a block that must stop when the session is lost.
+
+        The body is cancelled as soon as the session is lost (or closed under it), and the ``async with``
+        then raises ``lost_error(message)``. Cancellation from outside passes through untouched.
+
+        Raises:
+            SessionClosedError: the session is not open.
+            OwnershipLostError: (or the ``lost_error`` subclass) the session was lost before or during the body.
+        """
+        if not self._open:
+            raise SessionClosedError("the session is not open")
+        if self.lost:
+            raise lost_error(f"session lost: {self._lost_reason}")
+        with anyio.CancelScope() as scope:
+            self._guards.add(scope)
+            try:
+                yield
+            finally:
+                self._guards.discard(scope)
+        if scope.cancelled_caught:
+            raise lost_error(f"session lost: {self._lost_reason}")
+
+    def _cancel_guards(self) -> None:
+        for scope in self._guards:
+            scope.cancel()
+
+    def _mark_lost(self, reason: str) -> None:
+        if self.lost:
+            return
+        assert self._lost_event is not None
+        self._lost_reason = reason
+        self._lost_event.set()
+        self._cancel_guards()
+        _telemetry.sessions_lost.add(1, self._attrs())
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Session:
+        if self._lost_event is not None:
+            raise RuntimeError("a Session can be entered once; create a new one")
+        self._lost_event = anyio.Event()
+        # A retried grant after an ambiguous failure can leave an unused lease behind; it expires by its TTL.
+        async for attempt in retry_unavailable(attempts=5):
+            with attempt:
+                sent = anyio.current_time()
+                lease = await self.backend.grant(self._requested_ttl)
+        self._lease_id, self._ttl = lease.id, lease.ttl
+        self._deadline = sent + lease.ttl - self._margin
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._keep_alive, sent)
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._open = False
+        self._lost_reason = self._lost_reason or "session closed"
+        self._cancel_guards()  # blocks still running in other tasks no longer own anything
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        await self._task_group.__aexit__(None, None, None)
+        # The lease expires by itself within its TTL if the revoke cannot get through: nothing more to do.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._ttl), suppress(UnavailableError):
+            await self.backend.revoke(self._lease_id)
+
+    async def _keep_alive(self, last_sent: float) -> None:
+        backoff = Backoff()
+        next_beat = last_sent + self._ttl / 3
+        while True:
+            await anyio.sleep_until(min(next_beat, self._deadline))
+            if anyio.current_time() >= self._deadline:
+                self._mark_lost("lease validity deadline passed without a keepalive")
+                return
+            sent = anyio.current_time()
+            try:
+                with anyio.move_on_at(self._deadline):
+                    ttl = await self.backend.refresh(self._lease_id)
+                    ack = anyio.current_time()
+                    self._keepalives += 1
+                    self._deadline = sent + ttl - self._margin
+                    next_beat = sent + ttl / 3
+                    backoff.reset()
+                    _telemetry.keepalive_latency.record(ack - sent, self._attrs())
+                    continue
+            except LeaseExpiredError:
+                self._mark_lost("the server reports the lease expired")
+                return
+            except UnavailableError as exc:
+                self._keepalive_failures += 1
+                with _telemetry.span("coordkit.session.keepalive", self._attrs()) as span:
+                    span.record_exception(exc)
+                next_beat = anyio.current_time() + backoff.next_delay()
+            else:
+                self._keepalive_failures += 1  # refresh outlived the deadline (move_on_at fired)

@@ -1,0 +1,206 @@
+"""What the conformance suite needs from a backend under test, and harnesses for the two shipped backends."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol, final
+
+import anyio
+import anyio.to_thread
+
+from .._backend import Backend
+from .._errors import UnavailableError
+from .._memory import MemoryBackend, MemoryStore
+from .._types import Compare, Lease, Op, Range, RangeResult, TxnResult, WatchBatch
+
+_namespaces = itertools.count(1)
+
+
+class Harness(Protocol):
+    """A backend under test: clients of one store, and the faults the suite injects.
+
+    Time passes with ``anyio.sleep``: harnesses of in-memory backends run under a virtual clock.
+    """
+
+    #: keys a check writes start with this (unique per harness, so checks can share one real server)
+    namespace: bytes
+
+    def client(self) -> AbstractAsyncContextManager[Backend]:
+        """A new client of the store (a separate simulated process)."""
+        ...
+
+    async def compact(self, revision: int) -> None:
+        """Compact the store's history up to ``revision``."""
+        ...
+
+    async def expire_lease(self, lease_id: int) -> None:
+        """Make the lease vanish now, as its expiry would (revoking is acceptable where expiry cannot be forced)."""
+        ...
+
+    def suspend_keepalives(self, client: Backend) -> None:
+        """Make ``client``'s lease refreshes hang until :meth:`heal`."""
+        ...
+
+    def break_watches(self, client: Backend) -> None:
+        """Break ``client``'s open watch streams (they raise UnavailableError)."""
+        ...
+
+    def heal(self, client: Backend) -> None:
+        """Undo the faults injected on ``client``."""
+        ...
+
+
+def new_namespace(tag: str) -> bytes:
+    return f"ck-{tag}-{next(_namespaces)}/".encode()
+
+
+@final
+class MemoryHarness:
+    """Harness for :class:`~coordkit.MemoryBackend`: one fresh store, native fault hooks."""
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self.store = MemoryStore(seed=seed)
+        self.namespace = new_namespace("mem")
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[Backend]:
+        async with MemoryBackend(store=self.store) as backend:
+            yield backend
+
+    async def compact(self, revision: int) -> None:
+        self.store.compact(revision)
+
+    async def expire_lease(self, lease_id: int) -> None:
+        self.store.revoke(lease_id)
+
+    def suspend_keepalives(self, client: Backend) -> None:
+        _memory(client).faults.suspend_keepalives()
+
+    def break_watches(self, client: Backend) -> None:
+        _memory(client).faults.break_watches()
+
+    def heal(self, client: Backend) -> None:
+        _memory(client).faults.heal()
+
+
+def _memory(client: Backend) -> MemoryBackend:
+    assert isinstance(client, MemoryBackend), "MemoryHarness faults apply to its own clients"
+    return client
+
+
+@final
+class FaultyBackend:
+    """Wraps any backend and injects client-side faults: hanging keepalives, broken watch streams.
+
+    For backends with no fault hooks of their own (a real etcd): what the wrapped client sees is what a lost
+    network would show it.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._keepalives_suspended = False
+        self._healed = anyio.Event()
+        self._watch_scopes: set[anyio.CancelScope] = set()
+        self._broken: set[anyio.CancelScope] = set()
+
+    def suspend_keepalives(self) -> None:
+        self._keepalives_suspended = True
+
+    def break_watches(self) -> None:
+        for scope in self._watch_scopes:
+            self._broken.add(scope)
+            scope.cancel()
+
+    def heal(self) -> None:
+        self._keepalives_suspended = False
+        self._healed.set()
+        self._healed = anyio.Event()
+
+    async def range(self, request: Range) -> RangeResult:
+        return await self.inner.range(request)
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        return await self.inner.txn(compare, success, failure)
+
+    async def grant(self, ttl: int) -> Lease:
+        return await self.inner.grant(ttl)
+
+    async def refresh(self, lease_id: int) -> int:
+        while self._keepalives_suspended:
+            await self._healed.wait()
+        return await self.inner.refresh(lease_id)
+
+    async def revoke(self, lease_id: int) -> None:
+        await self.inner.revoke(lease_id)
+
+    def watch(
+        self, key: bytes, *, prefix: bool = False, start_revision: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
+        return self._watch(key, prefix, start_revision)
+
+    @asynccontextmanager
+    async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
+        async with self.inner.watch(key, prefix=prefix, start_revision=start_revision) as batches:
+            yield self._breakable(batches)
+
+    async def _breakable(self, batches: AsyncIterator[WatchBatch]) -> AsyncIterator[WatchBatch]:
+        iterator = aiter(batches)
+        while True:
+            with anyio.CancelScope() as scope:
+                self._watch_scopes.add(scope)
+                try:
+                    batch = await anext(iterator)
+                finally:
+                    self._watch_scopes.discard(scope)
+            if scope in self._broken:
+                self._broken.discard(scope)
+                raise UnavailableError("watch stream broken (FaultyBackend.break_watches)")
+            yield batch
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@final
+class EtcdHarness:
+    """Harness for :class:`~coordkit.EtcdBackend` against a running etcd; faults come from FaultyBackend."""
+
+    def __init__(self, endpoint: str, *, compact: Compactor) -> None:
+        self.endpoint = endpoint
+        self.namespace = new_namespace("etcd")
+        self._compact = compact
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[Backend]:
+        from .._etcd import EtcdBackend
+
+        async with EtcdBackend(self.endpoint) as backend:
+            yield FaultyBackend(backend)
+
+    async def compact(self, revision: int) -> None:
+        await anyio.to_thread.run_sync(self._compact, revision)
+
+    async def expire_lease(self, lease_id: int) -> None:
+        async with self.client() as client:
+            await client.revoke(lease_id)
+
+    def suspend_keepalives(self, client: Backend) -> None:
+        _faulty(client).suspend_keepalives()
+
+    def break_watches(self, client: Backend) -> None:
+        _faulty(client).break_watches()
+
+    def heal(self, client: Backend) -> None:
+        _faulty(client).heal()
+
+
+class Compactor(Protocol):
+    def __call__(self, revision: int) -> object: ...
+
+
+def _faulty(client: Backend) -> FaultyBackend:
+    assert isinstance(client, FaultyBackend), "EtcdHarness faults apply to its own clients"
+    return client

@@ -1,0 +1,101 @@
+"""Reliable watch: no gap and no duplicate across broken streams; explicit resync after compaction."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from coordkit import Delete, Put, Range, Snapshot, Watch, WatchBatch, wait_deleted
+from coordkit.testing import Harness
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_snapshot_then_every_change_across_broken_streams(harness: Harness) -> None:
+    ns = harness.namespace + b"cfg/"
+    async with harness.client() as writer, harness.client() as reader:
+        await writer.txn([], [Put(ns + b"seq", b"0"), Put(ns + b"static", b"s")])
+        seen: list[int] = []
+        async with Watch(reader, ns, prefix=True) as watch:
+            items = aiter(watch)
+            first = await anext(items)
+            assert isinstance(first, Snapshot) and not first.resync
+            assert {kv.key: kv.value for kv in first.kvs} == {ns + b"seq": b"0", ns + b"static": b"s"}
+            for i in range(1, 41):
+                await writer.txn([], [Put(ns + b"seq", str(i).encode())])
+                if i % 10 == 5:
+                    # Catch up, so the stream is open, then break it: the next writes land while it is down.
+                    with anyio.fail_after(30):
+                        while len(seen) < i:
+                            item = await anext(items)
+                            assert isinstance(item, WatchBatch)
+                            seen.extend(int(e.kv.value) for e in item.events)
+                    harness.break_watches(reader)
+            with anyio.fail_after(30):
+                while len(seen) < 40:
+                    item = await anext(items)
+                    assert isinstance(item, WatchBatch)
+                    seen.extend(int(e.kv.value) for e in item.events)
+            assert watch.revision == (await writer.range(Range(ns, prefix=True))).revision
+        assert seen == list(range(1, 41)), "no gap, no duplicate"
+        assert watch.statistics().reconnects == 4
+
+
+async def test_compaction_gives_explicit_resync(harness: Harness) -> None:
+    ns = harness.namespace + b"cmp/"
+    async with harness.client() as b:
+        first = (await b.txn([], [Put(ns + b"a", b"1")])).revision
+        await b.txn([], [Put(ns + b"a", b"2"), Put(ns + b"b", b"x")])
+        current = (await b.txn([], [Delete(ns + b"b")])).revision
+        await harness.compact(current)
+        async with Watch(b, ns, prefix=True, start_revision=first) as watch:
+            items = aiter(watch)
+            with anyio.fail_after(10):
+                resync = await anext(items)
+            assert isinstance(resync, Snapshot) and resync.resync and resync.revision >= current
+            assert [(kv.key, kv.value) for kv in resync.kvs] == [(ns + b"a", b"2")]
+            later = (await b.txn([], [Put(ns + b"c", b"3")])).revision
+            with anyio.fail_after(10):
+                batch = await anext(items)
+            assert isinstance(batch, WatchBatch) and batch.revision == later
+        assert watch.statistics().resyncs == 1
+
+
+async def test_wait_deleted(harness: Harness) -> None:
+    key = harness.namespace + b"pred"
+    async with harness.client() as b, harness.client() as other:
+        created = (await b.txn([], [Put(key, b"")])).revision
+        async with anyio.create_task_group() as tg:
+            done = anyio.Event()
+
+            async def waiter() -> None:
+                await wait_deleted(other, key, revision=created)
+                done.set()
+
+            tg.start_soon(waiter)
+            await b.txn([], [Put(key, b"still here")])
+            with anyio.move_on_after(0.3):
+                await done.wait()
+            assert not done.is_set(), "an update is not a deletion"
+            await b.txn([], [Delete(key)])
+            with anyio.fail_after(10):
+                await done.wait()
+        # Already deleted before the wait began (seen in history), and after compaction too.
+        await wait_deleted(other, key, revision=created)
+        current = (await b.txn([], [Put(key, b"reborn")])).revision
+        await harness.compact(current)
+        with anyio.fail_after(10):
+            await wait_deleted(other, key, revision=created)
+
+
+async def test_watch_argument_errors(harness: Harness) -> None:
+    async with harness.client() as b:
+        with pytest.raises(ValueError, match="empty key"):
+            Watch(b, b"")
+        with pytest.raises(ValueError, match="start_revision"):
+            Watch(b, b"k", start_revision=0)
+        with pytest.raises(TypeError):
+            Watch(b, "k")  # type: ignore[arg-type]
+        watch = Watch(b, b"k")
+        with pytest.raises(RuntimeError):
+            aiter(watch)
