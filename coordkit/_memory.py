@@ -12,6 +12,7 @@ the same virtual instant a background sweeper would produce it, and nothing runs
 from __future__ import annotations
 
 import bisect
+import heapq
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -83,6 +84,7 @@ class MemoryStore:
         self._keys: list[bytes] = []  # sorted, for ranges
         self._history: list[WatchBatch] = []  # every revision after compact_revision - 1, in order
         self._leases: dict[int, _LeaseState] = {}
+        self._expiries: list[tuple[float, int]] = []  # heap of (deadline, lease id); stale entries skipped
         self._rng = random.Random(seed)
         self._changed: anyio.Event | None = None
 
@@ -98,21 +100,23 @@ class MemoryStore:
         if self._changed is None:
             self._changed = anyio.Event()
         changed = self._changed
-        next_expiry = min((lease.expires_at for lease in self._leases.values()), default=None)
-        if next_expiry is None:
+        if not self._expiries:
             await changed.wait()
         else:
-            with anyio.move_on_at(next_expiry):
+            with anyio.move_on_at(self._expiries[0][0]):
                 await changed.wait()
 
     def expire_due(self) -> None:
-        """Expire every lease whose deadline has passed (called before every operation)."""
+        """Expire every lease whose deadline has passed, oldest first (called before every operation)."""
+        expiries = self._expiries
+        if not expiries:
+            return
         now = anyio.current_time()
-        due = sorted(
-            (lease.expires_at, lease_id) for lease_id, lease in self._leases.items() if lease.expires_at <= now
-        )
-        for _, lease_id in due:
-            self.revoke(lease_id)
+        while expiries and expiries[0][0] <= now:
+            expires_at, lease_id = heapq.heappop(expiries)
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.expires_at == expires_at:  # else refreshed or revoked since
+                self.revoke(lease_id)
 
     # -- writes ----------------------------------------------------------------------------------------
 
@@ -165,7 +169,7 @@ class MemoryStore:
         if op.count_only:
             kvs = []
         elif op.keys_only:
-            kvs = [replace(kv, value=b"") for kv in kvs]
+            kvs = [kv._replace(value=b"") for kv in kvs]
         return RangeResult(tuple(kvs), count, more, self.revision)
 
     def _holds(self, c: Compare) -> bool:
@@ -177,13 +181,14 @@ class MemoryStore:
             actual = kv.value
         elif kv is None:
             actual = 0
+        elif c.target is CompareTarget.MOD:
+            actual = kv.mod_revision
+        elif c.target is CompareTarget.CREATE:
+            actual = kv.create_revision
+        elif c.target is CompareTarget.VERSION:
+            actual = kv.version
         else:
-            actual = {
-                CompareTarget.CREATE: kv.create_revision,
-                CompareTarget.MOD: kv.mod_revision,
-                CompareTarget.VERSION: kv.version,
-                CompareTarget.LEASE: kv.lease,
-            }[c.target]
+            actual = kv.lease
         operand = c.operand
         if c.op == "==":
             return actual == operand
@@ -197,12 +202,14 @@ class MemoryStore:
         """Apply a transaction atomically (synchronous: nothing can interleave)."""
         succeeded = all(self._holds(c) for c in compare)
         ops = success if succeeded else failure
+        writes = False
         for op in ops:
-            if isinstance(op, Put) and op.lease and op.lease not in self._leases:
-                raise LeaseExpiredError(op.lease)
-        writes = any(
-            isinstance(op, Put) or (isinstance(op, Delete) and self._matching(op.key, op.prefix)) for op in ops
-        )
+            if isinstance(op, Put):
+                if op.lease and op.lease not in self._leases:
+                    raise LeaseExpiredError(op.lease)
+                writes = True
+            elif isinstance(op, Delete) and not writes:
+                writes = bool(self._matching(op.key, op.prefix))
         revision = self.revision + 1 if writes else self.revision
         events: list[Event] = []
         responses: list[OpResult] = []
@@ -228,7 +235,9 @@ class MemoryStore:
         lease_id = self._rng.getrandbits(62) + 1
         while lease_id in self._leases:
             lease_id = self._rng.getrandbits(62) + 1
-        self._leases[lease_id] = _LeaseState(ttl, anyio.current_time() + ttl)
+        expires_at = anyio.current_time() + ttl
+        self._leases[lease_id] = _LeaseState(ttl, expires_at)
+        heapq.heappush(self._expiries, (expires_at, lease_id))
         return Lease(lease_id, ttl)
 
     def refresh(self, lease_id: int) -> int:
@@ -236,6 +245,7 @@ class MemoryStore:
         if lease is None:
             raise LeaseExpiredError(lease_id)
         lease.expires_at = anyio.current_time() + lease.ttl
+        heapq.heappush(self._expiries, (lease.expires_at, lease_id))
         self._notify()  # waiting watches re-arm on the new deadline
         return lease.ttl
 
@@ -340,21 +350,6 @@ class MemoryFaults:
             raise ValueError("latency cannot be negative")
         self.latency = seconds
 
-    async def _enter(self, *, keepalive: bool = False) -> None:
-        """Every call's entry: a cancellation point, then latency, partition and injected failures."""
-        if self.latency:
-            await anyio.sleep(self.latency)
-        else:
-            await anyio.lowlevel.checkpoint()
-        while self._partitioned or (keepalive and self._keepalives_suspended):
-            if self._healed is None:
-                self._healed = anyio.Event()
-            await self._healed.wait()
-        if self._fail_calls:
-            self._fail_calls -= 1
-            raise UnavailableError("injected failure (MemoryFaults.fail_calls)")
-        self._store.expire_due()
-
 
 @final
 class MemoryBackend:
@@ -392,9 +387,22 @@ class MemoryBackend:
         await anyio.lowlevel.checkpoint()
 
     async def _enter(self, *, keepalive: bool = False) -> None:
+        """Every call's entry: a cancellation point, then the faults, then due lease expiries."""
         if self._closed:
             raise UnavailableError("backend is closed")
-        await self.faults._enter(keepalive=keepalive)
+        faults = self.faults
+        if faults.latency:
+            await anyio.sleep(faults.latency)
+        else:
+            await anyio.lowlevel.checkpoint()
+        while faults._partitioned or (keepalive and faults._keepalives_suspended):
+            if faults._healed is None:
+                faults._healed = anyio.Event()
+            await faults._healed.wait()
+        if faults._fail_calls:
+            faults._fail_calls -= 1
+            raise UnavailableError("injected failure (MemoryFaults.fail_calls)")
+        self.store.expire_due()
 
     async def range(self, request: Range) -> RangeResult:
         if not isinstance(request, Range):

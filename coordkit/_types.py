@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, TypeAlias
 
 from ._keys import in_range, prefix_end
 
 CompareOp = Literal["==", "!=", "<", ">"]
+_COMPARE_OPS = frozenset(("==", "!=", "<", ">"))
 SortBy = Literal["key", "create", "mod", "version", "value"]
 
 
-@dataclass(frozen=True, slots=True)
-class KeyValue:
+class KeyValue(NamedTuple):
     """One key as stored: its value, revisions, version and the lease it is bound to (0 for none)."""
 
     key: bytes
@@ -49,12 +49,12 @@ class Compare:
     operand: int | bytes
 
     def __post_init__(self) -> None:
-        if not isinstance(self.key, bytes):
-            raise TypeError(f"compare key must be bytes, not {type(self.key).__name__}")
-        if self.op not in ("==", "!=", "<", ">"):
+        if type(self.key) is not bytes:
+            _check_key(self.key, allow_empty=True)
+        if self.op not in _COMPARE_OPS:
             raise ValueError(f"compare operator must be one of == != < >, not {self.op!r}")
         want = bytes if self.target is CompareTarget.VALUE else int
-        if not isinstance(self.operand, want) or isinstance(self.operand, bool):
+        if type(self.operand) is not want:
             raise TypeError(f"{self.target.value} compare needs a {want.__name__} operand")
 
     @classmethod
@@ -92,10 +92,11 @@ class Put:
     lease: int = 0
 
     def __post_init__(self) -> None:
-        _check_key(self.key, allow_empty=False)
-        if not isinstance(self.value, bytes):
+        if type(self.key) is not bytes or not self.key:
+            _check_key(self.key, allow_empty=False)
+        if type(self.value) is not bytes:
             raise TypeError(f"value must be bytes, not {type(self.value).__name__}")
-        if not isinstance(self.lease, int) or self.lease < 0:
+        if type(self.lease) is not int or self.lease < 0:
             raise ValueError(f"lease must be a non-negative int, not {self.lease!r}")
 
 
@@ -162,15 +163,13 @@ class RangeResult:
     revision: int
 
 
-@dataclass(frozen=True, slots=True)
-class PutResult:
+class PutResult(NamedTuple):
     """A put inside a transaction; ``revision`` is the transaction's revision."""
 
     revision: int
 
 
-@dataclass(frozen=True, slots=True)
-class DeleteResult:
+class DeleteResult(NamedTuple):
     """How many keys a delete removed."""
 
     deleted: int
@@ -180,8 +179,7 @@ class DeleteResult:
 OpResult: TypeAlias = RangeResult | PutResult | DeleteResult
 
 
-@dataclass(frozen=True, slots=True)
-class TxnResult:
+class TxnResult(NamedTuple):
     """Which branch ran, the results of its operations in order, and the store revision after the transaction.
 
     A transaction that wrote nothing leaves the revision unchanged.
@@ -192,8 +190,7 @@ class TxnResult:
     revision: int
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+class Lease(NamedTuple):
     """A granted lease: its id and the TTL the server granted, in seconds."""
 
     id: int
@@ -207,20 +204,18 @@ class EventType(enum.Enum):
     DELETE = "DELETE"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One change. For a DELETE, ``kv`` carries the key and the deletion revision as ``mod_revision``."""
 
     type: EventType
     kv: KeyValue
 
 
-@dataclass(frozen=True, slots=True)
-class WatchBatch:
+class WatchBatch(NamedTuple):
     """Every event of one store revision that matched a watch, in the order they were applied."""
 
     revision: int
-    events: tuple[Event, ...] = field(default_factory=tuple)
+    events: tuple[Event, ...] = ()
 
 
 #: etcd's default ``--max-request-bytes`` (1.5 MiB): a larger request is refused.

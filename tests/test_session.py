@@ -120,11 +120,10 @@ async def test_closing_session_cancels_guarded_blocks_in_other_tasks(harness: Ha
             except OwnershipLostError as exc:
                 errors.append(exc)
 
-        async with anyio.create_task_group() as tg:
-            async with Session(backend, ttl=5) as session:
-                started = anyio.Event()
-                tg.start_soon(holder, session, started)
-                await started.wait()
+        async with anyio.create_task_group() as tg, Session(backend, ttl=5) as session:
+            started = anyio.Event()
+            tg.start_soon(holder, session, started)
+            await started.wait()
         assert len(errors) == 1 and "closed" in str(errors[0])
 
 

@@ -17,6 +17,7 @@ from .._types import (
     Delete,
     DeleteResult,
     EventType,
+    Op,
     Put,
     Range,
     RangeResult,
@@ -134,7 +135,7 @@ async def check_txn_branches(h: Harness) -> None:
             [Range(ns + b"lock")],
         )
         assert result.succeeded
-        put, deleted, listing = result.responses
+        _, deleted, listing = result.responses
         assert deleted == DeleteResult(1, result.revision)
         assert isinstance(listing, RangeResult)
         assert [kv.key for kv in listing.kvs] == [ns + b"b", ns + b"lock"]
@@ -145,7 +146,11 @@ async def check_txn_branches(h: Harness) -> None:
         assert isinstance(failure_range, RangeResult) and failure_range.kvs[0].create_revision == result.revision
         wiped = await b.txn([], [Delete(ns, prefix=True)])
         assert wiped.responses == (DeleteResult(2, wiped.revision),)
-        for bad in ([Put(ns + b"x", b"1"), Put(ns + b"x", b"2")], [Delete(ns, prefix=True), Put(ns + b"y", b"")]):
+        duplicates: list[list[Op]] = [
+            [Put(ns + b"x", b"1"), Put(ns + b"x", b"2")],
+            [Delete(ns, prefix=True), Put(ns + b"y", b"")],
+        ]
+        for bad in duplicates:
             try:
                 await b.txn([], bad)
             except ValueError:
@@ -191,7 +196,7 @@ async def check_prefix_edges(h: Harness) -> None:
     keys = [ns + b"\xff", ns + b"\xff\x00", ns + b"\xff\xff", ns + b"a\xff", ns + b"a\xff\x01"]
     async with h.client() as b:
         start = (await b.range(Range(ns + b"\xff", prefix=True))).revision
-        for k in keys + [ns + b"b"]:
+        for k in [*keys, ns + b"b"]:
             await _put(b, k)
         got = await b.range(Range(ns + b"\xff", prefix=True))
         assert [kv.key for kv in got.kvs] == [ns + b"\xff", ns + b"\xff\x00", ns + b"\xff\xff"]
@@ -204,7 +209,7 @@ async def check_prefix_edges(h: Harness) -> None:
         assert seen == [ns + b"\xff", ns + b"\xff\x00", ns + b"\xff\xff"]
         async with b.watch(b"", prefix=True, start_revision=start + 1) as batches:
             seen = [e.kv.key for batch in await _next_batches(batches, 6) for e in batch.events]
-        assert seen == keys + [ns + b"b"]
+        assert seen == [*keys, ns + b"b"]
 
 
 @_check

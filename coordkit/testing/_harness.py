@@ -92,48 +92,69 @@ def _memory(client: Backend) -> MemoryBackend:
 
 @final
 class FaultyBackend:
-    """Wraps any backend and injects client-side faults: hanging keepalives, broken watch streams.
+    """Wraps any backend and injects client-side faults: a partition, hanging keepalives, broken watch streams.
 
     For backends with no fault hooks of their own (a real etcd): what the wrapped client sees is what a lost
-    network would show it.
+    network would show it. Calls held by a fault wait, cancellably, until :meth:`heal`.
     """
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name = inner.name
+        self._partitioned = False
         self._keepalives_suspended = False
         self._healed = anyio.Event()
         self._watch_scopes: set[anyio.CancelScope] = set()
         self._broken: set[anyio.CancelScope] = set()
 
+    async def __aenter__(self) -> FaultyBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def partition(self) -> None:
+        """Every call hangs until :meth:`heal`, and open watch streams break: the client is cut off."""
+        self._partitioned = True
+        self.break_watches()
+
     def suspend_keepalives(self) -> None:
+        """Lease refreshes hang until :meth:`heal`."""
         self._keepalives_suspended = True
 
     def break_watches(self) -> None:
+        """Open watch streams raise UnavailableError."""
         for scope in self._watch_scopes:
             self._broken.add(scope)
             scope.cancel()
 
     def heal(self) -> None:
-        self._keepalives_suspended = False
+        self._partitioned = self._keepalives_suspended = False
         self._healed.set()
         self._healed = anyio.Event()
 
+    async def _gate(self, *, keepalive: bool = False) -> None:
+        while self._partitioned or (keepalive and self._keepalives_suspended):
+            await self._healed.wait()
+
     async def range(self, request: Range) -> RangeResult:
+        await self._gate()
         return await self.inner.range(request)
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        await self._gate()
         return await self.inner.txn(compare, success, failure)
 
     async def grant(self, ttl: int) -> Lease:
+        await self._gate()
         return await self.inner.grant(ttl)
 
     async def refresh(self, lease_id: int) -> int:
-        while self._keepalives_suspended:
-            await self._healed.wait()
+        await self._gate(keepalive=True)
         return await self.inner.refresh(lease_id)
 
     async def revoke(self, lease_id: int) -> None:
+        await self._gate()
         await self.inner.revoke(lease_id)
 
     def watch(
@@ -143,6 +164,7 @@ class FaultyBackend:
 
     @asynccontextmanager
     async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
+        await self._gate()
         async with self.inner.watch(key, prefix=prefix, start_revision=start_revision) as batches:
             yield self._breakable(batches)
 

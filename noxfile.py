@@ -1,0 +1,77 @@
+"""Developer sessions. ``bash scripts/check`` runs them all in one environment (what CI does).
+
+On their own (``nox -s tests``) each session builds its own virtualenv.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "typing", "tests", "docs", "wheel"]
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typing(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+    session.run("mypy")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite on both backends (memory on a virtual clock, a real etcd started by the tests)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Every example, on memory and on a real etcd (also part of ``tests``)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/test_examples.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    session.install("-e", ".[docs]")
+    with tempfile.TemporaryDirectory() as site:
+        session.run("mkdocs", "build", "--strict", "--site-dir", site)
+
+
+@nox.session
+def wheel(session: nox.Session) -> None:
+    """Build the wheel, install it in a clean virtualenv, and run a lock-free smoke test on MemoryBackend."""
+    session.install("hatchling")
+    with tempfile.TemporaryDirectory() as tmp:
+        dist, venv = Path(tmp, "dist"), Path(tmp, "venv")
+        session.run("python", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), ".")
+        (wheel_file,) = dist.glob("coordkit-*.whl")
+        session.run("python", "-m", "venv", str(venv))
+        python = str(venv / "bin" / "python")
+        session.run(python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel_file), external=True)
+        session.run(python, "-c", SMOKE, external=True)
+
+
+SMOKE = """
+import anyio, coordkit
+from coordkit import MemoryBackend, Put, Range, Session
+
+async def main():
+    async with MemoryBackend() as backend, Session(backend, ttl=5) as session:
+        async with session.guarded():
+            await backend.txn([], [Put(b"smoke", b"ok", session.lease_id)])
+        assert (await backend.range(Range(b"smoke"))).kvs[0].value == b"ok"
+    assert (await backend.range(Range(b"smoke"))).count == 0
+    print("wheel smoke test passed:", coordkit.__version__)
+
+anyio.run(main)
+"""

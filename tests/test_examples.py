@@ -1,0 +1,34 @@
+"""Every example runs, on memory and on a real etcd, and prints what it promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordkit.testing import EtcdServer
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+# What each example must print to have done its job.
+EXPECTED = {
+    "demo.py": "saw c leave within its TTL",
+}
+
+
+def test_every_example_is_checked() -> None:
+    assert {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("kind", ["memory", "etcd"])
+@pytest.mark.parametrize("example", sorted(EXPECTED))
+def test_example(example: str, kind: str, request: pytest.FixtureRequest) -> None:
+    args = [sys.executable, str(EXAMPLES / example)]
+    if kind == "etcd":
+        server: EtcdServer = request.getfixturevalue("etcd_server")
+        args += ["--etcd", server.endpoint]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert EXPECTED[example] in done.stdout, done.stdout
