@@ -1,0 +1,235 @@
+"""Backend latency and throughput, in one run, printing a table.
+
+    python benchmarks/backend.py [--iterations 2000]
+
+Rows, for a real etcd 3.5.1 started on loopback:
+- range (one key), txn-CAS (compare mod revision + put), lease refresh (keepalive), watch delivery (from the
+  write's acknowledgement to the event reaching the watcher): coordkit's EtcdBackend against the floor, the same
+  gateway requests sent with raw aiohttp and decoded with json.loads only. Both sides run interleaved in small
+  rounds so machine noise hits them alike; the ratio column is EtcdBackend p50 / floor p50.
+- MemoryBackend operations per second on one core (sequential CAS txns, ranges).
+
+Targets (issue 2): EtcdBackend within 1.5x of the floor on every row; MemoryBackend >= 50,000 txn/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import anyio
+
+from coordkit import Compare, EtcdBackend, MemoryBackend, Put, Range
+from coordkit.testing import EtcdServer
+
+Op = Callable[[], Awaitable[object]]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def interleaved(ops: dict[str, Op], iterations: int, rounds: int = 20) -> dict[str, list[float]]:
+    """Run each op ``iterations`` times, alternating between ops every ``iterations / rounds`` calls."""
+    samples: dict[str, list[float]] = {name: [] for name in ops}
+    for op in ops.values():  # warm up connections and code paths
+        for _ in range(20):
+            await op()
+    per_round = max(1, iterations // rounds)
+    for _ in range(rounds):
+        for name, op in ops.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                await op()
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+class Floor:
+    """The same gateway requests, sent with raw aiohttp and decoded with json.loads alone."""
+
+    def __init__(self, endpoint: str, http: aiohttp.ClientSession) -> None:
+        self.endpoint = endpoint
+        self.http = http
+
+    async def post(self, path: str, body: dict[str, object]) -> dict[str, object]:
+        async with self.http.post(self.endpoint + path, json=body) as response:
+            result: dict[str, object] = json.loads(await response.read())
+            return result
+
+
+async def etcd_rows(iterations: int) -> list[tuple[str, float, float, float, float]]:
+    rows = []
+    with EtcdServer() as server:
+        async with EtcdBackend(server.endpoint) as backend, aiohttp.ClientSession() as http:
+            floor = Floor(server.endpoint, http)
+            key = b"bench/key"
+            first = await backend.txn([], [Put(key, b"value")])
+            mod = {"coordkit": first.revision, "floor": first.revision}
+            lease = await backend.grant(60)
+
+            async def ck_range() -> None:
+                await backend.range(Range(key))
+
+            async def floor_range() -> None:
+                await floor.post("/v3/kv/range", {"key": b64(key)})
+
+            async def ck_cas() -> None:
+                result = await backend.txn([Compare.mod(key, "==", mod["coordkit"])], [Put(key, b"value")])
+                assert result.succeeded
+                mod["coordkit"] = mod["floor"] = result.revision
+
+            async def floor_cas() -> None:
+                reply = await floor.post(
+                    "/v3/kv/txn",
+                    {
+                        "compare": [
+                            {"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(mod["floor"])}
+                        ],
+                        "success": [{"request_put": {"key": b64(key), "value": b64(b"value")}}],
+                    },
+                )
+                assert reply.get("succeeded")
+                header = reply["header"]
+                assert isinstance(header, dict)
+                mod["coordkit"] = mod["floor"] = int(header["revision"])
+
+            async def ck_refresh() -> None:
+                await backend.refresh(lease.id)
+
+            async def floor_refresh() -> None:
+                await floor.post("/v3/lease/keepalive", {"ID": str(lease.id)})
+
+            samples = await interleaved(
+                {
+                    "range coordkit": ck_range,
+                    "range floor": floor_range,
+                    "txn-CAS coordkit": ck_cas,
+                    "txn-CAS floor": floor_cas,
+                    "refresh coordkit": ck_refresh,
+                    "refresh floor": floor_refresh,
+                },
+                iterations,
+            )
+            for op in ("range", "txn-CAS", "refresh"):
+                ck, fl = samples[f"{op} coordkit"], samples[f"{op} floor"]
+                rows.append((op, percentile(ck, 0.5), percentile(ck, 0.99), percentile(fl, 0.5), percentile(fl, 0.99)))
+            ck_watch, fl_watch = await watch_delivery(backend, http, server.endpoint, max(50, iterations // 10))
+            rows.append(
+                (
+                    "watch delivery",
+                    percentile(ck_watch, 0.5),
+                    percentile(ck_watch, 0.99),
+                    percentile(fl_watch, 0.5),
+                    percentile(fl_watch, 0.99),
+                )
+            )
+            await backend.revoke(lease.id)
+    return rows
+
+
+async def watch_delivery(
+    backend: EtcdBackend, http: aiohttp.ClientSession, endpoint: str, count: int
+) -> tuple[list[float], list[float]]:
+    """Time from a put's acknowledgement to its event on a watch, coordkit's watch vs a raw gateway stream."""
+    prefix = b"bench/watch/"
+    start = (await backend.range(Range(prefix, prefix=True))).revision + 1
+    ck: list[float] = []
+    fl: list[float] = []
+    async with (
+        backend.watch(prefix, prefix=True, start_revision=start) as batches,
+        http.post(
+            endpoint + "/v3/watch",
+            json={
+                "create_request": {"key": b64(prefix), "range_end": b64(b"bench/watch0"), "start_revision": str(start)}
+            },
+            timeout=aiohttp.ClientTimeout(total=None),
+        ) as raw,
+    ):
+        created = json.loads(await raw.content.readline())
+        assert created["result"].get("created")
+        # Both streams see every put: each side waits for its own key, the other's is already buffered.
+        for i in range(count):
+            mine = prefix + b"c" + str(i).encode()
+            await backend.txn([], [Put(mine, b"x")])
+            acked = time.perf_counter()
+            while not any(event.kv.key == mine for event in (await anext(batches)).events):
+                pass
+            ck.append(time.perf_counter() - acked)
+            mine = prefix + b"f" + str(i).encode()
+            await backend.txn([], [Put(mine, b"x")])
+            acked = time.perf_counter()
+            while not any(
+                event["kv"]["key"] == b64(mine)
+                for event in json.loads(await raw.content.readline())["result"].get("events", [])
+            ):
+                pass
+            fl.append(time.perf_counter() - acked)
+    return ck, fl
+
+
+async def memory_rows(seconds: float = 2.0) -> list[tuple[str, float]]:
+    backend = MemoryBackend()
+    rows = []
+    key = b"bench/key"
+    mod = 0
+    done = 0
+    deadline = time.perf_counter() + seconds
+    started = time.perf_counter()
+    while time.perf_counter() < deadline:
+        for _ in range(1000):
+            result = await backend.txn([Compare.mod(key, "==", mod)], [Put(key, b"value")])
+            mod = result.revision
+        done += 1000
+    rows.append(("txn-CAS (sequential)", done / (time.perf_counter() - started)))
+    done = 0
+    deadline = time.perf_counter() + seconds
+    started = time.perf_counter()
+    request = Range(key)
+    while time.perf_counter() < deadline:
+        for _ in range(1000):
+            await backend.range(request)
+        done += 1000
+    rows.append(("range (sequential)", done / (time.perf_counter() - started)))
+    return rows
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=2000, help="samples per etcd row and side")
+    args = parser.parse_args()
+
+    etcd = await etcd_rows(args.iterations)
+    print(f"EtcdBackend vs raw gateway HTTP (the floor), {args.iterations} samples per side, times in ms")
+    header = ("operation", "coordkit p50", "p99", "floor p50", "p99", "p50 ratio", "target")
+    print(
+        f"{header[0]:<16} {header[1]:>12} {header[2]:>8} {header[3]:>10} {header[4]:>8} {header[5]:>10} {header[6]:>7}"
+    )
+    for name, ck50, ck99, fl50, fl99 in etcd:
+        ratio = ck50 / fl50
+        verdict = "ok" if ratio <= 1.5 else "MISSED"
+        print(
+            f"{name:<16} {ck50 * 1e3:>12.3f} {ck99 * 1e3:>8.3f} {fl50 * 1e3:>10.3f} {fl99 * 1e3:>8.3f}"
+            f" {ratio:>9.2f}x {verdict:>7}"
+        )
+    print()
+    print("MemoryBackend on one core (asyncio)")
+    for name, rate in await memory_rows():
+        target = "" if not name.startswith("txn") else ("ok" if rate >= 50_000 else "MISSED (target 50,000)")
+        print(f"{name:<22} {rate:>10,.0f} ops/s {target}")
+    print(f"\nPython {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, {os.cpu_count()} cores")
+
+
+if __name__ == "__main__":
+    anyio.run(main)
