@@ -1,6 +1,6 @@
 """The backend protocol: the only thing recipes know about the store.
 
-The semantics are etcd v3's, and the conformance suite in :mod:`coordkit.testing` is the precise contract.
+The semantics are etcd v3's, and the conformance suite in `testing` is the precise contract.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class Backend(Protocol):
     Every method is a cancellation point and leaves no half-applied state: a cancelled call either happened
     entirely or not at all (for a write, the caller cannot always know which; writes that may be retried after
     an ambiguous failure are built to be idempotent). Transport failures raise
-    :class:`~coordkit.UnavailableError`.
+    `UnavailableError`.
     """
 
     #: ``"memory"``, ``"etcd"``, ...: reported in telemetry.

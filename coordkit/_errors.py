@@ -1,7 +1,9 @@
 """The coordkit error tree.
 
-Every error coordkit raises on purpose is a :class:`CoordkitError`. Misuse (bad names, bad TTLs, wrong types)
-raises the built-in ``ValueError`` / ``TypeError`` instead, and cancellation is never turned into an error::
+Every error coordkit raises on purpose is a `CoordkitError`. Misuse (bad names, bad TTLs, wrong types)
+raises the built-in ``ValueError`` / ``TypeError`` instead, and cancellation is never turned into an error.
+
+```text
 
     CoordkitError
     ├── BackendError                 the store failed or refused a call
@@ -14,6 +16,7 @@ raises the built-in ``ValueError`` / ``TypeError`` instead, and cancellation is 
     ├── OwnershipLostError           a guarded block ended because its session was lost (.session)
     │   (recipes subclass it: LockLostError, LeadershipLostError, ...)
     └── NotOwnerError                an operation needs ownership the caller does not have
+```
 
 Native errors of a backend's transport are mapped into this tree at one boundary per backend, and the native
 exception is kept as ``__cause__``.

@@ -1,6 +1,6 @@
 """MemoryBackend: an in-process store with etcd v3 semantics, virtual time and fault hooks.
 
-One :class:`MemoryStore` plays the etcd cluster; each :class:`MemoryBackend` is one client of it (one simulated
+One `MemoryStore` plays the etcd cluster; each `MemoryBackend` is one client of it (one simulated
 process), so a fault can hit one client while the others go on. Time is ``anyio.current_time()``: under a
 virtual clock (trio's ``MockClock``, ``looptime``) a 10 s lease expires in no real time.
 
@@ -70,8 +70,8 @@ class _LeaseState:
 class MemoryStore:
     """The shared state of a simulated etcd cluster: keys, revisions, leases, history.
 
-    Create clients with :class:`MemoryBackend` (``MemoryBackend(store=store)``). Store-wide fault hooks
-    (compaction, lease expiry) are on :attr:`MemoryBackend.faults` too.
+    Create clients with `MemoryBackend` (``MemoryBackend(store=store)``). Store-wide fault hooks
+    (compaction, lease expiry) are on `faults` too.
 
     Args:
         seed: seeds lease ids, so runs are reproducible.
@@ -293,7 +293,7 @@ class MemoryStore:
 
 @final
 class MemoryFaults:
-    """Fault hooks of one :class:`MemoryBackend` client (and of its store), for tests.
+    """Fault hooks of one `MemoryBackend` client (and of its store), for tests.
 
     Client faults (partition, suspended keepalives, broken watches, latency, failing calls) hit only this
     client; store faults (``expire_lease``, ``compact``) hit everyone, as on a real cluster.
@@ -319,7 +319,7 @@ class MemoryFaults:
 
     # this client only
     def partition(self) -> None:
-        """Cut this client off: its calls hang (cancellably) until :meth:`heal`; its watch streams break."""
+        """Cut this client off: its calls hang (cancellably) until `heal`; its watch streams break."""
         self._partitioned = True
         self.break_watches()
 
@@ -332,7 +332,7 @@ class MemoryFaults:
             self._healed = None
 
     def suspend_keepalives(self) -> None:
-        """Make this client's lease refreshes hang (a lost keepalive stream) until :meth:`heal`."""
+        """Make this client's lease refreshes hang (a lost keepalive stream) until `heal`."""
         self._keepalives_suspended = True
 
     def break_watches(self) -> None:
@@ -355,11 +355,11 @@ class MemoryFaults:
 class MemoryBackend:
     """An in-process backend with exactly etcd's semantics, for tests and single-process use.
 
-    ``MemoryBackend()`` makes a new store; ``MemoryBackend(store=other.store)`` (or :meth:`connect`) makes
+    ``MemoryBackend()`` makes a new store; ``MemoryBackend(store=other.store)`` (or `connect`) makes
     another client of the same store, like a second process talking to the same cluster. Usable from asyncio
     and trio; time comes from the running event loop's clock, so virtual clocks make TTLs instant.
 
-    Fault hooks for tests are on :attr:`faults`.
+    Fault hooks for tests are on `faults`.
     """
 
     name = "memory"

@@ -1,7 +1,7 @@
 """Retry policies, declared once. Every retry in coordkit goes through here.
 
 Policies never stop on elapsed time: callers bound them with cancel scopes (``anyio.fail_after``), which also
-follow virtual clocks in tests. They sleep through :func:`anyio.sleep` so they work on asyncio and trio.
+follow virtual clocks in tests. They sleep through `sleep` so they work on asyncio and trio.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ RECONNECT_WAIT = wait_random_exponential(multiplier=0.05, max=2.0)
 
 
 def retry_unavailable(*, attempts: int | None = None) -> AsyncRetrying:
-    """Retry on :class:`UnavailableError` with :data:`RECONNECT_WAIT`; other errors propagate at once.
+    """Retry on `UnavailableError` with `RECONNECT_WAIT`; other errors propagate at once.
 
     Args:
         attempts: give up (re-raising the last error) after this many attempts; None retries until cancelled.
@@ -42,7 +42,7 @@ def retry_unavailable(*, attempts: int | None = None) -> AsyncRetrying:
 class Backoff:
     """Delays between consecutive failures of a long-lived loop (reconnects, keepalives), reset by a success.
 
-    Uses :data:`RECONNECT_WAIT`, so every retry in coordkit follows the same policy.
+    Uses `RECONNECT_WAIT`, so every retry in coordkit follows the same policy.
     """
 
     def __init__(self) -> None:

@@ -33,7 +33,7 @@ from ._types import check_ttl
 
 @dataclass(frozen=True, slots=True)
 class SessionStatistics:
-    """State and counters of a :class:`Session`."""
+    """State and counters of a `Session`."""
 
     lease_id: int
     ttl: int
@@ -53,7 +53,7 @@ class Session:
     after a TTL. Many locks, elections and memberships share one session and one keepalive loop.
 
     When the local deadline passes without a renewal, or the server reports the lease gone, the session is
-    *lost*: :attr:`lost` becomes true, :meth:`wait_lost` returns, and every block opened with :meth:`guarded`
+    *lost*: `lost` becomes true, `wait_lost` returns, and every block opened with `guarded`
     is cancelled and raises its typed error. A lost session stays lost; open a new one to go on.
 
     Args:
@@ -229,8 +229,7 @@ class Session:
                 return
             except UnavailableError as exc:
                 self._keepalive_failures += 1
-                with _telemetry.span("coordkit.session.keepalive", self._attrs()) as span:
-                    span.record_exception(exc)
+                _telemetry.record_failure("coordkit.session.keepalive", self._attrs(), exc)
                 next_beat = anyio.current_time() + backoff.next_delay()
             else:
                 self._keepalive_failures += 1  # refresh outlived the deadline (move_on_at fired)

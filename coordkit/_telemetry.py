@@ -49,6 +49,13 @@ def attributes(*, backend: str, lease_id: int | None = None, name: str | None = 
     return attrs
 
 
+def record_failure(name: str, attrs: dict[str, str | int], exc: BaseException) -> None:
+    """A zero-length span for a failure that was handled (a retried keepalive): the exception, status ERROR."""
+    with tracer.start_as_current_span(name, attributes=attrs) as s:
+        s.record_exception(exc)
+        s.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+
+
 @contextmanager
 def span(name: str, attrs: dict[str, str | int]) -> Iterator[Span]:
     """A span named ``coordkit.<recipe>.<operation>``; a coordkit error ending it is recorded on it.

@@ -26,7 +26,7 @@ class KeyValue(NamedTuple):
 
 
 class CompareTarget(enum.Enum):
-    """What a :class:`Compare` looks at."""
+    """What a `Compare` looks at."""
 
     CREATE = "CREATE"
     MOD = "MOD"
@@ -117,10 +117,12 @@ class Range:
 
     Attributes:
         limit: at most this many keys (0: no limit); ``RangeResult.more`` tells whether some were left out.
-        sort_by / descending: order of the result (default: by key, ascending).
+        sort_by: what the result is ordered by (default: the key).
+        descending: reverse the order.
         max_create_revision: only keys created at or before this revision (0: no bound).
         min_create_revision: only keys created at or after this revision (0: no bound).
-        keys_only: leave values empty. count_only: return no keys, only the count.
+        keys_only: leave values empty.
+        count_only: return no keys, only the count.
     """
 
     key: bytes

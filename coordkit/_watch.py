@@ -1,8 +1,8 @@
 """Reliable watch: a snapshot, then every change, with no gap and no duplicate across reconnects.
 
-A backend watch breaks (network, server restart) and can start too late (compaction). :class:`Watch` hides the
+A backend watch breaks (network, server restart) and can start too late (compaction). `Watch` hides the
 first: it resumes from the last delivered revision + 1, so the caller sees each revision exactly once. It makes
-the second explicit: after a compaction it delivers a fresh :class:`Snapshot` with ``resync=True``, which the
+the second explicit: after a compaction it delivers a fresh `Snapshot` with ``resync=True``, which the
 caller must take as the whole state (events between the two were lost for good and cannot be replayed).
 """
 
@@ -40,7 +40,7 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class WatchStatistics:
-    """Counters of a :class:`Watch`."""
+    """Counters of a `Watch`."""
 
     revision: int
     reconnects: int
@@ -53,7 +53,7 @@ class Watch:
     """Follow a key or a prefix reliably.
 
     ``async with Watch(backend, b"cfg/", prefix=True) as watch: async for item in watch: ...`` yields a
-    :class:`Snapshot` first, then one :class:`~coordkit.WatchBatch` per revision that touched the range. With
+    `Snapshot` first, then one `WatchBatch` per revision that touched the range. With
     ``start_revision`` it yields batches from that revision on, without a first snapshot.
 
     Guarantees: revisions strictly increase; a break of the backend stream (UnavailableError) is retried with
@@ -147,7 +147,7 @@ async def wait_deleted(backend: Backend, key: bytes, *, revision: int) -> None:
     """Wait until ``key``, which existed at ``revision``, is deleted (returns at once if it already was).
 
     Only that incarnation counts: a key deleted and created again after ``revision`` was deleted. Reconnects
-    and compaction are handled as in :class:`Watch`. Cancel it to stop waiting.
+    and compaction are handled as in `Watch`. Cancel it to stop waiting.
     """
     async with Watch(backend, key, start_revision=revision + 1) as watch:
         async for item in watch:

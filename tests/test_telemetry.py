@@ -12,6 +12,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from coordkit import OwnershipLostError, Session
 from coordkit.testing import Harness
@@ -78,3 +79,4 @@ async def test_keepalive_failure_span(harness: Harness) -> None:
         span = failures[-1]
         assert span.attributes is not None and span.attributes["coordkit.lease_id"] == format(session.lease_id, "x")
         assert any(event.name == "exception" for event in span.events)
+        assert span.status.status_code is StatusCode.ERROR

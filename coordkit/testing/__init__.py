@@ -1,7 +1,7 @@
 """Test support: the backend conformance suite, harnesses, fault injection and a real etcd server for tests.
 
-Third-party backends prove they keep the protocol by running :data:`CONFORMANCE_CHECKS` against a
-:class:`Harness` of their own, exactly as coordkit runs them against its memory and etcd backends.
+Third-party backends prove they keep the protocol by running `CONFORMANCE_CHECKS` against a
+`Harness` of their own, exactly as coordkit runs them against its memory and etcd backends.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The backend conformance suite: the executable form of the backend protocol's contract.
 
 Each check is an ``async def check_x(harness)`` that raises AssertionError on a violation. Run them all with
-:func:`run_conformance`, or parametrize your own tests over :data:`CONFORMANCE_CHECKS`.
+`run_conformance`, or parametrize your own tests over `CONFORMANCE_CHECKS`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ._harness import Harness
 
 Check = Callable[[Harness], Awaitable[None]]
 CONFORMANCE_CHECKS: dict[str, Check] = {}
+"""Every conformance check by name (filled in below, in definition order)."""
 
 
 def _check(fn: Check) -> Check:
@@ -376,7 +377,7 @@ async def check_cancellation(h: Harness) -> None:
             present = (await b.range(Range(ns + f"{attempt}/".encode(), prefix=True))).count
             assert present in (0, 3), f"txn half-applied: {present} of 3 keys"
         with anyio.move_on_after(0.01):
-            async with b.watch(ns, prefix=True, start_revision=1) as batches:
+            async with b.watch(ns, prefix=True, start_revision=(await _get(b, ns)).revision) as batches:
                 async for _ in batches:
                     pass
         # the backend still works after a cancelled watch

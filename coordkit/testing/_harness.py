@@ -40,7 +40,7 @@ class Harness(Protocol):
         ...
 
     def suspend_keepalives(self, client: Backend) -> None:
-        """Make ``client``'s lease refreshes hang until :meth:`heal`."""
+        """Make ``client``'s lease refreshes hang until `heal`."""
         ...
 
     def break_watches(self, client: Backend) -> None:
@@ -58,7 +58,7 @@ def new_namespace(tag: str) -> bytes:
 
 @final
 class MemoryHarness:
-    """Harness for :class:`~coordkit.MemoryBackend`: one fresh store, native fault hooks."""
+    """Harness for `MemoryBackend`: one fresh store, native fault hooks."""
 
     def __init__(self, *, seed: int = 0) -> None:
         self.store = MemoryStore(seed=seed)
@@ -95,7 +95,7 @@ class FaultyBackend:
     """Wraps any backend and injects client-side faults: a partition, hanging keepalives, broken watch streams.
 
     For backends with no fault hooks of their own (a real etcd): what the wrapped client sees is what a lost
-    network would show it. Calls held by a fault wait, cancellably, until :meth:`heal`.
+    network would show it. Calls held by a fault wait, cancellably, until `heal`.
     """
 
     def __init__(self, inner: Backend) -> None:
@@ -114,12 +114,12 @@ class FaultyBackend:
         await self.aclose()
 
     def partition(self) -> None:
-        """Every call hangs until :meth:`heal`, and open watch streams break: the client is cut off."""
+        """Every call hangs until `heal`, and open watch streams break: the client is cut off."""
         self._partitioned = True
         self.break_watches()
 
     def suspend_keepalives(self) -> None:
-        """Lease refreshes hang until :meth:`heal`."""
+        """Lease refreshes hang until `heal`."""
         self._keepalives_suspended = True
 
     def break_watches(self) -> None:
@@ -188,7 +188,7 @@ class FaultyBackend:
 
 @final
 class EtcdHarness:
-    """Harness for :class:`~coordkit.EtcdBackend` against a running etcd; faults come from FaultyBackend."""
+    """Harness for `EtcdBackend` against a running etcd; faults come from FaultyBackend."""
 
     def __init__(self, endpoint: str, *, compact: Compactor) -> None:
         self.endpoint = endpoint
