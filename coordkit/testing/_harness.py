@@ -105,7 +105,7 @@ class FaultyBackend:
         self._keepalives_suspended = False
         self._healed = anyio.Event()
         self._watch_scopes: set[anyio.CancelScope] = set()
-        self._broken: set[anyio.CancelScope] = set()
+        self._watch_epoch = 0  # streams opened before the latest break_watches() are broken
 
     async def __aenter__(self) -> FaultyBackend:
         return self
@@ -123,9 +123,9 @@ class FaultyBackend:
         self._keepalives_suspended = True
 
     def break_watches(self) -> None:
-        """Open watch streams raise UnavailableError."""
+        """Every open watch stream raises UnavailableError: at once if it is waiting, else at its next read."""
+        self._watch_epoch += 1
         for scope in self._watch_scopes:
-            self._broken.add(scope)
             scope.cancel()
 
     def heal(self) -> None:
@@ -169,18 +169,19 @@ class FaultyBackend:
             yield self._breakable(batches)
 
     async def _breakable(self, batches: AsyncIterator[WatchBatch]) -> AsyncIterator[WatchBatch]:
+        epoch = self._watch_epoch
         iterator = aiter(batches)
         while True:
+            if epoch != self._watch_epoch:
+                raise UnavailableError("watch stream broken (FaultyBackend.break_watches)")
             with anyio.CancelScope() as scope:
                 self._watch_scopes.add(scope)
                 try:
                     batch = await anext(iterator)
                 finally:
                     self._watch_scopes.discard(scope)
-            if scope in self._broken:
-                self._broken.discard(scope)
-                raise UnavailableError("watch stream broken (FaultyBackend.break_watches)")
-            yield batch
+            if not scope.cancelled_caught:
+                yield batch
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -1,0 +1,8 @@
+"""The etcd v3 backend. Importing this package needs no etcd extra: etcd3-py and aiohttp are imported when an
+:class:`EtcdBackend` is built (``pip install 'coordkit[etcd]'``)."""
+
+from __future__ import annotations
+
+from ._backend import EtcdBackend as EtcdBackend
+
+__all__ = ("EtcdBackend",)

@@ -1,0 +1,408 @@
+"""EtcdBackend: the backend protocol on a real etcd v3 cluster, through its gRPC-JSON gateway.
+
+This module encodes coordkit's requests as the gateway's JSON and decodes the replies; the transport (aiohttp,
+etcd3-py, failover, auth, TLS, error mapping) is in :mod:`._adapter`, imported only when a backend is built so
+that ``import coordkit`` does not need the ``etcd`` extra.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import ssl
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, final
+from urllib.parse import urlsplit
+
+from .._errors import BackendError, LeaseExpiredError, UnavailableError
+from .._keys import prefix_end
+from .._types import (
+    Compare,
+    CompareTarget,
+    Delete,
+    DeleteResult,
+    Event,
+    EventType,
+    KeyValue,
+    Lease,
+    Op,
+    OpResult,
+    Put,
+    PutResult,
+    Range,
+    RangeResult,
+    TxnResult,
+    WatchBatch,
+    check_ttl,
+    check_txn,
+)
+
+if TYPE_CHECKING:
+    from ._adapter import GatewayClient, WatchStream
+
+JSON = dict[str, Any]
+
+_COMPARE_RESULT = {"==": "EQUAL", "!=": "NOT_EQUAL", "<": "LESS", ">": "GREATER"}
+_COMPARE_FIELD = {
+    CompareTarget.CREATE: "create_revision",
+    CompareTarget.MOD: "mod_revision",
+    CompareTarget.VERSION: "version",
+    CompareTarget.VALUE: "value",
+    CompareTarget.LEASE: "lease",
+}
+_SORT_TARGET = {"key": "KEY", "create": "CREATE", "mod": "MOD", "version": "VERSION", "value": "VALUE"}
+_DEFAULT_PORT = {"http": 2379, "https": 2379}
+
+
+def _load_adapter() -> ModuleType:
+    try:
+        from . import _adapter
+    except ImportError as exc:
+        raise ImportError(
+            f"EtcdBackend needs etcd3-py and aiohttp ({exc}): pip install 'coordkit[etcd]'", name=exc.name
+        ) from exc
+    return _adapter
+
+
+def _parse_endpoint(url: str) -> str:
+    if not isinstance(url, str):
+        raise TypeError(f"an etcd endpoint is a URL string, not {type(url).__name__}")
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad etcd endpoint {url!r}: {exc}") from None
+    if parts.scheme not in _DEFAULT_PORT:
+        raise ValueError(f"etcd endpoint {url!r} must start with http:// or https://")
+    if not parts.hostname or parts.username or parts.password:
+        raise ValueError(f"etcd endpoint {url!r} needs a host (and no user info)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"etcd endpoint {url!r} must not have a path, query or fragment")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port or _DEFAULT_PORT[parts.scheme]}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return binascii.a2b_base64(text) if text else b""
+
+
+def _bounds(key: bytes, prefix: bool) -> JSON:
+    """The gateway's ``key`` / ``range_end`` for one key or a prefix.
+
+    The empty prefix starts at ``\\x00`` (etcd refuses an empty key; no key is empty), and a prefix with no
+    upper bound (empty or all 0xff) ends at ``\\x00``, etcd's "to the end of the keyspace".
+    """
+    if not prefix:
+        return {"key": _b64(key)}
+    end = prefix_end(key)
+    return {"key": _b64(key or b"\x00"), "range_end": _b64(end or b"\x00")}
+
+
+def _range_request(r: Range) -> JSON:
+    body = _bounds(r.key, r.prefix)
+    if r.limit:
+        body["limit"] = str(r.limit)
+    # etcd sorts only when sort_order is not NONE; its unsorted order is by key, ascending
+    if r.sort_by != "key" or r.descending:
+        body["sort_target"] = _SORT_TARGET[r.sort_by]
+        body["sort_order"] = "DESCEND" if r.descending else "ASCEND"
+    if r.max_create_revision:
+        body["max_create_revision"] = str(r.max_create_revision)
+    if r.min_create_revision:
+        body["min_create_revision"] = str(r.min_create_revision)
+    if r.keys_only:
+        body["keys_only"] = True
+    if r.count_only:
+        body["count_only"] = True
+    return body
+
+
+def _compare(c: Compare) -> JSON:
+    operand = _b64(c.operand) if isinstance(c.operand, bytes) else str(c.operand)
+    return {
+        "key": _b64(c.key),
+        "target": c.target.value,
+        "result": _COMPARE_RESULT[c.op],
+        _COMPARE_FIELD[c.target]: operand,
+    }
+
+
+def _request_op(op: Op) -> JSON:
+    if isinstance(op, Put):
+        put: JSON = {"key": _b64(op.key), "value": _b64(op.value)}
+        if op.lease:
+            put["lease"] = str(op.lease)
+        return {"request_put": put}
+    if isinstance(op, Delete):
+        return {"request_delete_range": _bounds(op.key, op.prefix)}
+    return {"request_range": _range_request(op)}
+
+
+# The gateway omits fields with default values: a missing number is 0, a missing bool false, a missing list empty.
+
+
+def _revision(reply: JSON) -> int:
+    return int(reply.get("header", {}).get("revision", 0))
+
+
+def _key_value(kv: JSON) -> KeyValue:
+    return KeyValue(
+        key=_unb64(kv.get("key", "")),
+        value=_unb64(kv.get("value", "")),
+        create_revision=int(kv.get("create_revision", 0)),
+        mod_revision=int(kv.get("mod_revision", 0)),
+        version=int(kv.get("version", 0)),
+        lease=int(kv.get("lease", 0)),
+    )
+
+
+def _range_result(reply: JSON, revision: int) -> RangeResult:
+    return RangeResult(
+        kvs=tuple(_key_value(kv) for kv in reply.get("kvs", ())),
+        count=int(reply.get("count", 0)),
+        more=bool(reply.get("more", False)),
+        revision=revision,
+    )
+
+
+def _op_result(op: Op, response: JSON, revision: int) -> OpResult:
+    # each response is {"response_range" | "response_put" | "response_delete_range": {...}}, in request order
+    inner: JSON = next(iter(response.values()), {}) if response else {}
+    if isinstance(op, Range):
+        return _range_result(inner, revision)
+    if isinstance(op, Put):
+        return PutResult(revision)
+    return DeleteResult(int(inner.get("deleted", 0)), revision)
+
+
+def _batches(events: Sequence[JSON]) -> Iterator[WatchBatch]:
+    """Split one watch message into one batch per revision (a message can carry several), in order."""
+    batch: list[Event] = []
+    revision = 0
+    for raw in events:
+        kv = _key_value(raw.get("kv", {}))
+        if batch and kv.mod_revision != revision:
+            yield WatchBatch(revision, tuple(batch))
+            batch = []
+        revision = kv.mod_revision
+        batch.append(Event(EventType.DELETE if raw.get("type") == "DELETE" else EventType.PUT, kv))
+    if batch:
+        yield WatchBatch(revision, tuple(batch))
+
+
+@final
+class EtcdBackend:
+    """The backend protocol on etcd v3 (>= 3.4), through its gRPC-JSON gateway. asyncio only (aiohttp).
+
+    ``async with EtcdBackend("http://127.0.0.1:2379") as backend: ...``. Building one does no I/O, so it works
+    while etcd is down; the first call connects.
+
+    Guarantees: reads, lease refreshes and revokes are retried on the next endpoint (round robin, jittered
+    backoff through :mod:`coordkit._retry`, at most one pass over the endpoints plus one attempt) when an
+    endpoint does not answer; grants too (a lease granted by a lost reply expires unused). A transaction is
+    retried only when it surely was not sent (the connection was refused): after an ambiguous failure it raises
+    UnavailableError and the caller decides. Expired auth tokens are renewed transparently, once per expiry.
+    Every call is a cancellation point (anyio cancel scopes work; asyncio only).
+
+    Args:
+        endpoints: one URL or several (``http://host:port`` / ``https://host:port``), tried in order.
+        username, password: etcd user credentials (both or neither).
+        ssl_context: a client SSLContext for https endpoints; or let the backend build one from
+        ca_file, cert_file, key_file: the CA that signed the server certificate (CA-only TLS), and a client
+            certificate and key (mTLS).
+        request_timeout: transport bound of one request attempt, in seconds (callers bound whole operations
+            with ``anyio.fail_after``).
+
+    Raises:
+        ValueError: a bad endpoint URL or scheme, inconsistent credentials or TLS options, unreadable TLS files.
+        ImportError: the ``etcd`` extra is not installed (``pip install 'coordkit[etcd]'``).
+    """
+
+    name = "etcd"
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        request_timeout: float = 5.0,
+    ) -> None:
+        urls = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not urls:
+            raise ValueError("EtcdBackend needs at least one endpoint")
+        self.endpoints = tuple(_parse_endpoint(url) for url in urls)
+        if (username is None) != (password is None):
+            raise ValueError("give both username and password, or neither")
+        if not request_timeout > 0:
+            raise ValueError(f"request_timeout must be positive, not {request_timeout!r}")
+        tls_files = ca_file is not None or cert_file is not None or key_file is not None
+        if ssl_context is not None and tls_files:
+            raise ValueError("give ssl_context or ca_file/cert_file/key_file, not both")
+        if key_file is not None and cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        uses_tls = any(url.startswith("https:") for url in self.endpoints)
+        if (ssl_context is not None or tls_files) and not uses_tls:
+            raise ValueError("TLS options were given but no endpoint is https://")
+        adapter = _load_adapter()
+        if uses_tls and ssl_context is None:
+            ssl_context = adapter.build_ssl_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        self._client: GatewayClient = adapter.GatewayClient(
+            self.endpoints,
+            ssl_context=ssl_context,
+            username=username,
+            password=password,
+            request_timeout=float(request_timeout),
+        )
+
+    def __repr__(self) -> str:
+        return f"<EtcdBackend {', '.join(self.endpoints)}>"
+
+    async def __aenter__(self) -> EtcdBackend:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection; open watches end with UnavailableError. Idempotent."""
+        await self._client.close()
+
+    def _check_open(self) -> None:
+        if self._client.closed:
+            raise UnavailableError("backend is closed")
+
+    # -- KV ------------------------------------------------------------------------------------------------
+
+    async def range(self, request: Range) -> RangeResult:
+        """Read one key or a prefix (linearizable). Retried on the next endpoint when one does not answer.
+
+        Raises:
+            UnavailableError: no endpoint answered. AuthenticationError: credentials or permissions refused.
+        """
+        if not isinstance(request, Range):
+            raise TypeError(f"range takes a Range, not {type(request).__name__}")
+        self._check_open()
+        reply = await self._client.call("/kv/range", _range_request(request), idempotent=True)
+        return _range_result(reply, _revision(reply))
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        """Apply ``success`` if every compare holds, else ``failure``, atomically at one revision.
+
+        Never repeated after an ambiguous failure (it may have been applied): then UnavailableError.
+
+        Raises:
+            UnavailableError: no answer (the transaction may or may not have been applied).
+            LeaseExpiredError: a Put names a lease that does not exist (any more).
+            RequestTooLargeError: the request exceeds the server's limit.
+            AuthenticationError, BackendError: etcd refused it.
+        """
+        check_txn(compare, success, failure)
+        self._check_open()
+        body: JSON = {"compare": [_compare(c) for c in compare]}
+        if success:
+            body["success"] = [_request_op(op) for op in success]
+        if failure:
+            body["failure"] = [_request_op(op) for op in failure]
+        leases = [op.lease for op in (*success, *failure) if isinstance(op, Put) and op.lease]
+        reply = await self._client.call("/kv/txn", body, idempotent=False, lease_id=leases[0] if leases else 0)
+        succeeded = bool(reply.get("succeeded", False))
+        revision = _revision(reply)
+        ops = success if succeeded else failure
+        responses = reply.get("responses", ())
+        if len(responses) != len(ops):
+            raise BackendError(f"etcd answered {len(responses)} results for {len(ops)} operations")
+        return TxnResult(
+            succeeded, tuple(_op_result(op, resp, revision) for op, resp in zip(ops, responses, strict=True)), revision
+        )
+
+    # -- leases --------------------------------------------------------------------------------------------
+
+    async def grant(self, ttl: int) -> Lease:
+        """Grant a lease of at least ``ttl`` seconds (etcd raises short TTLs to its minimum).
+
+        Raises:
+            UnavailableError: no endpoint answered.
+        """
+        check_ttl(ttl)
+        self._check_open()
+        # Safe to repeat: a lease granted by a lost reply has no keys and expires unused after its TTL.
+        reply = await self._client.call("/lease/grant", {"TTL": str(ttl)}, idempotent=True)
+        if reply.get("error"):
+            raise BackendError(f"etcd refused the lease: {reply['error']}")
+        return Lease(int(reply.get("ID", 0)), int(reply.get("TTL", 0)))
+
+    async def refresh(self, lease_id: int) -> int:
+        """Keep a lease alive once; return its TTL in seconds.
+
+        Raises:
+            LeaseExpiredError: the lease is gone (expired or revoked).
+            UnavailableError: no endpoint answered.
+        """
+        self._check_open()
+        reply = await self._client.call("/lease/keepalive", {"ID": str(lease_id)}, idempotent=True, lease_id=lease_id)
+        ttl = int(reply.get("TTL", 0))
+        if ttl <= 0:  # etcd answers a keepalive of an unknown lease with TTL 0 (omitted), not an error
+            raise LeaseExpiredError(lease_id)
+        return ttl
+
+    async def revoke(self, lease_id: int) -> None:
+        """Revoke a lease, deleting its keys at one revision. An unknown lease is not an error.
+
+        Raises:
+            UnavailableError: no endpoint answered.
+        """
+        self._check_open()
+        with contextlib.suppress(LeaseExpiredError):  # already gone: revoking is idempotent
+            await self._client.call("/lease/revoke", {"ID": str(lease_id)}, idempotent=True, lease_id=lease_id)
+
+    # -- watch ---------------------------------------------------------------------------------------------
+
+    def watch(
+        self, key: bytes, *, prefix: bool = False, start_revision: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
+        """Watch a key or prefix from ``start_revision`` on: one :class:`WatchBatch` per revision, in order.
+
+        Entering opens the stream (failing over between endpoints) and waits for etcd to accept it; leaving
+        closes the HTTP response. The iterator never ends by itself.
+
+        Raises:
+            CompactedError: ``start_revision`` was compacted (raised while iterating).
+            UnavailableError: the stream could not be opened, or broke (the server restarted, the network failed).
+        """
+        if not isinstance(key, bytes):
+            raise TypeError(f"keys are bytes, not {type(key).__name__}")
+        if not isinstance(start_revision, int) or isinstance(start_revision, bool) or start_revision < 1:
+            raise ValueError(f"start_revision must be an int >= 1, not {start_revision!r}")
+        return self._watch(key, prefix, start_revision)
+
+    @asynccontextmanager
+    async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
+        self._check_open()
+        create = {**_bounds(key, prefix), "start_revision": str(start_revision)}
+        async with self._client.open_watch({"create_request": create}) as stream:
+            batches = self._batches(stream)
+            try:
+                yield batches
+            finally:
+                await batches.aclose()
+
+    @staticmethod
+    async def _batches(stream: WatchStream) -> AsyncGenerator[WatchBatch, None]:
+        while True:
+            result = await stream.receive()
+            for batch in _batches(result["events"]):
+                yield batch
