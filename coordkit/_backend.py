@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, runtime_checkable
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
 
 from ._types import Compare, Lease, Op, Range, RangeResult, TxnResult, WatchBatch
 
@@ -67,3 +68,11 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Release connections. The backend cannot be used afterwards."""
         ...
+
+    async def __aenter__(self) -> Self:
+        """``async with backend:`` closes it on exit."""
+        ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...

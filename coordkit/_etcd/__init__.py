@@ -1,5 +1,5 @@
 """The etcd v3 backend. Importing this package needs no etcd extra: etcd3-py and aiohttp are imported when an
-:class:`EtcdBackend` is built (``pip install 'coordkit[etcd]'``)."""
+`EtcdBackend` is built (``pip install 'coordkit[etcd]'``)."""
 
 from __future__ import annotations
 

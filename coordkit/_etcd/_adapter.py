@@ -5,22 +5,22 @@ etcd3-py 0.1.6 (the named dependency) is unmaintained and partly broken with cur
 classes. What we replace, and why:
 
 - construction: ``AioClient.__init__`` probes the server version with a blocking ``requests.get`` (and crashes
-  when etcd is down) and builds an aiohttp session outside any event loop. :class:`GatewayClient` skips both:
+  when etcd is down) and builds an aiohttp session outside any event loop. `GatewayClient` skips both:
   no network at construction, a fixed server version (``/v3`` API prefix), sessions created lazily in the loop;
 - TLS: etcd3-py ignores a CA without a client certificate; we use an ``ssl.SSLContext`` built by
-  :func:`build_ssl_context` (CA-only TLS and mTLS);
+  `build_ssl_context` (CA-only TLS and mTLS);
 - streams: etcd3-py's reader drops events when several responses arrive in one read and fails with TypeError on
-  aiohttp >= 3.10.6. :class:`WatchStream` reads etcd's newline-delimited JSON itself, on a second connection
+  aiohttp >= 3.10.6. `WatchStream` reads etcd's newline-delimited JSON itself, on a second connection
   pool, so long-lived watches never starve unary calls;
 - prefixes: etcd3-py crashes on empty and 0xff prefixes (the backend computes range ends itself);
 - large bodies: aiohttp warns (ResourceWarning) about raw bodies over 1 MiB; those are sent from a BytesIO;
 - speed: etcd3-py's swagger (de)serialisation costs ~7x the request itself (range p50 5.1 ms vs 0.75 ms on a
   local etcd 3.5.1), so range, txn, lease grant/keepalive/revoke and watch send the same gateway JSON on the
-  client's aiohttp session and decode it themselves (:meth:`GatewayClient.call`). Only ``authenticate`` takes
+  client's aiohttp session and decode it themselves (`call`). Only ``authenticate`` takes
   etcd3-py's own request path (rare, and not latency-critical).
 
 Native errors (aiohttp, timeouts, etcd3-py classes, gateway error bodies) become coordkit errors in one function,
-:func:`translate`, always chained with ``raise ... from native``.
+`translate`, always chained with ``raise ... from native``.
 """
 
 from __future__ import annotations
@@ -444,7 +444,7 @@ class GatewayClient(etcd3.AioClient):  # type: ignore[misc]  # etcd3-py has no t
         """Open a watch stream (POST /v3/watch with ``request``), failing over between endpoints.
 
         Opening is retried like an idempotent call until the server's first message arrives; after that a
-        broken stream raises UnavailableError from :meth:`WatchStream.receive`. Leaving closes the response.
+        broken stream raises UnavailableError from `receive`. Leaving closes the response.
         """
         payload = json.dumps(request, separators=(",", ":")).encode()
         stream: WatchStream | None = None

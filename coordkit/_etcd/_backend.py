@@ -1,7 +1,7 @@
 """EtcdBackend: the backend protocol on a real etcd v3 cluster, through its gRPC-JSON gateway.
 
 This module encodes coordkit's requests as the gateway's JSON and decodes the replies; the transport (aiohttp,
-etcd3-py, failover, auth, TLS, error mapping) is in :mod:`._adapter`, imported only when a backend is built so
+etcd3-py, failover, auth, TLS, error mapping) is in `_adapter`, imported only when a backend is built so
 that ``import coordkit`` does not need the ``etcd`` extra.
 """
 
@@ -205,7 +205,7 @@ class EtcdBackend:
     while etcd is down; the first call connects.
 
     Guarantees: reads, lease refreshes and revokes are retried on the next endpoint (round robin, jittered
-    backoff through :mod:`coordkit._retry`, at most one pass over the endpoints plus one attempt) when an
+    backoff through `_retry`, at most one pass over the endpoints plus one attempt) when an
     endpoint does not answer; grants too (a lease granted by a lost reply expires unused). A transaction is
     retried only when it surely was not sent (the connection was refused): after an ambiguous failure it raises
     UnavailableError and the caller decides. Expired auth tokens are renewed transparently, once per expiry.
@@ -213,10 +213,12 @@ class EtcdBackend:
 
     Args:
         endpoints: one URL or several (``http://host:port`` / ``https://host:port``), tried in order.
-        username, password: etcd user credentials (both or neither).
-        ssl_context: a client SSLContext for https endpoints; or let the backend build one from
-        ca_file, cert_file, key_file: the CA that signed the server certificate (CA-only TLS), and a client
-            certificate and key (mTLS).
+        username: etcd user name (give the password too, or neither).
+        password: that user's password; the token is renewed by logging in again when etcd rejects it.
+        ssl_context: a client SSLContext for https endpoints, instead of the three files below.
+        ca_file: the CA that signed the server certificate (CA-only TLS).
+        cert_file: a client certificate, for mutual TLS (with key_file).
+        key_file: the client certificate's private key.
         request_timeout: transport bound of one request attempt, in seconds (callers bound whole operations
             with ``anyio.fail_after``).
 
@@ -308,7 +310,8 @@ class EtcdBackend:
             UnavailableError: no answer (the transaction may or may not have been applied).
             LeaseExpiredError: a Put names a lease that does not exist (any more).
             RequestTooLargeError: the request exceeds the server's limit.
-            AuthenticationError, BackendError: etcd refused it.
+            AuthenticationError: the credentials or permissions were refused.
+            BackendError: etcd refused it for another reason.
         """
         check_txn(compare, success, failure)
         self._check_open()
@@ -374,7 +377,7 @@ class EtcdBackend:
     def watch(
         self, key: bytes, *, prefix: bool = False, start_revision: int
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
-        """Watch a key or prefix from ``start_revision`` on: one :class:`WatchBatch` per revision, in order.
+        """Watch a key or prefix from ``start_revision`` on: one `WatchBatch` per revision, in order.
 
         Entering opens the stream (failing over between endpoints) and waits for etcd to accept it; leaving
         closes the HTTP response. The iterator never ends by itself.
