@@ -10,7 +10,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "typing", "tests", "docs", "wheel"]
+nox.options.sessions = ["lint", "typing", "docs", "wheel", "tests"]
 
 
 @nox.session
