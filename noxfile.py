@@ -58,19 +58,22 @@ def wheel(session: nox.Session) -> None:
         session.run("python", "-m", "venv", str(venv))
         python = str(venv / "bin" / "python")
         session.run(python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel_file), external=True)
-        session.run(python, "-c", SMOKE, external=True)
+        with session.chdir(tmp):  # not the checkout: the import must come from the installed wheel
+            session.run(python, "-c", SMOKE, external=True)
 
 
 SMOKE = """
 import anyio, coordkit
 from coordkit import MemoryBackend, Put, Range, Session
 
+assert "site-packages" in coordkit.__file__, coordkit.__file__
+
 async def main():
-    async with MemoryBackend() as backend, Session(backend, ttl=5) as session:
-        async with session.guarded():
+    async with MemoryBackend() as backend, MemoryBackend(store=backend.store) as observer:
+        async with Session(backend, ttl=5) as session, session.guarded():
             await backend.txn([], [Put(b"smoke", b"ok", session.lease_id)])
-        assert (await backend.range(Range(b"smoke"))).kvs[0].value == b"ok"
-    assert (await backend.range(Range(b"smoke"))).count == 0
+            assert (await observer.range(Range(b"smoke"))).kvs[0].value == b"ok"
+        assert (await observer.range(Range(b"smoke"))).count == 0, "the session's exit revokes its lease"
     print("wheel smoke test passed:", coordkit.__version__)
 
 anyio.run(main)
