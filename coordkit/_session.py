@@ -214,16 +214,10 @@ class Session:
                 self._mark_lost("lease validity deadline passed without a keepalive")
                 return
             sent = anyio.current_time()
+            ttl: int | None = None
             try:
                 with anyio.move_on_at(self._deadline):
                     ttl = await self.backend.refresh(self._lease_id)
-                    ack = anyio.current_time()
-                    self._keepalives += 1
-                    self._deadline = sent + ttl - self._margin
-                    next_beat = sent + ttl / 3
-                    backoff.reset()
-                    _telemetry.keepalive_latency.record(ack - sent, self._attrs())
-                    continue
             except LeaseExpiredError:
                 self._mark_lost("the server reports the lease expired")
                 return
@@ -231,5 +225,16 @@ class Session:
                 self._keepalive_failures += 1
                 _telemetry.record_failure("coordkit.session.keepalive", self._attrs(), exc)
                 next_beat = anyio.current_time() + backoff.next_delay()
-            else:
-                self._keepalive_failures += 1  # refresh outlived the deadline (move_on_at fired)
+                continue
+            if ttl is None:  # no answer before the deadline: the loop's first check declares the loss
+                self._keepalive_failures += 1
+                continue
+            latency = anyio.current_time() - sent
+            self._keepalives += 1
+            # Measured from the send time: the server restarted the TTL no earlier than that.
+            self._deadline = sent + ttl - self._margin
+            next_beat = sent + ttl / 3
+            backoff.reset()
+            _telemetry.keepalive_latency.record(latency, self._attrs())
+            if latency > self._margin / 2:
+                _telemetry.record_slow("coordkit.session.keepalive", self._attrs(), latency)

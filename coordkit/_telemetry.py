@@ -56,6 +56,12 @@ def record_failure(name: str, attrs: dict[str, str | int], exc: BaseException) -
         s.set_status(Status(StatusCode.ERROR, type(exc).__name__))
 
 
+def record_slow(name: str, attrs: dict[str, str | int], seconds: float) -> None:
+    """A span for an operation that succeeded but took long enough to endanger a guarantee."""
+    with tracer.start_as_current_span(name, attributes={**attrs, "coordkit.duration_s": seconds}):
+        pass
+
+
 @contextmanager
 def span(name: str, attrs: dict[str, str | int]) -> Iterator[Span]:
     """A span named ``coordkit.<recipe>.<operation>``; a coordkit error ending it is recorded on it.

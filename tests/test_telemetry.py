@@ -80,3 +80,22 @@ async def test_keepalive_failure_span(harness: Harness) -> None:
         assert span.attributes is not None and span.attributes["coordkit.lease_id"] == format(session.lease_id, "x")
         assert any(event.name == "exception" for event in span.events)
         assert span.status.status_code is StatusCode.ERROR
+
+
+@pytest.mark.parametrize("kind", ["memory"])
+async def test_slow_keepalive_span(harness: Harness) -> None:
+    """A keepalive that eats half the safety margin is reported, not only failures."""
+    async with harness.client() as backend, Session(backend, ttl=10, safety_margin=1.0) as session:
+        backend.faults.set_latency(0.6)  # type: ignore[attr-defined]
+        await anyio.sleep(4)
+        assert not session.lost
+        slow = [
+            s
+            for s in _spans.get_finished_spans()
+            if s.name == "coordkit.session.keepalive"
+            and s.attributes is not None
+            and s.attributes["coordkit.lease_id"] == format(session.lease_id, "x")
+            and "coordkit.duration_s" in s.attributes
+        ]
+        assert slow, "a slow keepalive leaves a span"
+        assert slow[0].attributes is not None and slow[0].attributes["coordkit.duration_s"] == pytest.approx(0.6)
