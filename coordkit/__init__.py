@@ -16,7 +16,10 @@ from ._errors import (
     UnavailableError as UnavailableError,
 )
 from ._etcd import EtcdBackend as EtcdBackend
+from ._lock import Lock as Lock, LockLostError as LockLostError
 from ._memory import MemoryBackend as MemoryBackend, MemoryFaults as MemoryFaults, MemoryStore as MemoryStore
+from ._queue import Held as Held, LockStatistics as LockStatistics
+from ._semaphore import PermitLostError as PermitLostError, Semaphore as Semaphore
 from ._session import Session as Session, SessionStatistics as SessionStatistics
 from ._types import (
     Compare as Compare,
@@ -55,28 +58,34 @@ __all__ = (
     "EtcdBackend",
     "Event",
     "EventType",
+    "Held",
     "KeyValue",
     "Lease",
     "LeaseExpiredError",
+    "Lock",
+    "LockLostError",
+    "LockStatistics",
     "MemoryBackend",
     "MemoryFaults",
     "MemoryStore",
     "NotOwnerError",
     "OwnershipLostError",
+    "PermitLostError",
     "Put",
     "PutResult",
     "Range",
     "RangeResult",
     "RequestTooLargeError",
+    "Semaphore",
     "Session",
     "SessionClosedError",
     "SessionStatistics",
     "Snapshot",
     "TxnResult",
     "UnavailableError",
+    "wait_deleted",
     "Watch",
     "WatchBatch",
     "WatchStatistics",
     "__version__",
-    "wait_deleted",
 )

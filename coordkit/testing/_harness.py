@@ -43,6 +43,10 @@ class Harness(Protocol):
         """Make ``client``'s lease refreshes hang until `heal`."""
         ...
 
+    def partition(self, client: Backend) -> None:
+        """Cut ``client`` off (a crashed or isolated process): every call hangs until `heal`, watches break."""
+        ...
+
     def break_watches(self, client: Backend) -> None:
         """Break ``client``'s open watch streams (they raise UnavailableError)."""
         ...
@@ -77,6 +81,9 @@ class MemoryHarness:
 
     def suspend_keepalives(self, client: Backend) -> None:
         _memory(client).faults.suspend_keepalives()
+
+    def partition(self, client: Backend) -> None:
+        _memory(client).faults.partition()
 
     def break_watches(self, client: Backend) -> None:
         _memory(client).faults.break_watches()
@@ -212,6 +219,9 @@ class EtcdHarness:
 
     def suspend_keepalives(self, client: Backend) -> None:
         _faulty(client).suspend_keepalives()
+
+    def partition(self, client: Backend) -> None:
+        _faulty(client).partition()
 
     def break_watches(self, client: Backend) -> None:
         _faulty(client).break_watches()

@@ -1,0 +1,290 @@
+"""The fair queue under Lock and Semaphore: one key per contender, ordered by create revision.
+
+A contender puts ``<name>/<lease id hex>`` bound to its session's lease; the keys with the lowest create
+revisions own the name. This is etcd's Go ``concurrency.Mutex`` layout, so etcdctl and Go clients queue in the
+same line. A session that contends for one name from several tasks at once gives the extra contenders the key
+``<name>/<lease id hex>_<n>``: still under the prefix, still ordered by create revision, so every etcd client
+honours it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import anyio
+
+from . import _telemetry
+from ._errors import OwnershipLostError
+from ._retry import retry_unavailable
+from ._session import Session
+from ._types import Compare, Delete, Put, PutResult, Range, RangeResult
+
+# session -> key -> id of the task that contends with it (reserved from acquire until release)
+_reserved: WeakKeyDictionary[Session, dict[bytes, int]] = WeakKeyDictionary()
+
+
+def name_prefix(name: str) -> bytes:
+    """Validate a recipe name and return its key prefix ``<name>/``."""
+    if not isinstance(name, str):
+        raise TypeError(f"names are str, not {type(name).__name__}")
+    if not name:
+        raise ValueError("the name must not be empty")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the name must be valid UTF-8 text: {name!r}") from exc
+    if "\x00" in name:
+        raise ValueError(f"the name must not contain NUL characters: {name!r}")
+    return encoded + b"/"
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """Proof of ownership of a lock or a semaphore permit.
+
+    Attributes:
+        name: the lock or semaphore name.
+        key: the owner's key in the store.
+        token: the fencing token: the key's create revision. Successive owners of a name get strictly increasing
+            tokens, so a resource that remembers the highest token it has seen can refuse a stale owner.
+    """
+
+    name: str
+    key: bytes
+    token: int
+
+    def guard(self) -> Compare:
+        """The compare that makes a transaction succeed only while this ownership lasts.
+
+        ``await backend.txn([held.guard()], [Put(b"counter", b"42")])`` writes only if the owner key still
+        exists as created at ``token``: after a release or a lease loss it fails (``succeeded`` is False).
+        """
+        return Compare.create(self.key, "==", self.token)
+
+
+@dataclass(frozen=True, slots=True)
+class LockStatistics:
+    """State of one Lock or Semaphore object in this process.
+
+    Attributes:
+        held: whether this object currently owns the name.
+        token: the fencing token while held, else None.
+        waiters: tasks of this process waiting on this object (each object contends with one key at a time).
+    """
+
+    held: bool
+    token: int | None
+    waiters: int
+
+
+class Contender(ABC):
+    """Acquire, hold in a guarded block, release: written once for Lock and Semaphore.
+
+    Subclasses say how many owners a name has, what value their key carries, and how a waiter waits.
+    """
+
+    _lost_error: type[OwnershipLostError]
+
+    def __init__(self, session: Session, name: str) -> None:
+        if not isinstance(session, Session):
+            raise TypeError(f"needs a Session, not {type(session).__name__}")
+        self.session = session
+        self.name = name
+        self.prefix = name_prefix(name)
+        # One acquisition at a time per object: tasks sharing an object queue here first, in FIFO order.
+        self._local = anyio.Lock()
+        self._waiting = 0
+        self._held: Held | None = None
+        self._held_since = 0.0
+        self._guard: Any = None
+
+    # -- what differs between Lock and Semaphore -------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def _owners(self) -> int:
+        """How many contenders own the name at once."""
+
+    @abstractmethod
+    def _value(self) -> bytes:
+        """The value of this contender's key."""
+
+    @abstractmethod
+    def _check_queue(self, owners: RangeResult) -> None:
+        """Validate what the acquire transaction saw of the queue (raise ValueError on a conflict)."""
+
+    @abstractmethod
+    async def _wait_turn(self, key: bytes, revision: int) -> None:
+        """Return when the key created at ``revision`` is among the owners."""
+
+    # -- public API ------------------------------------------------------------------------------------
+
+    @property
+    def held(self) -> Held | None:
+        """The current ownership, or None."""
+        return self._held
+
+    def statistics(self) -> LockStatistics:
+        held = self._held
+        return LockStatistics(held is not None, held.token if held else None, self._waiting)
+
+    async def acquire(self) -> Held:
+        """Wait until this contender owns the name; return the proof (with its fencing token).
+
+        Cancel it (``anyio.fail_after``, ``move_on_after``) to give up: the waiter's key is deleted.
+
+        Raises:
+            RuntimeError: the calling task already holds this object, or contends for the same name in the same
+                session through another object (waiting would deadlock).
+            OwnershipLostError: (the recipe's subclass) the session was lost while waiting.
+        """
+        await self._local.acquire()
+        try:
+            held = await self._acquire(wait=True)
+        except BaseException:
+            self._local.release()
+            raise
+        assert held is not None
+        return held
+
+    async def try_acquire(self) -> bool:
+        """Take the name if it is free now, without waiting for anyone. On success, `release` gives it back."""
+        await self._local.acquire()
+        try:
+            held = await self._acquire(wait=False)
+        except BaseException:
+            self._local.release()
+            raise
+        if held is None:
+            self._local.release()
+        return held is not None
+
+    async def release(self) -> None:
+        """Give the name back (delete the owner key). Releasing what is not held raises RuntimeError."""
+        held = self._held
+        if held is None:
+            raise RuntimeError(f"{type(self).__name__} {self.name!r} is not held")
+        self._held = None
+        try:
+            await _delete(self.session, held.key, held.token)
+            _telemetry.lock_hold.record(anyio.current_time() - self._held_since, self._attrs(held.token))
+        finally:
+            _free(self.session, held.key)
+            self._local.release()
+
+    async def __aenter__(self) -> Held:
+        held = await self.acquire()
+        guard = self.session.guarded(self._lost_error)
+        try:
+            await guard.__aenter__()
+        except BaseException:
+            await self.release()
+            raise
+        self._guard = guard
+        return held
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        guard, self._guard = self._guard, None
+        try:
+            return bool(await guard.__aexit__(exc_type, exc, tb))
+        finally:
+            await self.release()
+
+    # -- the algorithm ---------------------------------------------------------------------------------
+
+    def _attrs(self, token: int | None = None) -> dict[str, str | int]:
+        attrs = _telemetry.attributes(backend=self.session.backend.name, lease_id=self.session.lease_id, name=self.name)
+        if token is not None:
+            attrs["coordkit.fencing_token"] = token
+        return attrs
+
+    async def _acquire(self, *, wait: bool) -> Held | None:
+        """Join the queue and (with ``wait``) wait for our turn. Returns None when not waiting and not first."""
+        session = self.session
+        recipe = type(self).__name__.lower()
+        key = _reserve(session, self.prefix)
+        revision = 0
+        started = anyio.current_time()
+        try:
+            with _telemetry.span(f"coordkit.{recipe}.acquire", self._attrs()) as span:
+                async with session.guarded(self._lost_error):
+                    # One round trip when uncontended: create our key unless it exists (a request retried after
+                    # an ambiguous failure finds it), and read the current owners at the same revision.
+                    owners = Range(self.prefix, prefix=True, sort_by="create", limit=self._owners)
+                    result = await session.backend.txn(
+                        [Compare.create(key, "==", 0)],
+                        [Put(key, self._value(), session.lease_id), owners],
+                        [Range(key), owners],
+                    )
+                    mine, current = result.responses[0], result.responses[1]
+                    assert isinstance(mine, RangeResult | PutResult) and isinstance(current, RangeResult)
+                    revision = result.revision if result.succeeded else _created(mine)
+                    self._check_queue(current)
+                    if all(kv.create_revision != revision for kv in current.kvs):
+                        if not wait:
+                            span.set_attribute("coordkit.acquired", False)
+                            await _delete(session, key, revision)
+                            _free(session, key)
+                            return None
+                        await self._wait_turn(key, revision)
+                        # Our key may have gone with the lease while we waited: check before reporting success.
+                        check = await session.backend.range(Range(key))
+                        if [kv.create_revision for kv in check.kvs] != [revision]:
+                            raise self._lost_error(f"{recipe} {self.name!r}: the waiter's key vanished (lease lost)")
+                span.set_attribute("coordkit.fencing_token", revision)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _delete(session, key, revision)
+            _free(session, key)
+            raise
+        self._held = Held(self.name, key, revision)
+        self._held_since = anyio.current_time()
+        _telemetry.lock_wait.record(self._held_since - started, self._attrs(revision))
+        return self._held
+
+
+def _created(mine: RangeResult | PutResult) -> int:
+    assert isinstance(mine, RangeResult) and mine.kvs, "the failure branch reads our existing key"
+    return mine.kvs[0].create_revision
+
+
+def _reserve(session: Session, prefix: bytes) -> bytes:
+    """This session's key for one more contender under ``prefix``, reserved for the calling task."""
+    task = anyio.get_current_task().id
+    keys = _reserved.setdefault(session, {})
+    base = prefix + format(session.lease_id, "x").encode()
+    for key, owner in keys.items():
+        if owner == task and key.startswith(base) and key[len(base) : len(base) + 1] in (b"", b"_"):
+            raise RuntimeError(
+                f"this task already contends for {prefix[:-1].decode()!r} in this session; waiting again would "
+                "deadlock (locks are not re-entrant)"
+            )
+    key, n = base, 0
+    while key in keys:
+        n += 1
+        key = base + b"_" + str(n).encode()
+    keys[key] = task
+    return key
+
+
+def _free(session: Session, key: bytes) -> None:
+    _reserved.get(session, {}).pop(key, None)
+
+
+async def _delete(session: Session, key: bytes, revision: int) -> None:
+    """Delete our key: the incarnation created at ``revision``, or (0: unknown) whatever our lease put there.
+
+    Retried through short outages for as long as the session is valid; once it is lost, its lease ends anyway
+    (the session's exit revokes it) and with it the key.
+    """
+    compare = Compare.create(key, "==", revision) if revision else Compare.lease(key, "==", session.lease_id)
+    with anyio.move_on_at(session.deadline):
+        async for attempt in retry_unavailable():
+            with attempt:
+                await session.backend.txn([compare], [Delete(key)])

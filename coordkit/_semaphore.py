@@ -1,0 +1,83 @@
+"""Semaphore: up to ``limit`` holders of a name at once, in FIFO order, each with a fencing token.
+
+Same queue as Lock (one key per contender under ``<name>/``, ordered by create revision); the first ``limit``
+keys hold permits. Each key carries the limit its contender was created with, so contenders that disagree on it
+are refused instead of over-admitting.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+from ._errors import OwnershipLostError
+from ._queue import Contender
+from ._session import Session
+from ._types import EventType, Range, RangeResult
+from ._watch import Snapshot, Watch
+
+
+class PermitLostError(OwnershipLostError):
+    """The session under a held permit was lost: the block was cancelled; the permit may be someone else's now."""
+
+
+@final
+class Semaphore(Contender):
+    """A distributed semaphore: at most ``limit`` holders of ``name`` at once.
+
+    ``async with Semaphore(session, "gpu", limit=4) as permit:`` waits for a permit, runs the body in a guarded
+    block (cancelled if the session is lost, then ``PermitLostError``) and gives the permit back on exit.
+    ``permit.token`` is its fencing token (create revisions strictly increase across successive permits).
+    Waiters are admitted in FIFO order; each follows the queue through one watch and re-reads it only when it may
+    be its turn.
+
+    Every contender of a name must use the same ``limit``: one that disagrees with the current holders gets
+    ``ValueError`` and leaves no key behind. A task may hold one permit of a name per session at a time.
+
+    Args:
+        session: the session whose lease the permit key is bound to.
+        name: the semaphore's name; keys live under ``<name>/``.
+        limit: how many holders at once (>= 1).
+    """
+
+    _lost_error = PermitLostError
+
+    def __init__(self, session: Session, name: str, *, limit: int) -> None:
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        super().__init__(session, name)
+        self.limit = limit
+
+    @property
+    def _owners(self) -> int:
+        return self.limit
+
+    def _value(self) -> bytes:
+        return str(self.limit).encode()
+
+    def _check_queue(self, owners: RangeResult) -> None:
+        for kv in owners.kvs:
+            if kv.value != self._value():
+                raise ValueError(
+                    f"semaphore {self.name!r}: this contender has limit {self.limit}, but a holder was created with "
+                    f"limit {kv.value.decode(errors='replace') or '(none: a Lock?)'}"
+                )
+
+    async def _wait_turn(self, key: bytes, revision: int) -> None:
+        backend = self.session.backend
+        ahead_result = await backend.range(
+            Range(self.prefix, prefix=True, keys_only=True, max_create_revision=revision - 1)
+        )
+        ahead = {kv.key for kv in ahead_result.kvs}
+        if len(ahead) < self.limit:
+            return
+        # Count the contenders ahead of us down as they leave; later keys are behind us and never matter.
+        async with Watch(backend, self.prefix, prefix=True, start_revision=ahead_result.revision + 1) as watch:
+            async for item in watch:
+                if isinstance(item, Snapshot):  # history was compacted: recount from the fresh state
+                    ahead = {kv.key for kv in item.kvs if kv.create_revision < revision}
+                else:
+                    ahead.difference_update(e.kv.key for e in item.events if e.type is EventType.DELETE)
+                if len(ahead) < self.limit:
+                    return

@@ -1,0 +1,340 @@
+"""Lock and Semaphore, on both backends: exclusion, fencing, FIFO, lease loss, crashes, cancellation, misuse."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import anyio
+import pytest
+
+from coordkit import (
+    Backend,
+    EventType,
+    Held,
+    Lock,
+    LockLostError,
+    Put,
+    Range,
+    RangeResult,
+    Semaphore,
+    Session,
+    Snapshot,
+    Watch,
+)
+from coordkit.testing import Harness
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def sessions(harness: Harness, count: int, *, ttl: int = 5) -> AsyncIterator[list[Session]]:
+    """``count`` sessions, each on its own client (a separate simulated process)."""
+    async with AsyncExitStack() as stack:
+        out = []
+        for _ in range(count):
+            client = await stack.enter_async_context(harness.client())
+            out.append(await stack.enter_async_context(Session(client, ttl=ttl)))
+        yield out
+
+
+async def queue_length(backend: Backend, name: str) -> int:
+    return (await backend.range(Range(name.encode() + b"/", prefix=True, count_only=True))).count
+
+
+async def wait_queue(backend: Backend, name: str, length: int) -> None:
+    """Wait until exactly ``length`` contenders have their key in the queue, following it with a Watch."""
+    keys: set[bytes] = set()
+    with anyio.fail_after(30):
+        async with Watch(backend, name.encode() + b"/", prefix=True) as watch:
+            async for item in watch:
+                if isinstance(item, Snapshot):
+                    keys = {kv.key for kv in item.kvs}
+                else:
+                    for event in item.events:
+                        (keys.add if event.type is EventType.PUT else keys.discard)(event.kv.key)
+                if len(keys) == length:
+                    return
+
+
+async def fenced_increment(backend: Backend, held: Held, counter: bytes) -> bool:
+    current = await backend.range(Range(counter))
+    value = int(current.kvs[0].value) if current.kvs else 0
+    result = await backend.txn([held.guard()], [Put(counter, str(value + 1).encode())])
+    return result.succeeded
+
+
+async def test_mutual_exclusion_fencing_and_no_lost_update(harness: Harness) -> None:
+    name = harness.namespace.decode() + "mutex"
+    counter = harness.namespace + b"counter"
+    inside = 0
+    tokens: list[int] = []
+
+    async def worker(session: Session, rounds: int) -> None:
+        nonlocal inside
+        lock = Lock(session, name)
+        for _ in range(rounds):
+            async with lock as held:
+                inside += 1
+                assert inside == 1, "two holders at once"
+                tokens.append(held.token)
+                assert await fenced_increment(session.backend, held, counter)
+                await anyio.sleep(0.001)
+                inside -= 1
+
+    async with sessions(harness, 4) as group, anyio.create_task_group() as tg:
+        for session in group:
+            tg.start_soon(worker, session, 3)
+            tg.start_soon(worker, session, 3)  # two tasks of one process contend like two processes
+    async with harness.client() as backend:
+        assert int((await backend.range(Range(counter))).kvs[0].value) == 24
+        assert await queue_length(backend, name) == 0, "every key released"
+    assert tokens == sorted(tokens) and len(set(tokens)) == 24, "tokens strictly increase across holders"
+
+
+async def test_fifo_order_and_one_wakeup_per_release(harness: Harness) -> None:
+    name = harness.namespace.decode() + "fifo"
+    order: list[int] = []
+    async with sessions(harness, 6) as group, anyio.create_task_group() as tg:
+        first = Lock(group[0], name)
+        await first.acquire()
+
+        async def waiter(i: int) -> None:
+            async with Lock(group[i], name):
+                order.append(i)
+
+        for i in range(1, 6):
+            tg.start_soon(waiter, i)
+            await wait_queue(group[0].backend, name, i + 1)  # arrival order is queue order
+        await first.release()
+    assert order == [1, 2, 3, 4, 5]
+
+
+async def test_release_wakes_exactly_one_waiter(harness: Harness) -> None:
+    """Each waiter watches only its predecessor: a release reaches one waiter, the others read nothing."""
+    name = harness.namespace.decode() + "herd"
+    reads: dict[int, int] = {}
+
+    class Counting:
+        """Counts the reads each waiter makes after it started waiting."""
+
+        def __init__(self, inner: Backend, index: int) -> None:
+            self.inner, self.index, self.name = inner, index, inner.name
+
+        def __getattr__(self, attribute: str) -> object:
+            return getattr(self.inner, attribute)
+
+        async def range(self, request: Range) -> RangeResult:
+            reads[self.index] = reads.get(self.index, 0) + 1
+            return await self.inner.range(request)
+
+    async with AsyncExitStack() as stack:
+        holder_client = await stack.enter_async_context(harness.client())
+        holder = await stack.enter_async_context(Session(holder_client, ttl=5))
+        lock = Lock(holder, name)
+        await lock.acquire()
+        acquired: list[int] = []
+        waiters = []
+        for i in range(4):
+            client = await stack.enter_async_context(harness.client())
+            waiters.append(await stack.enter_async_context(Session(Counting(client, i), ttl=5)))  # type: ignore[arg-type]
+
+        async def wait(session: Session, i: int) -> None:
+            async with Lock(session, name):
+                acquired.append(i)
+
+        async with anyio.create_task_group() as tg:
+            for i, session in enumerate(waiters):
+                tg.start_soon(wait, session, i)
+                await wait_queue(holder_client, name, i + 2)
+            await lock.release()
+        # Each waiter read its predecessor once on arrival, then was woken exactly once (one range to find no
+        # predecessor left, one to check its own key). A waiter woken by someone else's release reads more.
+        assert acquired == [0, 1, 2, 3]
+        assert reads == {0: 3, 1: 3, 2: 3, 3: 3}, reads
+
+
+async def test_lease_loss_cancels_holder_before_anyone_else_acquires(harness: Harness) -> None:
+    name = harness.namespace.decode() + "lost"
+    counter = harness.namespace + b"fenced"
+    async with harness.client() as stale_client, harness.client() as other_client:
+        async with Session(stale_client, ttl=2) as stale, Session(other_client, ttl=5) as other:
+            cancelled_at = math.inf
+            acquired_at = math.inf
+            stale_held: Held | None = None
+
+            async def successor() -> None:
+                nonlocal acquired_at
+                async with Lock(other, name) as held:
+                    acquired_at = anyio.current_time()
+                    assert stale_held is not None and held.token > stale_held.token
+                    assert await fenced_increment(other.backend, held, counter)
+
+            async with anyio.create_task_group() as tg:
+                with pytest.raises(LockLostError):
+                    async with Lock(stale, name) as held:
+                        stale_held = held
+                        tg.start_soon(successor)
+                        await wait_queue(other_client, name, 2)
+                        harness.suspend_keepalives(stale_client)
+                        try:
+                            await anyio.sleep_forever()
+                        finally:
+                            cancelled_at = anyio.current_time()
+            assert cancelled_at < acquired_at < math.inf, (cancelled_at, acquired_at)
+            # The stale holder's fenced write fails: its key is gone.
+            assert stale_held is not None
+            assert not (await other_client.txn([stale_held.guard()], [Put(counter, b"stale")])).succeeded
+            assert (await other_client.range(Range(counter))).kvs[0].value == b"1"
+            harness.heal(stale_client)
+
+
+async def test_crashed_holder_is_replaced_within_ttl(harness: Harness) -> None:
+    """A holder whose process dies (no release, no revoke) blocks the lock for at most its TTL + 1 s."""
+    name = harness.namespace.decode() + "crash"
+    async with harness.client() as crashing, harness.client() as survivor_client:
+        async with Session(survivor_client, ttl=5) as survivor:
+            holder_ready = anyio.Event()
+
+            async def holder() -> None:
+                async with Session(crashing, ttl=2) as session:
+                    await Lock(session, name).acquire()
+                    holder_ready.set()
+                    await anyio.sleep_forever()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(holder)
+                await holder_ready.wait()
+                harness.partition(crashing)  # the process is gone: no keepalive, no release, no revoke
+                started = anyio.current_time()
+                with anyio.fail_after(2 + 1):
+                    async with Lock(survivor, name):
+                        waited = anyio.current_time() - started
+                harness.heal(crashing)
+                tg.cancel_scope.cancel()
+            assert waited <= 2 + 1, waited
+
+
+async def test_cancelled_and_timed_out_waiters_leave_no_key(harness: Harness) -> None:
+    name = harness.namespace.decode() + "timeout"
+    async with sessions(harness, 2) as (a, b):
+        lock = Lock(a, name)
+        await lock.acquire()
+        with anyio.move_on_after(0.5) as scope:
+            await Lock(b, name).acquire()
+        assert scope.cancelled_caught
+        assert await queue_length(a.backend, name) == 1
+        with pytest.raises(TimeoutError):
+            with anyio.fail_after(0.3):
+                async with Lock(b, name):
+                    pass
+        assert await queue_length(a.backend, name) == 1
+        assert not await Lock(b, name).try_acquire()
+        assert await queue_length(a.backend, name) == 1, "a failed try_acquire leaves no key"
+        await lock.release()
+        other = Lock(b, name)
+        assert await other.try_acquire()
+        held = other.held
+        assert held is not None and held.token > 0
+        assert other.statistics().held and other.statistics().token == held.token
+        await other.release()
+        assert await queue_length(a.backend, name) == 0
+        with pytest.raises(RuntimeError, match="not held"):
+            await other.release()
+
+
+async def test_not_reentrant_raises_instead_of_deadlocking(harness: Harness) -> None:
+    name = harness.namespace.decode() + "reentrant"
+    async with sessions(harness, 1) as (session,):
+        async with Lock(session, name):
+            with pytest.raises(RuntimeError, match=r"re-entrant|already"):
+                await Lock(session, name).acquire()
+            with anyio.fail_after(5), pytest.raises(RuntimeError):
+                async with Lock(session, name):
+                    pass
+        assert await queue_length(session.backend, name) == 0
+
+
+async def test_body_exception_releases(harness: Harness) -> None:
+    name = harness.namespace.decode() + "raises"
+    async with sessions(harness, 1) as (session,):
+        with pytest.raises(ZeroDivisionError):
+            async with Lock(session, name):
+                1 / 0  # noqa: B018
+        assert await queue_length(session.backend, name) == 0
+
+
+@pytest.mark.parametrize("kind", ["memory"])
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("", ValueError), ("bad\udcff", ValueError), ("nul\x00", ValueError), (b"bytes", TypeError), (None, TypeError)],
+)
+async def test_bad_names(harness: Harness, name: object, error: type[Exception]) -> None:
+    async with sessions(harness, 1) as (session,):
+        with pytest.raises(error):
+            Lock(session, name)  # type: ignore[arg-type]
+        with pytest.raises(error):
+            Semaphore(session, name, limit=2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["memory"])
+async def test_bad_limits(harness: Harness) -> None:
+    async with sessions(harness, 1) as (session,):
+        for limit, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+            with pytest.raises(error):
+                Semaphore(session, "s", limit=limit)  # type: ignore[arg-type]
+
+
+async def test_semaphore_admits_limit_holders_fifo(harness: Harness) -> None:
+    name = harness.namespace.decode() + "sem"
+    inside, most = 0, 0
+    order: list[int] = []
+    tokens: list[int] = []
+    async with sessions(harness, 5) as group:
+        holders = [Semaphore(group[i], name, limit=2) for i in range(2)]
+        for sem in holders:
+            await sem.acquire()
+        async with anyio.create_task_group() as tg:
+
+            async def waiter(i: int) -> None:
+                nonlocal inside, most
+                async with Semaphore(group[i], name, limit=2) as permit:
+                    inside += 1
+                    most = max(most, inside)
+                    order.append(i)
+                    tokens.append(permit.token)
+                    await anyio.sleep(0.05)
+                    inside -= 1
+
+            for i in range(2, 5):
+                tg.start_soon(waiter, i)
+                await wait_queue(group[0].backend, name, i + 1)
+            assert order == [], "no permit while two are held"
+            await holders[1].release()
+            await holders[0].release()
+        assert order == [2, 3, 4]
+        assert most <= 2
+        assert tokens == sorted(tokens)
+        assert await queue_length(group[0].backend, name) == 0
+
+
+async def test_semaphore_limit_mismatch_is_refused(harness: Harness) -> None:
+    name = harness.namespace.decode() + "mismatch"
+    async with sessions(harness, 2) as (a, b):
+        async with Semaphore(a, name, limit=2):
+            with pytest.raises(ValueError, match="limit"):
+                await Semaphore(b, name, limit=3).acquire()
+            assert await queue_length(a.backend, name) == 1, "the refused contender left no key"
+
+
+async def test_semaphore_lease_loss(harness: Harness) -> None:
+    from coordkit import PermitLostError
+
+    name = harness.namespace.decode() + "semlost"
+    async with harness.client() as client, Session(client, ttl=2) as session:
+        with pytest.raises(PermitLostError):
+            async with Semaphore(session, name, limit=3):
+                harness.suspend_keepalives(client)
+                await anyio.sleep_forever()
+        harness.heal(client)
