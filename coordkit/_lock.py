@@ -54,18 +54,17 @@ class Lock(Contender):
 
     async def _wait_turn(self, key: bytes, revision: int) -> None:
         backend = self.session.backend
+        # Our nearest predecessor is the newest key created before ours (Go's waitDeletes). Read it together with
+        # our own key, so that learning "it is our turn" and "our key still exists" costs one round trip.
+        predecessor = Range(
+            self.prefix, prefix=True, sort_by="create", descending=True, limit=1, max_create_revision=revision - 1
+        )
         while True:
-            # Our nearest predecessor: the newest key created before ours (Go's waitDeletes).
-            ahead = await backend.range(
-                Range(
-                    self.prefix,
-                    prefix=True,
-                    sort_by="create",
-                    descending=True,
-                    limit=1,
-                    max_create_revision=revision - 1,
-                )
-            )
+            result = await backend.txn([], [predecessor, Range(key)])
+            ahead, mine = result.responses
+            assert isinstance(ahead, RangeResult) and isinstance(mine, RangeResult)
+            if [kv.create_revision for kv in mine.kvs] != [revision]:
+                raise LockLostError(f"lock {self.name!r}: the waiter's key vanished (its lease was lost)")
             if not ahead.kvs:
                 return
-            await wait_deleted(backend, ahead.kvs[0].key, revision=ahead.revision)
+            await wait_deleted(backend, ahead.kvs[0].key, revision=result.revision)

@@ -119,7 +119,10 @@ class Contender(ABC):
 
     @abstractmethod
     async def _wait_turn(self, key: bytes, revision: int) -> None:
-        """Return when the key created at ``revision`` is among the owners."""
+        """Return when our key, created at ``revision``, is among the owners and still exists.
+
+        Raises the recipe's lost error if the key vanished while waiting (the lease was lost).
+        """
 
     # -- public API ------------------------------------------------------------------------------------
 
@@ -233,10 +236,6 @@ class Contender(ABC):
                             _free(session, key)
                             return None
                         await self._wait_turn(key, revision)
-                        # Our key may have gone with the lease while we waited: check before reporting success.
-                        check = await session.backend.range(Range(key))
-                        if [kv.create_revision for kv in check.kvs] != [revision]:
-                            raise self._lost_error(f"{recipe} {self.name!r}: the waiter's key vanished (lease lost)")
                 span.set_attribute("coordkit.fencing_token", revision)
         except BaseException:
             with anyio.CancelScope(shield=True):

@@ -70,14 +70,16 @@ class Semaphore(Contender):
             Range(self.prefix, prefix=True, keys_only=True, max_create_revision=revision - 1)
         )
         ahead = {kv.key for kv in ahead_result.kvs}
-        if len(ahead) < self.limit:
-            return
-        # Count the contenders ahead of us down as they leave; later keys are behind us and never matter.
-        async with Watch(backend, self.prefix, prefix=True, start_revision=ahead_result.revision + 1) as watch:
-            async for item in watch:
-                if isinstance(item, Snapshot):  # history was compacted: recount from the fresh state
-                    ahead = {kv.key for kv in item.kvs if kv.create_revision < revision}
-                else:
-                    ahead.difference_update(e.kv.key for e in item.events if e.type is EventType.DELETE)
-                if len(ahead) < self.limit:
-                    return
+        if len(ahead) >= self.limit:
+            # Count the contenders ahead of us down as they leave; later keys are behind us and never matter.
+            async with Watch(backend, self.prefix, prefix=True, start_revision=ahead_result.revision + 1) as watch:
+                async for item in watch:
+                    if isinstance(item, Snapshot):  # history was compacted: recount from the fresh state
+                        ahead = {kv.key for kv in item.kvs if kv.create_revision < revision}
+                    else:
+                        ahead.difference_update(e.kv.key for e in item.events if e.type is EventType.DELETE)
+                    if len(ahead) < self.limit:
+                        break
+        mine = await backend.range(Range(key))
+        if [kv.create_revision for kv in mine.kvs] != [revision]:
+            raise PermitLostError(f"semaphore {self.name!r}: the waiter's key vanished (its lease was lost)")

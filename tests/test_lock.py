@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
@@ -11,16 +11,19 @@ import pytest
 
 from coordkit import (
     Backend,
+    Compare,
     EventType,
     Held,
     Lock,
     LockLostError,
+    Op,
     Put,
     Range,
     RangeResult,
     Semaphore,
     Session,
     Snapshot,
+    TxnResult,
     Watch,
 )
 from coordkit.testing import Harness
@@ -129,6 +132,10 @@ async def test_release_wakes_exactly_one_waiter(harness: Harness) -> None:
             reads[self.index] = reads.get(self.index, 0) + 1
             return await self.inner.range(request)
 
+        async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+            reads[self.index] = reads.get(self.index, 0) + 1
+            return await self.inner.txn(compare, success, failure)
+
     async with AsyncExitStack() as stack:
         holder_client = await stack.enter_async_context(harness.client())
         holder = await stack.enter_async_context(Session(holder_client, ttl=5))
@@ -149,10 +156,10 @@ async def test_release_wakes_exactly_one_waiter(harness: Harness) -> None:
                 tg.start_soon(wait, session, i)
                 await wait_queue(holder_client, name, i + 2)
             await lock.release()
-        # Each waiter read its predecessor once on arrival, then was woken exactly once (one range to find no
-        # predecessor left, one to check its own key). A waiter woken by someone else's release reads more.
+        # Each waiter: one txn to enqueue, one to read its predecessor, one after its single wake-up (no
+        # predecessor left, own key still there), one to release. A waiter woken by another's release reads more.
         assert acquired == [0, 1, 2, 3]
-        assert reads == {0: 3, 1: 3, 2: 3, 3: 3}, reads
+        assert reads == {0: 4, 1: 4, 2: 4, 3: 4}, reads
 
 
 async def test_lease_loss_cancels_holder_before_anyone_else_acquires(harness: Harness) -> None:
