@@ -57,11 +57,16 @@ class Backend(Protocol):
     def watch(
         self, key: bytes, *, prefix: bool = False, start_revision: int
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
-        """Watch a key or prefix from ``start_revision`` (≥ 1) on.
+        """Watch a key or prefix from ``start_revision`` on.
 
         ``async with backend.watch(k, start_revision=r) as batches: async for batch in batches: ...`` yields
         every event with revision ≥ r, in order, one batch per revision, never ending by itself. Raises
         CompactedError when ``r`` was compacted, UnavailableError when the stream breaks.
+
+        ``start_revision=0`` watches from now: the first batch is an empty *notice* whose revision is the store
+        revision when the watch was registered, and every change after it follows. A watch from now is the
+        cheap one on etcd (a watch from a past revision is caught up by a loop that runs every 100 ms), and with
+        a read made after the notice it observes a key without any race.
         """
         ...
 

@@ -436,26 +436,31 @@ class MemoryBackend:
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
         if not isinstance(key, bytes):
             raise TypeError(f"keys are bytes, not {type(key).__name__}")
-        if not isinstance(start_revision, int) or start_revision < 1:
-            raise ValueError(f"start_revision must be an int >= 1, not {start_revision!r}")
+        if not isinstance(start_revision, int) or isinstance(start_revision, bool) or start_revision < 0:
+            raise ValueError(f"start_revision must be an int >= 0, not {start_revision!r}")
         return self._watch(key, prefix, start_revision)
 
     @asynccontextmanager
     async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
         await self._enter()
         epoch = self.faults._watch_epoch
+        notice = not start_revision
+        if notice:
+            start_revision = self.store.revision + 1
         self.store.batches_from(start_revision)  # a compacted start fails at once, as etcd's does
         end = prefix_end(key) if prefix else None
-        stream = self._stream(key, end, start_revision, epoch)
+        stream = self._stream(key, end, start_revision, epoch, notice)
         try:
             yield stream
         finally:
             await stream.aclose()
 
     async def _stream(
-        self, key: bytes, end: bytes | None, next_revision: int, epoch: int
+        self, key: bytes, end: bytes | None, next_revision: int, epoch: int, notice: bool
     ) -> AsyncGenerator[WatchBatch, None]:
         store = self.store
+        if notice:
+            yield WatchBatch(next_revision - 1, ())
         while True:
             if epoch != self.faults._watch_epoch:
                 raise UnavailableError("watch stream broken")

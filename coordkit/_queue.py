@@ -19,7 +19,7 @@ import anyio
 
 from . import _telemetry
 from ._errors import OwnershipLostError
-from ._retry import retry_unavailable
+from ._retry import retry_call
 from ._session import Session
 from ._types import Compare, Delete, Put, PutResult, Range, RangeResult
 
@@ -284,6 +284,4 @@ async def _delete(session: Session, key: bytes, revision: int) -> None:
     """
     compare = Compare.create(key, "==", revision) if revision else Compare.lease(key, "==", session.lease_id)
     with anyio.move_on_at(session.deadline):
-        async for attempt in retry_unavailable():
-            with attempt:
-                await session.backend.txn([compare], [Delete(key)])
+        await retry_call(lambda: session.backend.txn([compare], [Delete(key)]))

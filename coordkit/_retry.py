@@ -6,37 +6,64 @@ follow virtual clocks in tests. They sleep through `sleep` so they work on async
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import anyio
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     stop_never,
     wait_random_exponential,
 )
-from tenacity.stop import stop_base
 
 from ._errors import UnavailableError
+
+T = TypeVar("T")
 
 #: Jittered exponential backoff between reconnect attempts: 50 ms, 100 ms, ... up to 2 s.
 RECONNECT_WAIT = wait_random_exponential(multiplier=0.05, max=2.0)
 
 
-def retry_unavailable(*, attempts: int | None = None) -> AsyncRetrying:
-    """Retry on `UnavailableError` with `RECONNECT_WAIT`; other errors propagate at once.
+async def retry_call(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    attempts: int | None = None,
+    retryable: Callable[[UnavailableError], bool] | None = None,
+) -> T:
+    """Await ``operation()``; when it raises UnavailableError, try again with `RECONNECT_WAIT` backoff.
+
+    Other errors propagate at once. The first attempt runs bare, so the common case pays nothing for the retry
+    machinery; tenacity takes over only after a failure (its first retry is immediate: a failover to the next
+    endpoint should not wait).
 
     Args:
-        attempts: give up (re-raising the last error) after this many attempts; None retries until cancelled.
+        attempts: give up (re-raising the last error) after this many attempts in all; None: until cancelled.
+        retryable: decides whether a given UnavailableError may be retried (e.g. only if a write surely was not
+            sent); None retries every one.
     """
-    stop: stop_base = stop_never if attempts is None else stop_after_attempt(attempts)
-    return AsyncRetrying(
+    try:
+        return await operation()
+    except UnavailableError as exc:
+        if attempts == 1 or (retryable is not None and not retryable(exc)):
+            raise
+
+    def should_retry(exc: BaseException) -> bool:
+        return isinstance(exc, UnavailableError) and (retryable is None or retryable(exc))
+
+    retrying = AsyncRetrying(
         sleep=anyio.sleep,
         wait=RECONNECT_WAIT,
-        retry=retry_if_exception_type(UnavailableError),
-        stop=stop,
+        retry=retry_if_exception(should_retry),
+        stop=stop_never if attempts is None else stop_after_attempt(attempts - 1),
         reraise=True,
     )
+    async for attempt in retrying:
+        with attempt:
+            return await operation()
+    raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
 class Backoff:

@@ -12,7 +12,7 @@ from typing import final
 from ._errors import OwnershipLostError
 from ._queue import Contender
 from ._session import Session
-from ._types import EventType, Range, RangeResult
+from ._types import EventType, RangeResult
 from ._watch import Snapshot, Watch
 
 
@@ -66,20 +66,18 @@ class Semaphore(Contender):
 
     async def _wait_turn(self, key: bytes, revision: int) -> None:
         backend = self.session.backend
-        ahead_result = await backend.range(
-            Range(self.prefix, prefix=True, keys_only=True, max_create_revision=revision - 1)
-        )
-        ahead = {kv.key for kv in ahead_result.kvs}
-        if len(ahead) >= self.limit:
-            # Count the contenders ahead of us down as they leave; later keys are behind us and never matter.
-            async with Watch(backend, self.prefix, prefix=True, start_revision=ahead_result.revision + 1) as watch:
-                async for item in watch:
-                    if isinstance(item, Snapshot):  # history was compacted: recount from the fresh state
-                        ahead = {kv.key for kv in item.kvs if kv.create_revision < revision}
-                    else:
-                        ahead.difference_update(e.kv.key for e in item.events if e.type is EventType.DELETE)
-                    if len(ahead) < self.limit:
-                        break
-        mine = await backend.range(Range(key))
-        if [kv.create_revision for kv in mine.kvs] != [revision]:
-            raise PermitLostError(f"semaphore {self.name!r}: the waiter's key vanished (its lease was lost)")
+        # Count the contenders ahead of us down as they leave; keys created after ours never matter.
+        async with Watch(backend, self.prefix, prefix=True) as watch:
+            async for item in watch:
+                if isinstance(item, Snapshot):
+                    if all(kv.create_revision != revision for kv in item.kvs):
+                        raise PermitLostError(f"semaphore {self.name!r}: the waiter's key vanished (lease lost)")
+                    ahead = {kv.key for kv in item.kvs if kv.create_revision < revision}
+                else:
+                    for event in item.events:
+                        if event.type is EventType.DELETE:
+                            if event.kv.key == key:
+                                raise PermitLostError(f"semaphore {self.name!r}: the waiter's key was deleted")
+                            ahead.discard(event.kv.key)
+                if len(ahead) < self.limit:
+                    return

@@ -27,8 +27,8 @@ from ._errors import (
     SessionClosedError,
     UnavailableError,
 )
-from ._retry import Backoff, retry_unavailable
-from ._types import check_ttl
+from ._retry import Backoff, retry_call
+from ._types import Lease, check_ttl
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,10 +180,14 @@ class Session:
             raise RuntimeError("a Session can be entered once; create a new one")
         self._lost_event = anyio.Event()
         # A retried grant after an ambiguous failure can leave an unused lease behind; it expires by its TTL.
-        async for attempt in retry_unavailable(attempts=5):
-            with attempt:
-                sent = anyio.current_time()
-                lease = await self.backend.grant(self._requested_ttl)
+        sent = anyio.current_time()
+
+        async def grant() -> Lease:
+            nonlocal sent
+            sent = anyio.current_time()
+            return await self.backend.grant(self._requested_ttl)
+
+        lease = await retry_call(grant, attempts=5)
         self._lease_id, self._ttl = lease.id, lease.ttl
         self._deadline = sent + lease.ttl - self._margin
         self._task_group = anyio.create_task_group()

@@ -18,7 +18,7 @@ import anyio
 from . import _telemetry
 from ._backend import Backend
 from ._errors import CompactedError, UnavailableError
-from ._retry import Backoff, retry_unavailable
+from ._retry import Backoff, retry_call
 from ._types import EventType, KeyValue, Range, WatchBatch
 
 
@@ -110,9 +110,7 @@ class Watch:
         return self._items
 
     async def _snapshot(self, *, resync: bool) -> Snapshot:
-        async for attempt in retry_unavailable():
-            with attempt:
-                result = await self._backend.range(Range(self._key, prefix=self._prefix))
+        result = await retry_call(lambda: self._backend.range(Range(self._key, prefix=self._prefix)))
         if resync:
             self._resyncs += 1
             _telemetry.watch_resyncs.add(1, _telemetry.attributes(backend=self._backend.name))
@@ -120,17 +118,22 @@ class Watch:
         return Snapshot(result.kvs, result.revision, resync)
 
     async def _follow(self) -> AsyncGenerator[Snapshot | WatchBatch, None]:
-        if self._start is None:
-            yield await self._snapshot(resync=False)
         backoff = Backoff()
+        snapshot_due = self._start is None
+        resync = False
         while True:
             try:
-                async with self._backend.watch(
-                    self._key, prefix=self._prefix, start_revision=self._revision + 1
-                ) as batches:
+                # A first (or resync) snapshot is read after a watch "from now" is registered, so no change can
+                # fall between the two; the watch's batches up to the snapshot's revision are then skipped.
+                start = 0 if snapshot_due else self._revision + 1
+                async with self._backend.watch(self._key, prefix=self._prefix, start_revision=start) as batches:
+                    if snapshot_due:
+                        await anext(batches)  # the notice: registered
+                        yield await self._snapshot(resync=resync)
+                        snapshot_due = False
                     async for batch in batches:
-                        if batch.revision <= self._revision:
-                            continue  # a backend resending what was delivered must not produce a duplicate
+                        if batch.revision <= self._revision or not batch.events:
+                            continue  # covered by the snapshot, or already delivered before a reconnect
                         backoff.reset()
                         self._revision = batch.revision
                         self._batches += 1
@@ -140,19 +143,28 @@ class Watch:
                 self._reconnects += 1
                 await anyio.sleep(backoff.next_delay())
             except CompactedError:
-                yield await self._snapshot(resync=True)
+                snapshot_due = resync = True
 
 
 async def wait_deleted(backend: Backend, key: bytes, *, revision: int) -> None:
     """Wait until ``key``, which existed at ``revision``, is deleted (returns at once if it already was).
 
-    Only that incarnation counts: a key deleted and created again after ``revision`` was deleted. Reconnects
-    and compaction are handled as in `Watch`. Cancel it to stop waiting.
+    Only that incarnation counts: a key deleted and created again after ``revision`` was deleted. The watch is
+    registered before the key is read, so a deletion cannot slip between the two; a broken stream is
+    re-established with backoff. Cancel it to stop waiting.
     """
-    async with Watch(backend, key, start_revision=revision + 1) as watch:
-        async for item in watch:
-            if isinstance(item, Snapshot):
-                if not item.kvs or item.kvs[0].create_revision > revision:
-                    return
-            elif any(event.type is EventType.DELETE for event in item.events):
-                return
+    backoff = Backoff()
+    while True:
+        try:
+            async with backend.watch(key, start_revision=0) as batches:
+                notice = await anext(batches)  # every deletion from here on arrives on this stream
+                if notice.revision > revision:  # the store moved on since the caller's read: look again
+                    current = await backend.range(Range(key))
+                    if not current.kvs or current.kvs[0].create_revision > revision:
+                        return
+                async for batch in batches:
+                    if any(event.type is EventType.DELETE for event in batch.events):
+                        return
+            raise UnavailableError("watch stream ended")
+        except UnavailableError:
+            await anyio.sleep(backoff.next_delay())

@@ -41,7 +41,6 @@ import etcd3
 import etcd3.errors as etcd_errors
 from etcd3.baseclient import BaseClient, sem
 from etcd3.errors.go_grpc_codes import codeText
-from tenacity import AsyncRetrying, retry_if_exception
 
 from .._errors import (
     AuthenticationError,
@@ -51,7 +50,7 @@ from .._errors import (
     RequestTooLargeError,
     UnavailableError,
 )
-from .._retry import retry_unavailable
+from .._retry import retry_call
 
 JSON = dict[str, Any]
 
@@ -224,6 +223,8 @@ class WatchStream:
         self._lines = _JsonLines(resp)
         self._pending: deque[JSON] = deque()
         self.endpoint = endpoint
+        #: the store revision when etcd registered the watch (from its "created" message)
+        self.created_revision = 0
 
     async def _next_result(self) -> JSON:
         data = await self._lines.next()
@@ -379,17 +380,15 @@ class GatewayClient(etcd3.AioClient):  # type: ignore[misc]  # etcd3-py has no t
             self._current = (index + 1) % len(self._endpoints)  # round robin to the next endpoint
         return error
 
-    def _retrying(self, *, idempotent: bool) -> AsyncRetrying:
-        def retryable(exc: BaseException) -> bool:
-            if self._closed or not isinstance(exc, UnavailableError):
-                return False
-            if idempotent:
-                return True
-            # A write is repeated only when it surely never left: the connection could not be opened.
-            cause = exc.__cause__
-            return isinstance(cause, aiohttp.ClientConnectorError) and not isinstance(cause, aiohttp.ClientSSLError)
+    def _retryable(self, exc: UnavailableError) -> bool:
+        """Whether a write that failed with ``exc`` may be sent again: only when it surely never left."""
+        if self._closed:
+            return False
+        cause = exc.__cause__
+        return isinstance(cause, aiohttp.ClientConnectorError) and not isinstance(cause, aiohttp.ClientSSLError)
 
-        return retry_unavailable(attempts=self._attempts).copy(retry=retry_if_exception(retryable))
+    def _retryable_read(self, exc: UnavailableError) -> bool:
+        return not self._closed
 
     # -- unary calls ---------------------------------------------------------------------------------------
 
@@ -406,10 +405,11 @@ class GatewayClient(etcd3.AioClient):  # type: ignore[misc]  # etcd3-py has no t
             AuthenticationError, LeaseExpiredError, RequestTooLargeError, BackendError: etcd refused.
         """
         payload = json.dumps(body, separators=(",", ":")).encode()
-        async for attempt in self._retrying(idempotent=idempotent):
-            with attempt:
-                return await self._call_once(path, payload, lease_id)
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+        return await retry_call(
+            lambda: self._call_once(path, payload, lease_id),
+            attempts=self._attempts,
+            retryable=self._retryable_read if idempotent else self._retryable,
+        )
 
     async def _call_once(self, path: str, payload: bytes, lease_id: int) -> JSON:
         if self._closed:
@@ -449,10 +449,9 @@ class GatewayClient(etcd3.AioClient):  # type: ignore[misc]  # etcd3-py has no t
         payload = json.dumps(request, separators=(",", ":")).encode()
         stream: WatchStream | None = None
         try:
-            async for attempt in self._retrying(idempotent=True):
-                with attempt:
-                    stream = await self._open_watch_once(payload)
-            assert stream is not None
+            stream = await retry_call(
+                lambda: self._open_watch_once(payload), attempts=self._attempts, retryable=self._retryable_read
+            )
             yield stream
         finally:
             if stream is not None:
@@ -490,6 +489,8 @@ class GatewayClient(etcd3.AioClient):  # type: ignore[misc]  # etcd3-py has no t
                         await self._authenticate(stale=token)
                         reauthenticated = True
                         continue
+                    if first.get("created"):
+                        stream.created_revision = int(first.get("header", {}).get("revision", 0))
                     stream._pending.append(first)
                     return stream
         except BaseException as exc:

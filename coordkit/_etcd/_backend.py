@@ -388,23 +388,27 @@ class EtcdBackend:
         """
         if not isinstance(key, bytes):
             raise TypeError(f"keys are bytes, not {type(key).__name__}")
-        if not isinstance(start_revision, int) or isinstance(start_revision, bool) or start_revision < 1:
-            raise ValueError(f"start_revision must be an int >= 1, not {start_revision!r}")
+        if not isinstance(start_revision, int) or isinstance(start_revision, bool) or start_revision < 0:
+            raise ValueError(f"start_revision must be an int >= 0, not {start_revision!r}")
         return self._watch(key, prefix, start_revision)
 
     @asynccontextmanager
     async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
         self._check_open()
-        create = {**_bounds(key, prefix), "start_revision": str(start_revision)}
+        create = {**_bounds(key, prefix)}
+        if start_revision:
+            create["start_revision"] = str(start_revision)
         async with self._client.open_watch({"create_request": create}) as stream:
-            batches = self._batches(stream)
+            batches = self._batches(stream, notice=not start_revision)
             try:
                 yield batches
             finally:
                 await batches.aclose()
 
     @staticmethod
-    async def _batches(stream: WatchStream) -> AsyncGenerator[WatchBatch, None]:
+    async def _batches(stream: WatchStream, *, notice: bool) -> AsyncGenerator[WatchBatch, None]:
+        if notice:  # a watch "from now": say from which revision on it sees changes
+            yield WatchBatch(stream.created_revision, ())
         while True:
             result = await stream.receive()
             for batch in _batches(result["events"]):

@@ -319,6 +319,27 @@ async def check_watch_history(h: Harness) -> None:
 
 
 @_check
+async def check_watch_from_now(h: Harness) -> None:
+    """start_revision=0: an empty notice carrying the registration revision, then only later changes."""
+    ns = h.namespace + b"now/"
+    async with h.client() as b:
+        before = await _put(b, ns + b"k", b"old")
+        async with b.watch(ns, prefix=True, start_revision=0) as batches:
+            with anyio.fail_after(10):
+                notice = await anext(batches)
+            assert notice.events == () and notice.revision >= before
+            after = await _put(b, ns + b"k", b"new")
+            (batch,) = await _next_batches(batches, 1)
+        assert batch.revision == after and batch.events[0].kv.value == b"new"
+        try:
+            b.watch(ns, prefix=True, start_revision=-1)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("a negative start_revision must raise ValueError")
+
+
+@_check
 async def check_compaction(h: Harness) -> None:
     """A watch starting before the compact revision fails with CompactedError carrying that revision."""
     ns = h.namespace + b"compact/"

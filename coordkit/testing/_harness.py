@@ -167,12 +167,14 @@ class FaultyBackend:
     def watch(
         self, key: bytes, *, prefix: bool = False, start_revision: int
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
-        return self._watch(key, prefix, start_revision)
+        return self._watch(self.inner.watch(key, prefix=prefix, start_revision=start_revision))
 
     @asynccontextmanager
-    async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
+    async def _watch(
+        self, inner: AbstractAsyncContextManager[AsyncIterator[WatchBatch]]
+    ) -> AsyncIterator[AsyncIterator[WatchBatch]]:
         await self._gate()
-        async with self.inner.watch(key, prefix=prefix, start_revision=start_revision) as batches:
+        async with inner as batches:
             yield self._breakable(batches)
 
     async def _breakable(self, batches: AsyncIterator[WatchBatch]) -> AsyncIterator[WatchBatch]:
