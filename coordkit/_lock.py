@@ -31,6 +31,9 @@ class Lock(Contender):
     write conditional on still holding the lock. Bound the wait with ``anyio.fail_after``: a waiter that gives
     up leaves no key behind.
 
+    Names nest as in etcd: keys of ``jobs/nightly`` live under ``jobs/``, so a lock named ``jobs`` also queues
+    behind them. Do not use one name for a Lock and a Semaphore.
+
     Re-entrancy: a lock is not re-entrant. Tasks contend like processes do, whether they share a session or
     not; a task that asks again for a lock it holds (or waits for) in the same session gets ``RuntimeError``
     instead of a deadlock. Tasks sharing one ``Lock`` object take turns on it in FIFO order.
@@ -57,14 +60,16 @@ class Lock(Contender):
         # Our nearest predecessor is the newest key created before ours (Go's waitDeletes). Read it together with
         # our own key, so that learning "it is our turn" and "our key still exists" costs one round trip.
         predecessor = Range(
-            self.prefix, prefix=True, sort_by="create", descending=True, limit=1, max_create_revision=revision - 1
+            self._prefix, prefix=True, sort_by="create", descending=True, limit=1, max_create_revision=revision - 1
         )
         while True:
             result = await backend.txn([], [predecessor, Range(key)])
             ahead, mine = result.responses
             assert isinstance(ahead, RangeResult) and isinstance(mine, RangeResult)
             if [kv.create_revision for kv in mine.kvs] != [revision]:
-                raise LockLostError(f"lock {self.name!r}: the waiter's key vanished (its lease was lost)")
+                raise LockLostError(
+                    f"lock {self.name!r}: the waiter's key vanished (its lease was lost)", session=self.session
+                )
             if not ahead.kvs:
                 return
             await wait_deleted(backend, ahead.kvs[0].key, revision=result.revision)

@@ -85,6 +85,10 @@ class Contender(ABC):
     """Acquire, hold in a guarded block, release: written once for Lock and Semaphore.
 
     Subclasses say how many owners a name has, what value their key carries, and how a waiter waits.
+
+    Attributes:
+        session: the session whose lease the contender's key is bound to.
+        name: the name contended for.
     """
 
     _lost_error: type[OwnershipLostError]
@@ -94,9 +98,10 @@ class Contender(ABC):
             raise TypeError(f"needs a Session, not {type(session).__name__}")
         self.session = session
         self.name = name
-        self.prefix = name_prefix(name)
-        # One acquisition at a time per object: tasks sharing an object queue here first, in FIFO order.
-        self._local = anyio.Lock()
+        self._prefix = name_prefix(name)
+        # One acquisition at a time per object: tasks sharing an object take turns here, in FIFO order.
+        self._turn = anyio.Semaphore(1)
+        self._turn_task: int | None = None  # the task whose turn it is (acquiring or holding)
         self._waiting = 0
         self._held: Held | None = None
         self._held_since = 0.0
@@ -132,52 +137,94 @@ class Contender(ABC):
         return self._held
 
     def statistics(self) -> LockStatistics:
+        """Whether this object holds the name, its token, and how many local tasks wait for this object."""
         held = self._held
         return LockStatistics(held is not None, held.token if held else None, self._waiting)
+
+    def _take_turn_check(self) -> int:
+        task = anyio.get_current_task().id
+        if self._turn_task == task:
+            raise RuntimeError(
+                f"this task already holds or is acquiring {type(self).__name__} {self.name!r} (not re-entrant)"
+            )
+        return task
 
     async def acquire(self) -> Held:
         """Wait until this contender owns the name; return the proof (with its fencing token).
 
-        Cancel it (``anyio.fail_after``, ``move_on_after``) to give up: the waiter's key is deleted.
+        Cancel it (``anyio.fail_after``, ``move_on_after``) to give up: the waiter's key is deleted. Without
+        ``async with`` there is no guarded block: check `Session.lost` or use fenced writes.
 
         Raises:
             RuntimeError: the calling task already holds this object, or contends for the same name in the same
                 session through another object (waiting would deadlock).
             OwnershipLostError: (the recipe's subclass) the session was lost while waiting.
+            SessionClosedError: the session is not open.
+            UnavailableError: the store could not be reached to join the queue.
         """
-        await self._local.acquire()
+        task = self._take_turn_check()
+        self._waiting += 1
+        try:
+            await self._turn.acquire()
+        finally:
+            self._waiting -= 1
+        self._turn_task = task
         try:
             held = await self._acquire(wait=True)
         except BaseException:
-            self._local.release()
+            self._end_turn()
             raise
         assert held is not None
         return held
 
     async def try_acquire(self) -> bool:
-        """Take the name if it is free now, without waiting for anyone. On success, `release` gives it back."""
-        await self._local.acquire()
+        """Take the name if it is free now; never wait, neither for the store's queue nor for another task.
+
+        Returns False when someone owns the name, or another task of this process is using this object.
+        On success, `release` gives the name back.
+
+        Raises:
+            RuntimeError: the calling task already holds this object.
+            SessionClosedError, UnavailableError, OwnershipLostError: as `acquire`.
+        """
+        task = self._take_turn_check()
+        try:
+            self._turn.acquire_nowait()
+        except anyio.WouldBlock:
+            return False
+        self._turn_task = task
         try:
             held = await self._acquire(wait=False)
         except BaseException:
-            self._local.release()
+            self._end_turn()
             raise
         if held is None:
-            self._local.release()
+            self._end_turn()
         return held is not None
 
     async def release(self) -> None:
-        """Give the name back (delete the owner key). Releasing what is not held raises RuntimeError."""
+        """Give the name back: delete the owner key, even when the caller is being cancelled.
+
+        Raises:
+            RuntimeError: the name is not held by this object.
+        """
         held = self._held
         if held is None:
             raise RuntimeError(f"{type(self).__name__} {self.name!r} is not held")
         self._held = None
         try:
-            await _delete(self.session, held.key, held.token)
+            # Shielded: a body cancelled from outside (fail_after, a cancelled task group) must still give the
+            # name back. _delete stops trying at the session's deadline, so this cannot hang past it.
+            with anyio.CancelScope(shield=True):
+                await _delete(self.session, held.key, held.token)
             _telemetry.lock_hold.record(anyio.current_time() - self._held_since, self._attrs(held.token))
         finally:
             _free(self.session, held.key)
-            self._local.release()
+            self._end_turn()
+
+    def _end_turn(self) -> None:
+        self._turn_task = None
+        self._turn.release()
 
     async def __aenter__(self) -> Held:
         held = await self.acquire()
@@ -211,7 +258,7 @@ class Contender(ABC):
         """Join the queue and (with ``wait``) wait for our turn. Returns None when not waiting and not first."""
         session = self.session
         recipe = type(self).__name__.lower()
-        key = _reserve(session, self.prefix)
+        key = _reserve(session, self._prefix)
         revision = 0
         started = anyio.current_time()
         try:
@@ -219,7 +266,7 @@ class Contender(ABC):
                 async with session.guarded(self._lost_error):
                     # One round trip when uncontended: create our key unless it exists (a request retried after
                     # an ambiguous failure finds it), and read the current owners at the same revision.
-                    owners = Range(self.prefix, prefix=True, sort_by="create", limit=self._owners)
+                    owners = Range(self._prefix, prefix=True, sort_by="create", limit=self._owners)
                     result = await session.backend.txn(
                         [Compare.create(key, "==", 0)],
                         [Put(key, self._value(), session.lease_id), owners],

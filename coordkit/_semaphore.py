@@ -27,11 +27,15 @@ class Semaphore(Contender):
     ``async with Semaphore(session, "gpu", limit=4) as permit:`` waits for a permit, runs the body in a guarded
     block (cancelled if the session is lost, then ``PermitLostError``) and gives the permit back on exit.
     ``permit.token`` is its fencing token (create revisions strictly increase across successive permits).
-    Waiters are admitted in FIFO order; each follows the queue through one watch and re-reads it only when it may
-    be its turn.
+    Waiters are admitted in FIFO order; each follows the queue through one watch and counts the contenders ahead
+    of it down as their keys are deleted, with no extra reads.
 
     Every contender of a name must use the same ``limit``: one that disagrees with the current holders gets
-    ``ValueError`` and leaves no key behind. A task may hold one permit of a name per session at a time.
+    ``ValueError`` and leaves no key behind (the check covers the current holders). Do not use one name for a
+    Semaphore and a Lock. A task may hold one permit of a name per session at a time.
+
+    Attributes:
+        limit: how many holders the name admits at once.
 
     Args:
         session: the session whose lease the permit key is bound to.
@@ -67,17 +71,21 @@ class Semaphore(Contender):
     async def _wait_turn(self, key: bytes, revision: int) -> None:
         backend = self.session.backend
         # Count the contenders ahead of us down as they leave; keys created after ours never matter.
-        async with Watch(backend, self.prefix, prefix=True) as watch:
+        async with Watch(backend, self._prefix, prefix=True) as watch:
             async for item in watch:
                 if isinstance(item, Snapshot):
                     if all(kv.create_revision != revision for kv in item.kvs):
-                        raise PermitLostError(f"semaphore {self.name!r}: the waiter's key vanished (lease lost)")
+                        raise PermitLostError(
+                            f"semaphore {self.name!r}: the waiter's key vanished (lease lost)", session=self.session
+                        )
                     ahead = {kv.key for kv in item.kvs if kv.create_revision < revision}
                 else:
                     for event in item.events:
                         if event.type is EventType.DELETE:
                             if event.kv.key == key:
-                                raise PermitLostError(f"semaphore {self.name!r}: the waiter's key was deleted")
+                                raise PermitLostError(
+                                    f"semaphore {self.name!r}: the waiter's key was deleted", session=self.session
+                                )
                             ahead.discard(event.kv.key)
                 if len(ahead) < self.limit:
                     return

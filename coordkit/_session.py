@@ -10,7 +10,7 @@ local deadline passes without a renewal, coordkit declares the session lost and 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
@@ -135,13 +135,12 @@ class Session:
     # -- guarded blocks --------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def guarded(
-        self, lost_error: Callable[[str], OwnershipLostError] = OwnershipLostError
-    ) -> AsyncIterator[None]:
+    async def guarded(self, lost_error: type[OwnershipLostError] = OwnershipLostError) -> AsyncIterator[None]:
         """Run a block that must stop when the session is lost.
 
         The body is cancelled as soon as the session is lost (or closed under it), and the ``async with``
-        then raises ``lost_error(message)``. Cancellation from outside passes through untouched.
+        then raises ``lost_error`` (its ``session`` attribute names this session). Cancellation from outside
+        passes through untouched.
 
         Raises:
             SessionClosedError: the session is not open.
@@ -150,7 +149,7 @@ class Session:
         if not self._open:
             raise SessionClosedError("the session is not open")
         if self.lost:
-            raise lost_error(f"session lost: {self._lost_reason}")
+            raise lost_error(f"session lost: {self._lost_reason}", session=self)
         with anyio.CancelScope() as scope:
             self._guards.add(scope)
             try:
@@ -158,7 +157,7 @@ class Session:
             finally:
                 self._guards.discard(scope)
         if scope.cancelled_caught:
-            raise lost_error(f"session lost: {self._lost_reason}")
+            raise lost_error(f"session lost: {self._lost_reason}", session=self)
 
     def _cancel_guards(self) -> None:
         for scope in self._guards:

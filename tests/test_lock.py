@@ -355,3 +355,59 @@ async def test_semaphore_lease_loss(harness: Harness) -> None:
                 harness.suspend_keepalives(client)
                 await anyio.sleep_forever()
         harness.heal(client)
+
+
+async def test_body_cancelled_from_outside_still_releases(harness: Harness) -> None:
+    name = harness.namespace.decode() + "outside"
+    async with sessions(harness, 2) as (a, b):
+        with anyio.move_on_after(0.3) as scope:
+            async with Lock(a, name):
+                await anyio.sleep_forever()
+        assert scope.cancelled_caught
+        assert await queue_length(a.backend, name) == 0, "the holder's key was deleted despite the cancellation"
+        assert await Lock(b, name).try_acquire()
+
+
+async def test_shared_object_try_acquire_never_waits_and_release_from_another_task(harness: Harness) -> None:
+    name = harness.namespace.decode() + "shared"
+    async with sessions(harness, 1) as (session,):
+        lock = Lock(session, name)
+        holding = anyio.Event()
+        results: list[bool] = []
+
+        async def other_task() -> None:
+            await holding.wait()
+            results.append(await lock.try_acquire())  # this object is busy in another task: False at once
+            await lock.release()  # a release may come from another task than the acquiring one
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_task)
+            await lock.acquire()
+            holding.set()
+        assert results == [False]
+        assert lock.held is None and await queue_length(session.backend, name) == 0
+        waiting = anyio.Event()
+
+        async def waiter() -> None:
+            waiting.set()
+            async with lock:
+                pass
+
+        async with anyio.create_task_group() as tg:
+            await lock.acquire()
+            tg.start_soon(waiter)
+            await waiting.wait()  # the waiter ran on until it blocked in the object's turn queue
+            assert lock.statistics().waiters == 1
+            await lock.release()
+        assert lock.statistics() == lock.statistics().__class__(False, None, 0)
+
+
+async def test_lost_error_names_the_session(harness: Harness) -> None:
+    name = harness.namespace.decode() + "named"
+    async with harness.client() as client, Session(client, ttl=2) as session:
+        with pytest.raises(LockLostError) as caught:
+            async with Lock(session, name):
+                harness.suspend_keepalives(client)
+                await anyio.sleep_forever()
+        assert caught.value.session is session
+        harness.heal(client)
