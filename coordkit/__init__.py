@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from ._backend import Backend as Backend
+from ._election import (
+    Election as Election,
+    Leader as Leader,
+    Leadership as Leadership,
+    LeadershipLostError as LeadershipLostError,
+    run_while_leader as run_while_leader,
+)
 from ._errors import (
     AuthenticationError as AuthenticationError,
     BackendError as BackendError,
@@ -57,11 +64,15 @@ __all__ = (
     "CoordkitError",
     "Delete",
     "DeleteResult",
+    "Election",
     "EtcdBackend",
     "Event",
     "EventType",
     "Held",
     "KeyValue",
+    "Leader",
+    "Leadership",
+    "LeadershipLostError",
     "Lease",
     "LeaseExpiredError",
     "Lock",
@@ -80,6 +91,7 @@ __all__ = (
     "Range",
     "RangeResult",
     "RequestTooLargeError",
+    "run_while_leader",
     "Semaphore",
     "Session",
     "SessionClosedError",

@@ -12,9 +12,7 @@ from __future__ import annotations
 from typing import final
 
 from ._errors import OwnershipLostError
-from ._queue import Contender
-from ._types import Range, RangeResult
-from ._watch import wait_deleted
+from ._queue import Mutex
 
 
 class LockLostError(OwnershipLostError):
@@ -22,7 +20,7 @@ class LockLostError(OwnershipLostError):
 
 
 @final
-class Lock(Contender):
+class Lock(Mutex):
     """A distributed lock named ``name``, held through ``session``'s lease.
 
     ``async with Lock(session, "jobs/nightly") as held:`` waits until this contender holds the lock, runs the
@@ -44,32 +42,7 @@ class Lock(Contender):
     """
 
     _lost_error = LockLostError
-
-    @property
-    def _owners(self) -> int:
-        return 1
+    _span = "coordkit.lock.acquire"
 
     def _value(self) -> bytes:
         return b""
-
-    def _check_queue(self, owners: RangeResult) -> None:
-        pass
-
-    async def _wait_turn(self, key: bytes, revision: int) -> None:
-        backend = self.session.backend
-        # Our nearest predecessor is the newest key created before ours (Go's waitDeletes). Read it together with
-        # our own key, so that learning "it is our turn" and "our key still exists" costs one round trip.
-        predecessor = Range(
-            self._prefix, prefix=True, sort_by="create", descending=True, limit=1, max_create_revision=revision - 1
-        )
-        while True:
-            result = await backend.txn([], [predecessor, Range(key)])
-            ahead, mine = result.responses
-            assert isinstance(ahead, RangeResult) and isinstance(mine, RangeResult)
-            if [kv.create_revision for kv in mine.kvs] != [revision]:
-                raise LockLostError(
-                    f"lock {self.name!r}: the waiter's key vanished (its lease was lost)", session=self.session
-                )
-            if not ahead.kvs:
-                return
-            await wait_deleted(backend, ahead.kvs[0].key, revision=result.revision)

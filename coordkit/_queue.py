@@ -22,6 +22,7 @@ from ._errors import OwnershipLostError
 from ._retry import retry_call
 from ._session import Session
 from ._types import Compare, Delete, Put, PutResult, Range, RangeResult
+from ._watch import wait_deleted
 
 # session -> key -> id of the task that contends with it (reserved from acquire until release)
 _reserved: WeakKeyDictionary[Session, dict[bytes, int]] = WeakKeyDictionary()
@@ -92,6 +93,8 @@ class Contender(ABC):
     """
 
     _lost_error: type[OwnershipLostError]
+    #: span name: ``coordkit.<recipe>.<operation>``
+    _span: str
 
     def __init__(self, session: Session, name: str) -> None:
         if not isinstance(session, Session):
@@ -257,12 +260,11 @@ class Contender(ABC):
     async def _acquire(self, *, wait: bool) -> Held | None:
         """Join the queue and (with ``wait``) wait for our turn. Returns None when not waiting and not first."""
         session = self.session
-        recipe = type(self).__name__.lower()
         key = _reserve(session, self._prefix)
         revision = 0
         started = anyio.current_time()
         try:
-            with _telemetry.span(f"coordkit.{recipe}.acquire", self._attrs()) as span:
+            with _telemetry.span(self._span, self._attrs()) as span:
                 async with session.guarded(self._lost_error):
                     # One round trip when uncontended: create our key unless it exists (a request retried after
                     # an ambiguous failure finds it), and read the current owners at the same revision.
@@ -332,3 +334,33 @@ async def _delete(session: Session, key: bytes, revision: int) -> None:
     compare = Compare.create(key, "==", revision) if revision else Compare.lease(key, "==", session.lease_id)
     with anyio.move_on_at(session.deadline):
         await retry_call(lambda: session.backend.txn([compare], [Delete(key)]))
+
+
+class Mutex(Contender):
+    """A single-owner queue with etcd's Go ``concurrency.Mutex`` waiting: each waiter watches its predecessor."""
+
+    @property
+    def _owners(self) -> int:
+        return 1
+
+    def _check_queue(self, owners: RangeResult) -> None:
+        pass
+
+    async def _wait_turn(self, key: bytes, revision: int) -> None:
+        backend = self.session.backend
+        # Our nearest predecessor is the newest key created before ours (Go's waitDeletes). Read it together with
+        # our own key, so that learning "it is our turn" and "our key still exists" costs one round trip.
+        predecessor = Range(
+            self._prefix, prefix=True, sort_by="create", descending=True, limit=1, max_create_revision=revision - 1
+        )
+        while True:
+            result = await backend.txn([], [predecessor, Range(key)])
+            ahead, mine = result.responses
+            assert isinstance(ahead, RangeResult) and isinstance(mine, RangeResult)
+            if [kv.create_revision for kv in mine.kvs] != [revision]:
+                raise self._lost_error(
+                    f"{self.name!r}: the waiter's key vanished (its lease was lost)", session=self.session
+                )
+            if not ahead.kvs:
+                return
+            await wait_deleted(backend, ahead.kvs[0].key, revision=result.revision)

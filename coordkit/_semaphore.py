@@ -44,6 +44,7 @@ class Semaphore(Contender):
     """
 
     _lost_error = PermitLostError
+    _span = "coordkit.semaphore.acquire"
 
     def __init__(self, session: Session, name: str, *, limit: int) -> None:
         if not isinstance(limit, int) or isinstance(limit, bool):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 
 import anyio
 import pytest
@@ -12,7 +12,6 @@ import pytest
 from coordkit import (
     Backend,
     Compare,
-    EventType,
     Held,
     Lock,
     LockLostError,
@@ -22,44 +21,14 @@ from coordkit import (
     RangeResult,
     Semaphore,
     Session,
-    Snapshot,
     TxnResult,
-    Watch,
     WatchBatch,
 )
 from coordkit.testing import Harness
 
+from .helpers import queue_length, sessions, wait_queue
+
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def sessions(harness: Harness, count: int, *, ttl: int = 5) -> AsyncIterator[list[Session]]:
-    """``count`` sessions, each on its own client (a separate simulated process)."""
-    async with AsyncExitStack() as stack:
-        out = []
-        for _ in range(count):
-            client = await stack.enter_async_context(harness.client())
-            out.append(await stack.enter_async_context(Session(client, ttl=ttl)))
-        yield out
-
-
-async def queue_length(backend: Backend, name: str) -> int:
-    return (await backend.range(Range(name.encode() + b"/", prefix=True, count_only=True))).count
-
-
-async def wait_queue(backend: Backend, name: str, length: int) -> None:
-    """Wait until exactly ``length`` contenders have their key in the queue, following it with a Watch."""
-    keys: set[bytes] = set()
-    with anyio.fail_after(30):
-        async with Watch(backend, name.encode() + b"/", prefix=True) as watch:
-            async for item in watch:
-                if isinstance(item, Snapshot):
-                    keys = {kv.key for kv in item.kvs}
-                else:
-                    for event in item.events:
-                        (keys.add if event.type is EventType.PUT else keys.discard)(event.kv.key)
-                if len(keys) == length:
-                    return
 
 
 async def fenced_increment(backend: Backend, held: Held, counter: bytes) -> bool:

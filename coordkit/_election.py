@@ -1,0 +1,233 @@
+"""Election: leader election with etcd's Go ``concurrency.Election`` algorithm and key layout.
+
+Guarantees: at most one leader per name while every candidate's session is valid; leaders in FIFO order of
+their campaigns; a leader's block is cancelled (and ``LeadershipLostError`` raised) as soon as its session is
+lost, before the server can expire its lease and elect the next candidate; terms (the leader key's create
+revision) strictly increase across leaders. Resigning hands over at once. ``etcdctl elect`` and Go clients
+campaign in the same election.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import final
+
+import anyio
+
+from . import _telemetry
+from ._backend import Backend
+from ._errors import NotOwnerError, OwnershipLostError, UnavailableError
+from ._queue import Held, Mutex, name_prefix
+from ._retry import Backoff
+from ._session import Session
+from ._types import Compare, EventType, KeyValue, Put, Range
+from ._watch import Snapshot, Watch
+
+
+class LeadershipLostError(OwnershipLostError):
+    """The session under a leadership was lost: the leader's block was cancelled; another may lead now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Leader:
+    """Who leads an election.
+
+    Attributes:
+        value: the leader's proclamation (what it campaigned with, or proclaimed since).
+        term: the leader key's create revision: strictly increasing across successive leaders (a fencing token).
+        key: the leader's key (``<name>/<lease id hex>``).
+        lease: the leader's lease id.
+    """
+
+    value: bytes
+    term: int
+    key: bytes
+    lease: int
+
+
+@final
+class _Candidate(Mutex):
+    _lost_error = LeadershipLostError
+    _span = "coordkit.election.campaign"
+
+    def __init__(self, session: Session, name: str, value: bytes) -> None:
+        super().__init__(session, name)
+        self.value = value
+
+    def _value(self) -> bytes:
+        return self.value
+
+
+@final
+class Leadership:
+    """Being the leader, inside ``async with election.campaign(value) as leadership``.
+
+    Attributes:
+        name: the election's name.
+        term: the fencing token of this leadership (its key's create revision).
+        key: the leader key.
+    """
+
+    def __init__(self, candidate: _Candidate, held: Held) -> None:
+        self._candidate = candidate
+        self.name = held.name
+        self.term = held.token
+        self.key = held.key
+        self._held = held
+
+    @property
+    def value(self) -> bytes:
+        """The current proclamation."""
+        return self._candidate.value
+
+    def guard(self) -> Compare:
+        """The compare that makes a transaction succeed only while this leadership lasts."""
+        return self._held.guard()
+
+    async def proclaim(self, value: bytes) -> None:
+        """Change the leader's value without a new election (observers see the change).
+
+        Raises:
+            NotOwnerError: this leadership is over (resigned, or the lease is gone).
+            TypeError: ``value`` is not bytes.
+        """
+        if not isinstance(value, bytes):
+            raise TypeError(f"values are bytes, not {type(value).__name__}")
+        session = self._candidate.session
+        # Only while our key is the one created at our term: a lost leadership cannot overwrite a successor's.
+        result = await session.backend.txn([self.guard()], [Put(self.key, value, session.lease_id)])
+        if not result.succeeded:
+            raise NotOwnerError(f"election {self.name!r}: not the leader any more (term {self.term})")
+        self._candidate.value = value
+
+
+class _Campaign:
+    """``async with election.campaign(value) as leadership``: wait to lead, lead in a guarded block, resign."""
+
+    def __init__(self, candidate: _Candidate) -> None:
+        self._candidate = candidate
+
+    async def __aenter__(self) -> Leadership:
+        held = await self._candidate.__aenter__()
+        _telemetry.election_transitions.add(1, {**self._candidate._attrs(held.token), "coordkit.transition": "gained"})
+        return Leadership(self._candidate, held)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        held = self._candidate.held
+        try:
+            return await self._candidate.__aexit__(exc_type, exc, tb)
+        finally:
+            attrs = self._candidate._attrs(held.token if held else None)
+            _telemetry.election_transitions.add(1, {**attrs, "coordkit.transition": "lost"})
+
+
+@final
+class Election:
+    """A leader election named ``name``, campaigning through ``session``'s lease.
+
+    ``async with election.campaign(b"host-a") as leadership:`` waits until this candidate leads, runs the body
+    in a guarded block (cancelled if the session is lost, then ``LeadershipLostError``), and resigns on exit so
+    the next candidate leads at once. ``leadership.term`` is a fencing token; ``await leadership.proclaim(v)``
+    changes the leader's value. ``await election.leader()`` tells who leads now, and ``election.observe()``
+    follows every change of leader, including "no leader". Bound a campaign with ``anyio.fail_after``: a
+    candidate that gives up leaves no key behind.
+
+    Args:
+        session: the session whose lease the candidate's key is bound to.
+        name: the election's name; keys live under ``<name>/``.
+    """
+
+    def __init__(self, session: Session, name: str) -> None:
+        if not isinstance(session, Session):
+            raise TypeError(f"needs a Session, not {type(session).__name__}")
+        self.session = session
+        self.name = name
+        self._prefix = name_prefix(name)
+
+    def campaign(self, value: bytes = b"") -> _Campaign:
+        """Campaign with ``value``; ``async with`` it to lead (see the class docstring).
+
+        Raises (from ``async with``):
+            LeadershipLostError: the session was lost while campaigning or leading.
+            RuntimeError: this task already campaigns in this election with this session.
+        """
+        if not isinstance(value, bytes):
+            raise TypeError(f"values are bytes, not {type(value).__name__}")
+        return _Campaign(_Candidate(self.session, self.name, value))
+
+    async def leader(self) -> Leader | None:
+        """The current leader, or None when nobody campaigns."""
+        result = await self.session.backend.range(Range(self._prefix, prefix=True, sort_by="create", limit=1))
+        return _leader(result.kvs[0]) if result.kvs else None
+
+    def observe(self) -> AsyncGenerator[Leader | None, None]:
+        """Every change of leader, starting with the current one: a new leader, a new proclamation, or None.
+
+        Reported in the store's order, so a stale leader never follows a newer one; reconnects resume without
+        a gap and a compaction resynchronises. Iterate it with ``async for``; to stop early and release the
+        watch at once, wrap it in ``contextlib.aclosing``.
+        """
+        return observe_leader(self.session.backend, self._prefix)
+
+
+def _leader(kv: KeyValue) -> Leader:
+    return Leader(kv.value, kv.create_revision, kv.key, kv.lease)
+
+
+async def observe_leader(backend: Backend, prefix: bytes) -> AsyncGenerator[Leader | None, None]:
+    candidates: dict[bytes, KeyValue] = {}
+    last: Leader | bool | None = False  # False: nothing reported yet
+    async with Watch(backend, prefix, prefix=True) as watch:
+        async for item in watch:
+            if isinstance(item, Snapshot):
+                candidates = {kv.key: kv for kv in item.kvs}
+            else:
+                for event in item.events:
+                    if event.type is EventType.PUT:
+                        candidates[event.kv.key] = event.kv
+                    else:
+                        candidates.pop(event.kv.key, None)
+            first = min(candidates.values(), key=lambda kv: kv.create_revision, default=None)
+            current = None if first is None else _leader(first)
+            if current != last:
+                last = current
+                yield current
+
+
+async def run_while_leader(
+    backend: Backend,
+    name: str,
+    job: Callable[[Leadership], Awaitable[None]],
+    *,
+    value: bytes = b"",
+    ttl: int = 10,
+) -> None:
+    """Run ``job`` only while leading ``name``; when leadership is lost, cancel it and campaign again.
+
+    The "scheduled jobs of N replicas must run once" helper: every replica calls it; one leads and runs
+    ``job(leadership)``. If that replica loses its lease (a partition, a pause), its job is cancelled before
+    another replica can be elected, and it re-campaigns with a new session after a backoff. Returns when
+    ``job`` returns (resigning at once); cancel it to stop campaigning.
+
+    Args:
+        backend: the store.
+        name: the election's name.
+        job: the coroutine function to run while leader.
+        value: this candidate's proclamation (e.g. its host name).
+        ttl: the TTL of each session's lease.
+    """
+    name_prefix(name)  # bad names fail here, not in the loop
+    backoff = Backoff()
+    while True:
+        try:
+            async with Session(backend, ttl=ttl) as session, Election(session, name).campaign(value) as leadership:
+                backoff.reset()
+                await job(leadership)
+                return
+        except (LeadershipLostError, UnavailableError):
+            pass  # a lost session stays lost: campaign again with a new one
+        await anyio.sleep(backoff.next_delay())
