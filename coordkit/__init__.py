@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._backend import Backend as Backend
+from ._codec import JSON as JSON, Codec as Codec, JsonCodec as JsonCodec
 from ._election import (
     Election as Election,
     Leader as Leader,
@@ -25,6 +26,7 @@ from ._errors import (
 from ._etcd import EtcdBackend as EtcdBackend
 from ._lock import Lock as Lock, LockLostError as LockLostError
 from ._memory import MemoryBackend as MemoryBackend, MemoryFaults as MemoryFaults, MemoryStore as MemoryStore
+from ._once import ComputationLostError as ComputationLostError, invalidate_once as invalidate_once, once as once
 from ._queue import Held as Held, LockStatistics as LockStatistics
 from ._semaphore import PermitLostError as PermitLostError, Semaphore as Semaphore
 from ._session import Session as Session, SessionStatistics as SessionStatistics
@@ -58,9 +60,11 @@ __all__ = (
     "AuthenticationError",
     "Backend",
     "BackendError",
+    "Codec",
     "CompactedError",
     "Compare",
     "CompareTarget",
+    "ComputationLostError",
     "CoordkitError",
     "Delete",
     "DeleteResult",
@@ -69,6 +73,9 @@ __all__ = (
     "Event",
     "EventType",
     "Held",
+    "invalidate_once",
+    "JSON",
+    "JsonCodec",
     "KeyValue",
     "Leader",
     "Leadership",
@@ -82,6 +89,7 @@ __all__ = (
     "MemoryFaults",
     "MemoryStore",
     "NotOwnerError",
+    "once",
     "Op",
     "OpResult",
     "OwnershipLostError",

@@ -1,0 +1,156 @@
+"""once(): the first caller to claim a name computes; everyone else waits and gets the published result.
+
+The etcd pattern "everybody tries to create the node; the winner computes (a full index build) and
+distributes the result". Guarantees: while a computation succeeds, ``fn`` runs once per name; every concurrent
+and later caller gets its result (stored, so late arrivals do not recompute); the claim is bound to the
+computer's lease, so when the computer dies its claim vanishes and one waiter takes over; the result write is
+fenced by the claim's revision, so a computer that lost its claim (paused past its lease) cannot overwrite a
+newer result; a failing ``fn`` raises in its caller and releases the claim, so another caller computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, overload
+
+import anyio
+
+from . import _telemetry
+from ._backend import Backend
+from ._codec import Codec
+from ._errors import OwnershipLostError, UnavailableError
+from ._queue import name_prefix
+from ._retry import retry_call
+from ._session import Session
+from ._types import Compare, Delete, Op, Put, Range, RangeResult, check_ttl
+from ._watch import wait_deleted
+
+T = TypeVar("T")
+
+
+class ComputationLostError(OwnershipLostError):
+    """The computer's claim was lost (its session was lost): ``fn`` was cancelled or its result discarded."""
+
+
+@overload
+async def once(
+    session: Session, name: str, fn: Callable[[], Awaitable[bytes]], *, result_ttl: int | None = None
+) -> bytes: ...
+
+
+@overload
+async def once(
+    session: Session, name: str, fn: Callable[[], Awaitable[T]], *, codec: Codec[T], result_ttl: int | None = None
+) -> T: ...
+
+
+async def once(
+    session: Session,
+    name: str,
+    fn: Callable[[], Awaitable[Any]],
+    *,
+    codec: Codec[Any] | None = None,
+    result_ttl: int | None = None,
+) -> Any:
+    """Run ``fn`` once cluster-wide for ``name`` and return its result to every caller.
+
+    The first caller to claim ``<name>/claim`` (bound to its session's lease) runs ``fn`` in a guarded block
+    and publishes the result at ``<name>/result``; callers that find a claim wait for it to go, then read the
+    result (or, if the computer failed or died, race to claim it themselves). Bound the wait with
+    ``anyio.fail_after``.
+
+    Args:
+        session: the caller's session (the claim is bound to its lease).
+        name: what is computed; keys live under ``<name>/``.
+        fn: the computation. Without a codec it returns bytes.
+        codec: turns the result into bytes and back (e.g. `JSON`).
+        result_ttl: seconds the published result lives; then the next caller computes again. None: forever
+            (until `invalidate_once`).
+
+    Raises:
+        ComputationLostError: the session was lost while computing or waiting; a result computed by a caller
+            that lost its claim is discarded, never published.
+        Exception: whatever ``fn`` raised (the claim is released first, so another caller computes).
+        TypeError: ``fn`` returned something that is not bytes and no codec was given.
+    """
+    prefix = name_prefix(name)
+    if result_ttl is not None:
+        check_ttl(result_ttl)
+    claim, result_key = prefix + b"claim", prefix + b"result"
+    backend = session.backend
+    async with session.guarded(ComputationLostError):
+        while True:
+            # One round trip: the result if there is one, else the claim if nobody holds it.
+            attempt = await backend.txn(
+                [Compare.create(result_key, "==", 0), Compare.create(claim, "==", 0)],
+                [Put(claim, b"", session.lease_id)],
+                [Range(result_key), Range(claim)],
+            )
+            if attempt.succeeded:
+                value = await _compute(session, name, fn, codec, result_ttl, claim, result_key, attempt.revision)
+                break
+            published, claimed = attempt.responses
+            assert isinstance(published, RangeResult) and isinstance(claimed, RangeResult)
+            if published.kvs:
+                data = published.kvs[0].value
+                value = data if codec is None else codec.decode(data)
+                break
+            # Claimed by someone else: when the claim goes (published, failed or died), look again.
+            await wait_deleted(backend, claim, revision=attempt.revision)
+    return value
+
+
+async def _compute(
+    session: Session,
+    name: str,
+    fn: Callable[[], Awaitable[Any]],
+    codec: Codec[Any] | None,
+    result_ttl: int | None,
+    claim: bytes,
+    result_key: bytes,
+    claim_revision: int,
+) -> Any:
+    backend = session.backend
+    attrs = _telemetry.attributes(backend=backend.name, lease_id=session.lease_id, name=name)
+    attrs["coordkit.fencing_token"] = claim_revision
+    try:
+        with _telemetry.span("coordkit.once.compute", attrs):
+            value = await fn()
+            data = value if codec is None else codec.encode(value)
+            if not isinstance(data, bytes):
+                raise TypeError(f"once({name!r}): fn returned {type(data).__name__}; give a codec or return bytes")
+            lease = (await backend.grant(result_ttl)).id if result_ttl is not None else 0
+            await _publish(backend, name, claim, claim_revision, result_key, data, lease)
+            return value
+    except BaseException:
+        # Release our claim (only ours: the compare), so a waiter computes instead; shielded, as cancellation
+        # must not leave the claim to block everyone until the lease ends.
+        with anyio.CancelScope(shield=True), anyio.move_on_at(session.deadline):
+            await retry_call(lambda: backend.txn([Compare.create(claim, "==", claim_revision)], [Delete(claim)]))
+        raise
+
+
+async def _publish(
+    backend: Backend, name: str, claim: bytes, claim_revision: int, result_key: bytes, data: bytes, lease: int
+) -> None:
+    """Write the result and drop the claim atomically, only while the claim is the one we created."""
+    fenced = [Compare.create(claim, "==", claim_revision)]
+    ops: list[Op] = [Put(result_key, data, lease), Delete(claim)]
+    try:
+        published = await backend.txn(fenced, ops)
+    except UnavailableError:
+        # Ambiguous: it may have been applied. Try again; if the claim is gone, our bytes being there is success.
+        published = await retry_call(lambda: backend.txn(fenced, ops, [Range(result_key)]))
+        if not published.succeeded:
+            current = published.responses[0]
+            if isinstance(current, RangeResult) and [kv.value for kv in current.kvs] == [data]:
+                return
+    if not published.succeeded:
+        raise ComputationLostError(f"once({name!r}): the claim was lost before the result was published")
+
+
+async def invalidate_once(backend: Backend, name: str) -> bool:
+    """Delete the published result of ``name``, so the next `once` computes again. True if there was one."""
+    result = await backend.txn([], [Delete(name_prefix(name) + b"result")])
+    deleted = result.responses[0]
+    return bool(getattr(deleted, "deleted", 0))
