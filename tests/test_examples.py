@@ -16,6 +16,8 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 EXPECTED = {
     "demo.py": ["saw c leave within its TTL"],
     "locks.py": ["is refused", "counter = 9:", "never more than 2 inside"],
+    "leader_only_cron.py": ["8 ticks, each run once", "job cancelled (leadership lost)"],
+    "build_index_once.py": ["built 1 time(s)", "late-worker: got index built by"],
 }
 
 
