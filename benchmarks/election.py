@@ -112,9 +112,8 @@ async def main() -> None:
     floor99 = percentile(deliveries, 0.99) + percentile(txns, 0.99)
     print(f"Graceful failover on etcd 3.5.1, {len(handovers)} hand-overs, ms")
     print(f"{'':<34} {'p50':>8} {'p99':>8}")
-    print(
-        f"{'resign -> next leader body':<34} {percentile(handovers, 0.5) * 1e3:>8.3f} {percentile(handovers, 0.99) * 1e3:>8.3f}"
-    )
+    h50, h99 = percentile(handovers, 0.5), percentile(handovers, 0.99)
+    print(f"{'resign -> next leader body':<34} {h50 * 1e3:>8.3f} {h99 * 1e3:>8.3f}")
     print(f"{'floor: watch delivery + one txn':<34} {floor50 * 1e3:>8.3f} {floor99 * 1e3:>8.3f}")
     print(f"ratio (p50): {h50 / floor50:.2f}x")
     print()
