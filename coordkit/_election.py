@@ -111,18 +111,22 @@ class _Campaign:
 
     async def __aenter__(self) -> Leadership:
         held = await self._candidate.__aenter__()
-        _telemetry.election_transitions.add(1, {**self._candidate._attrs(held.token), "coordkit.transition": "gained"})
+        attrs = {**self._candidate._metric_attrs(), "coordkit.transition": "gained"}
+        _telemetry.election_transitions.add(1, attrs)
         return Leadership(self._candidate, held)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        held = self._candidate.held
+        transition = "resigned"
         try:
             return await self._candidate.__aexit__(exc_type, exc, tb)
+        except LeadershipLostError:
+            transition = "lost"
+            raise
         finally:
-            attrs = self._candidate._attrs(held.token if held else None)
-            _telemetry.election_transitions.add(1, {**attrs, "coordkit.transition": "lost"})
+            attrs = {**self._candidate._metric_attrs(), "coordkit.transition": transition}
+            _telemetry.election_transitions.add(1, attrs)
 
 
 @final

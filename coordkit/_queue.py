@@ -74,7 +74,8 @@ class LockStatistics:
     Attributes:
         held: whether this object currently owns the name.
         token: the fencing token while held, else None.
-        waiters: tasks of this process waiting on this object (each object contends with one key at a time).
+        waiters: tasks of this process waiting for this object's turn (each object contends with one key at a
+            time); the task whose turn it is does not count, even while it waits in the store's queue.
     """
 
     held: bool
@@ -166,6 +167,7 @@ class Contender(ABC):
             UnavailableError: the store could not be reached to join the queue.
         """
         task = self._take_turn_check()
+        started = anyio.current_time()
         self._waiting += 1
         try:
             await self._turn.acquire()
@@ -173,7 +175,7 @@ class Contender(ABC):
             self._waiting -= 1
         self._turn_task = task
         try:
-            held = await self._acquire(wait=True)
+            held = await self._acquire(wait=True, started=started)
         except BaseException:
             self._end_turn()
             raise
@@ -187,17 +189,19 @@ class Contender(ABC):
         On success, `release` gives the name back.
 
         Raises:
-            RuntimeError: the calling task already holds this object.
+            RuntimeError: the calling task already holds this object, or contends for the same name in the same
+                session through another object.
             SessionClosedError, UnavailableError, OwnershipLostError: as `acquire`.
         """
         task = self._take_turn_check()
+        started = anyio.current_time()
         try:
             self._turn.acquire_nowait()
         except anyio.WouldBlock:
             return False
         self._turn_task = task
         try:
-            held = await self._acquire(wait=False)
+            held = await self._acquire(wait=False, started=started)
         except BaseException:
             self._end_turn()
             raise
@@ -207,6 +211,8 @@ class Contender(ABC):
 
     async def release(self) -> None:
         """Give the name back: delete the owner key, even when the caller is being cancelled.
+
+        Any task may release. Releasing what an ``async with`` holds makes that block's exit raise RuntimeError.
 
         Raises:
             RuntimeError: the name is not held by this object.
@@ -220,7 +226,7 @@ class Contender(ABC):
             # name back. _delete stops trying at the session's deadline, so this cannot hang past it.
             with anyio.CancelScope(shield=True):
                 await _delete(self.session, held.key, held.token)
-            _telemetry.lock_hold.record(anyio.current_time() - self._held_since, self._attrs(held.token))
+            _telemetry.lock_hold.record(anyio.current_time() - self._held_since, self._metric_attrs())
         finally:
             _free(self.session, held.key)
             self._end_turn()
@@ -251,18 +257,29 @@ class Contender(ABC):
 
     # -- the algorithm ---------------------------------------------------------------------------------
 
+    def _metric_attrs(self) -> dict[str, str | int]:
+        """Metric attributes: bounded cardinality (no lease ids, no tokens)."""
+        return {
+            "coordkit.backend": self.session.backend.name,
+            "coordkit.name": self.name,
+            "coordkit.recipe": self._recipe,
+        }
+
+    @property
+    def _recipe(self) -> str:
+        return self._span.split(".")[1]
+
     def _attrs(self, token: int | None = None) -> dict[str, str | int]:
         attrs = _telemetry.attributes(backend=self.session.backend.name, lease_id=self.session.lease_id, name=self.name)
         if token is not None:
             attrs["coordkit.fencing_token"] = token
         return attrs
 
-    async def _acquire(self, *, wait: bool) -> Held | None:
+    async def _acquire(self, *, wait: bool, started: float) -> Held | None:
         """Join the queue and (with ``wait``) wait for our turn. Returns None when not waiting and not first."""
         session = self.session
         key = _reserve(session, self._prefix)
         revision = 0
-        started = anyio.current_time()
         try:
             with _telemetry.span(self._span, self._attrs()) as span:
                 async with session.guarded(self._lost_error):
@@ -293,7 +310,7 @@ class Contender(ABC):
             raise
         self._held = Held(self.name, key, revision)
         self._held_since = anyio.current_time()
-        _telemetry.lock_wait.record(self._held_since - started, self._attrs(revision))
+        _telemetry.lock_wait.record(self._held_since - started, self._metric_attrs())
         return self._held
 
 

@@ -274,9 +274,11 @@ async def test_bad_limits(harness: Harness) -> None:
 
 async def test_semaphore_admits_limit_holders_fifo(harness: Harness) -> None:
     name = harness.namespace.decode() + "sem"
-    inside, most = 0, 0
+    inside: set[int] = set()
     order: list[int] = []
     tokens: list[int] = []
+    entered = {i: anyio.Event() for i in range(2, 5)}
+    leave = {i: anyio.Event() for i in range(2, 5)}
     async with sessions(harness, 5) as group:
         holders = [Semaphore(group[i], name, limit=2) for i in range(2)]
         for sem in holders:
@@ -284,23 +286,29 @@ async def test_semaphore_admits_limit_holders_fifo(harness: Harness) -> None:
         async with anyio.create_task_group() as tg:
 
             async def waiter(i: int) -> None:
-                nonlocal inside, most
                 async with Semaphore(group[i], name, limit=2) as permit:
-                    inside += 1
-                    most = max(most, inside)
+                    inside.add(i)
+                    assert len(inside) <= 2, f"more than 2 holders: {inside}"
                     order.append(i)
                     tokens.append(permit.token)
-                    await anyio.sleep(0.05)
-                    inside -= 1
+                    entered[i].set()
+                    await leave[i].wait()
+                    inside.discard(i)
 
             for i in range(2, 5):
                 tg.start_soon(waiter, i)
                 await wait_queue(group[0].backend, name, i + 1)
             assert order == [], "no permit while two are held"
             await holders[1].release()
+            await entered[2].wait()
             await holders[0].release()
+            await entered[3].wait()
+            assert not entered[4].is_set(), "a third holder while 2 and 3 hold"
+            leave[2].set()
+            await entered[4].wait()
+            leave[3].set()
+            leave[4].set()
         assert order == [2, 3, 4]
-        assert most <= 2
         assert tokens == sorted(tokens)
         assert await queue_length(group[0].backend, name) == 0
 
