@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from ._backend import Backend as Backend
 from ._codec import JSON as JSON, Codec as Codec, JsonCodec as JsonCodec
+from ._config import (
+    ConfigChange as ConfigChange,
+    ConfigView as ConfigView,
+    publish as publish,
+    publish_many as publish_many,
+)
 from ._election import (
     Election as Election,
     Leader as Leader,
@@ -24,6 +30,13 @@ from ._errors import (
     UnavailableError as UnavailableError,
 )
 from ._etcd import EtcdBackend as EtcdBackend
+from ._group import (
+    Group as Group,
+    GroupView as GroupView,
+    MemberExistsError as MemberExistsError,
+    Membership as Membership,
+    MembershipLostError as MembershipLostError,
+)
 from ._lock import Lock as Lock, LockLostError as LockLostError
 from ._memory import MemoryBackend as MemoryBackend, MemoryFaults as MemoryFaults, MemoryStore as MemoryStore
 from ._once import ComputationLostError as ComputationLostError, invalidate_once as invalidate_once, once as once
@@ -65,6 +78,8 @@ __all__ = (
     "Compare",
     "CompareTarget",
     "ComputationLostError",
+    "ConfigChange",
+    "ConfigView",
     "CoordkitError",
     "Delete",
     "DeleteResult",
@@ -72,6 +87,8 @@ __all__ = (
     "EtcdBackend",
     "Event",
     "EventType",
+    "Group",
+    "GroupView",
     "Held",
     "invalidate_once",
     "JSON",
@@ -85,6 +102,9 @@ __all__ = (
     "Lock",
     "LockLostError",
     "LockStatistics",
+    "MemberExistsError",
+    "Membership",
+    "MembershipLostError",
     "MemoryBackend",
     "MemoryFaults",
     "MemoryStore",
@@ -94,6 +114,8 @@ __all__ = (
     "OpResult",
     "OwnershipLostError",
     "PermitLostError",
+    "publish",
+    "publish_many",
     "Put",
     "PutResult",
     "Range",

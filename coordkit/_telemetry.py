@@ -32,6 +32,9 @@ watch_resyncs = meter.create_counter(
 watch_lag = meter.create_histogram(
     "coordkit.watch.lag", unit="s", description="Commit to delivery delay of watch events, where measurable"
 )
+config_decode_errors = meter.create_counter(
+    "coordkit.config.decode_errors", unit="{value}", description="Published config values a view could not decode"
+)
 lock_wait = meter.create_histogram("coordkit.lock.wait", unit="s", description="Time from acquire call to holding")
 lock_hold = meter.create_histogram("coordkit.lock.hold", unit="s", description="Time a lock was held")
 election_transitions = meter.create_counter(

@@ -1,0 +1,364 @@
+"""ConfigView: a live local copy of a key prefix; publish: compare-and-swap writes to it.
+
+Guarantees: a view shows a state the store really had, at ``view.revision``, and never goes back to an older
+one; it sees every change in order, with no gap or repeat across reconnects, and a full resync after
+compaction (reported as such); a published value that does not decode is reported and the previous good value
+kept, so a bad publish never crashes a consumer. Publishing is a compare-and-swap on the key's revision, so two
+publishers cannot silently overwrite each other. All the views of one prefix on one backend in a process share
+one watch of the store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType, TracebackType
+from typing import Any, Generic, TypeVar, final
+from weakref import WeakKeyDictionary
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectSendStream
+
+from . import _telemetry
+from ._backend import Backend
+from ._codec import JSON, Codec
+from ._types import Compare, Delete, EventType, KeyValue, Op, Put, WatchBatch
+from ._watch import Snapshot, Watch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChange(Generic[T]):
+    """One change seen by a ConfigView.
+
+    Attributes:
+        key: the key, relative to the view's prefix.
+        value: the value now (None when deleted; the previous good value when the new one did not decode).
+        previous: the value before.
+        revision: the store revision of the change.
+        deleted: the key was deleted.
+        error: why the published value could not be decoded (the view kept ``previous``), else None.
+        resync: the change was found by a full resync after compaction, not observed as it happened.
+    """
+
+    key: str
+    value: T | None
+    previous: T | None
+    revision: int
+    deleted: bool = False
+    error: Exception | None = None
+    resync: bool = False
+
+
+class _Feed:
+    """One watch of a prefix, shared by every view of it on one backend; views pull from it, nobody owns a task.
+
+    The view that asks for an item nobody has read yet reads it from the watch; the others wait for it. The feed
+    keeps the current state, so a view that subscribes late starts from it. If the reading view is cancelled
+    mid-read, the watch is reopened from the last revision by the next reader: nothing is lost.
+    """
+
+    def __init__(self, backend: Backend, prefix: bytes) -> None:
+        self.backend, self.prefix = backend, prefix
+        self.state: dict[bytes, KeyValue] = {}
+        self.revision = 0
+        self._log: list[Snapshot | WatchBatch] = []
+        self._base = 0  # absolute index of _log[0]
+        self._cursors: dict[int, int] = {}  # subscriber id -> next absolute index
+        self._watch: Watch | None = None
+        self._items: AsyncGenerator[Snapshot | WatchBatch, None] | None = None
+        self._reading = False
+        self._arrived = anyio.Event()
+        self.streams_opened = 0
+
+    async def _read(self) -> None:
+        if self._items is None:
+            # The first time: a snapshot, then changes. After a broken read: resume after what we have.
+            start = self.revision + 1 if self.revision else None
+            self._watch = Watch(self.backend, self.prefix, prefix=True, start_revision=start)
+            await self._watch.__aenter__()
+            self._items = aiter(self._watch)
+            self.streams_opened += 1
+        try:
+            item = await anext(self._items)
+        except BaseException:
+            # Cancelled (or failed) mid-read: this generator is finished. Reopen from our revision next time.
+            watch, self._watch, self._items = self._watch, None, None
+            if watch is not None:
+                with anyio.CancelScope(shield=True):
+                    await watch.__aexit__(None, None, None)
+            raise
+        if isinstance(item, Snapshot):
+            self.state = {kv.key: kv for kv in item.kvs}
+        else:
+            for event in item.events:
+                if event.type is EventType.PUT:
+                    self.state[event.kv.key] = event.kv
+                else:
+                    self.state.pop(event.kv.key, None)
+        self.revision = item.revision
+        self._log.append(item)
+
+    async def item(self, subscriber: int) -> Snapshot | WatchBatch:
+        """The next item for ``subscriber``, reading it from the store if nobody has yet."""
+        index = self._cursors[subscriber]
+        while index >= self._base + len(self._log):
+            if self._reading:
+                await self._arrived.wait()
+                continue
+            self._reading = True
+            try:
+                await self._read()
+            finally:
+                self._reading = False
+                self._arrived.set()
+                self._arrived = anyio.Event()
+        self._cursors[subscriber] = index + 1
+        item = self._log[index - self._base]
+        self._trim()
+        return item
+
+    async def subscribe(self, subscriber: int) -> tuple[dict[bytes, KeyValue], int]:
+        """Start following: the current state and revision (read from the store for the first subscriber)."""
+        while not self.revision:
+            self._cursors[subscriber] = self._base + len(self._log)
+            await self.item(subscriber)
+        self._cursors[subscriber] = self._base + len(self._log)
+        return dict(self.state), self.revision
+
+    def unsubscribe(self, subscriber: int) -> bool:
+        """Stop following; True when nobody follows any more."""
+        self._cursors.pop(subscriber, None)
+        self._trim()
+        return not self._cursors
+
+    def _trim(self) -> None:
+        lowest = min(self._cursors.values(), default=self._base + len(self._log))
+        drop = lowest - self._base
+        if drop > 0:
+            del self._log[:drop]
+            self._base = lowest
+
+    async def aclose(self) -> None:
+        if self._watch is not None:
+            await self._watch.__aexit__(None, None, None)
+        self._watch = self._items = None
+
+
+# backend -> prefix -> feed
+_feeds: WeakKeyDictionary[Any, dict[bytes, _Feed]] = WeakKeyDictionary()
+_subscriber_ids = itertools.count(1)
+
+
+@final
+class ConfigView(Generic[T]):
+    """A live, decoded copy of every key under ``prefix``.
+
+    ``async with ConfigView(backend, "config/app/") as view:`` loads the current values, then follows every
+    change from a task the view owns. ``view.get("db/url")`` reads a value (keys are relative to the prefix);
+    ``view.snapshot()`` returns them all; ``view.revision`` is the store revision they reflect;
+    ``view.changes()`` iterates changes as they arrive; ``await view.wait_for(predicate)`` waits for a state.
+
+    Args:
+        backend: the store.
+        prefix: the key prefix to follow (text; ``""`` follows every key).
+        codec: decodes values (default JSON). A value that fails to decode keeps the previous good one and is
+            listed in `errors`.
+    """
+
+    def __init__(self, backend: Backend, prefix: str, *, codec: Codec[T] = JSON) -> None:
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefixes are str, not {type(prefix).__name__}")
+        self.backend = backend
+        self.prefix = prefix
+        self._prefix = prefix.encode()
+        self._codec = codec
+        self._values: dict[str, T] = {}
+        self._mod_revisions: dict[str, int] = {}
+        self._errors: dict[str, Exception] = {}
+        self._revision = 0
+        self._subscriber = next(_subscriber_ids)
+        self._feed: _Feed | None = None
+        self._changed = anyio.Event()
+        self._listeners: set[MemoryObjectSendStream[ConfigChange[T]]] = set()
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    @property
+    def revision(self) -> int:
+        """The store revision the view shows."""
+        return self._revision
+
+    @property
+    def errors(self) -> Mapping[str, Exception]:
+        """Keys whose latest published value could not be decoded, with the error (their old value is kept)."""
+        return MappingProxyType(self._errors)
+
+    def get(self, key: str, default: T | None = None) -> T | None:
+        """The value of ``key`` (relative to the prefix), or ``default``."""
+        return self._values.get(key, default)
+
+    def key_revision(self, key: str) -> int:
+        """The mod revision of ``key`` as the view shows it (0: absent): the ``expected_revision`` for `publish`."""
+        return self._mod_revisions.get(key, 0)
+
+    def snapshot(self) -> Mapping[str, T]:
+        """Every value now, as an immutable mapping."""
+        return MappingProxyType(dict(self._values))
+
+    async def wait_for(self, predicate: Callable[[Mapping[str, T]], bool]) -> Mapping[str, T]:
+        """Wait until ``predicate(snapshot)`` holds; return that snapshot. Bound it with ``anyio.fail_after``."""
+        while True:
+            snapshot = self.snapshot()
+            if predicate(snapshot):
+                return snapshot
+            await self._changed.wait()
+
+    async def changes(self) -> AsyncGenerator[ConfigChange[T], None]:
+        """Every change from now on, in order. Stop early with ``contextlib.aclosing``."""
+        send, receive = anyio.create_memory_object_stream[ConfigChange[T]](math.inf)
+        self._listeners.add(send)
+        try:
+            async with receive:
+                async for change in receive:
+                    yield change
+        finally:
+            self._listeners.discard(send)
+            send.close()
+
+    async def __aenter__(self) -> ConfigView[T]:
+        feeds = _feeds.setdefault(self.backend, {})
+        feed = feeds.get(self._prefix)
+        if feed is None:
+            feed = feeds[self._prefix] = _Feed(self.backend, self._prefix)
+        self._feed = feed
+        try:
+            state, revision = await feed.subscribe(self._subscriber)
+        except BaseException:
+            await self._leave_feed()
+            raise
+        for kv in state.values():
+            self._apply_put(kv, revision, resync=False, report=False)
+        self._revision = revision
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        self._task_group.start_soon(self._follow)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        await self._task_group.__aexit__(None, None, None)
+        for listener in self._listeners:
+            listener.close()
+        await self._leave_feed()
+
+    async def _leave_feed(self) -> None:
+        feed = self._feed
+        if feed is not None and feed.unsubscribe(self._subscriber):
+            _feeds.get(self.backend, {}).pop(self._prefix, None)
+            with anyio.CancelScope(shield=True):
+                await feed.aclose()
+
+    async def _follow(self) -> None:
+        assert self._feed is not None
+        while True:
+            item = await self._feed.item(self._subscriber)
+            if isinstance(item, Snapshot):
+                self._resync(item)
+            else:
+                for event in item.events:
+                    if event.type is EventType.PUT:
+                        self._apply_put(event.kv, item.revision, resync=False, report=True)
+                    else:
+                        self._apply_delete(self._relative(event.kv.key), item.revision, resync=False)
+            self._revision = item.revision
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    def _relative(self, key: bytes) -> str:
+        return key[len(self._prefix) :].decode(errors="replace")
+
+    def _apply_put(self, kv: KeyValue, revision: int, *, resync: bool, report: bool) -> None:
+        key = self._relative(kv.key)
+        self._mod_revisions[key] = kv.mod_revision
+        previous = self._values.get(key)
+        try:
+            value = self._codec.decode(kv.value)
+        except Exception as exc:  # a bad publish must not take the consumer down: keep the last good value
+            self._errors[key] = exc
+            _telemetry.config_decode_errors.add(1, {"coordkit.backend": self.backend.name})
+            if report:
+                self._emit(ConfigChange(key, previous, previous, revision, error=exc, resync=resync))
+            return
+        self._errors.pop(key, None)
+        self._values[key] = value
+        if report:
+            self._emit(ConfigChange(key, value, previous, revision, resync=resync))
+
+    def _apply_delete(self, key: str, revision: int, *, resync: bool) -> None:
+        self._errors.pop(key, None)
+        self._mod_revisions.pop(key, None)
+        if key in self._values:
+            previous = self._values.pop(key)
+            self._emit(ConfigChange(key, None, previous, revision, deleted=True, resync=resync))
+
+    def _resync(self, snapshot: Snapshot) -> None:
+        fresh = {self._relative(kv.key): kv for kv in snapshot.kvs}
+        for key in list(self._values.keys() - fresh.keys()):
+            self._apply_delete(key, snapshot.revision, resync=True)
+        for key, kv in fresh.items():
+            if kv.mod_revision != self._mod_revisions.get(key):  # changed while we could not see it
+                self._apply_put(kv, snapshot.revision, resync=True, report=True)
+
+    def _emit(self, change: ConfigChange[T]) -> None:
+        for listener in self._listeners:
+            listener.send_nowait(change)
+
+
+async def publish(
+    backend: Backend, key: str, value: Any, *, expected_revision: int | None, codec: Codec[Any] = JSON
+) -> int | None:
+    """Write ``value`` at ``key`` if the key is still as the caller last saw it (compare-and-swap).
+
+    Args:
+        expected_revision: the key's mod revision the caller based its change on (``view.key_revision(k)``;
+            0 means "the key must not exist"); None writes unconditionally.
+        codec: encodes the value (default JSON).
+
+    Returns:
+        The revision of the write, or None when the key had changed (someone else published first).
+    """
+    return await publish_many(
+        backend, {key: value}, expected=None if expected_revision is None else {key: expected_revision}, codec=codec
+    )
+
+
+async def publish_many(
+    backend: Backend,
+    values: Mapping[str, Any],
+    *,
+    expected: Mapping[str, int] | None,
+    codec: Codec[Any] = JSON,
+) -> int | None:
+    """Write several keys at once, atomically: all of them or none. A value of None deletes its key.
+
+    Args:
+        expected: key -> mod revision each key must still have (0: must not exist); keys not listed are not
+            checked. None: no checks at all.
+
+    Returns:
+        The revision of the write, or None when a checked key had changed.
+    """
+    compares = [Compare.mod(key.encode(), "==", revision) for key, revision in (expected or {}).items()]
+    ops: list[Op] = [
+        Delete(key.encode()) if value is None else Put(key.encode(), codec.encode(value))
+        for key, value in values.items()
+    ]
+    result = await backend.txn(compares, ops)
+    return result.revision if result.succeeded else None

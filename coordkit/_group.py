@@ -1,0 +1,234 @@
+"""Group: TTL-heartbeat membership. A member is a key bound to its session's lease.
+
+Guarantees: a member's key lives exactly as long as its session's lease; a member that leaves (exits its
+``async with``) disappears at once, one that crashes disappears when its lease expires (within the TTL);
+``members()`` is a consistent snapshot at one revision; ``watch()`` reports every membership change in the
+store's order, with no gap or repeat across reconnects, and a full view after compaction. A member id is
+unique in a group: a second join with the same id is refused, not duplicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+from typing import final
+from weakref import WeakKeyDictionary
+
+import anyio
+
+from ._errors import CoordkitError, NotOwnerError, OwnershipLostError
+from ._queue import name_prefix
+from ._retry import retry_call
+from ._session import Session
+from ._types import Compare, Delete, EventType, Put, Range, RangeResult
+from ._watch import Snapshot, Watch
+
+
+class MembershipLostError(OwnershipLostError):
+    """The session under a membership was lost: the member's block was cancelled; it left the group."""
+
+
+class MemberExistsError(CoordkitError):
+    """A member with this id is already in the group (another process, or another join of this session)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """The members of a group at one revision, and what changed since the previous view.
+
+    Attributes:
+        members: member id -> metadata.
+        revision: the store revision this view reflects.
+        joined: ids that appeared since the previous view (all of them in a first or resync view).
+        left: ids that disappeared since the previous view.
+        updated: ids whose metadata changed since the previous view.
+        resync: True for a full view taken after compaction (changes in between were not observed one by one).
+    """
+
+    members: Mapping[str, bytes]
+    revision: int
+    joined: frozenset[str] = field(default_factory=frozenset)
+    left: frozenset[str] = field(default_factory=frozenset)
+    updated: frozenset[str] = field(default_factory=frozenset)
+    resync: bool = False
+
+
+# session -> member keys this session has joined with
+_joined: WeakKeyDictionary[Session, set[bytes]] = WeakKeyDictionary()
+
+
+@final
+class Membership:
+    """Being a member, inside ``async with group.join(member_id) as member``.
+
+    Attributes:
+        member_id: this member's id.
+        key: its key in the store.
+        revision: the key's create revision.
+    """
+
+    def __init__(self, group: Group, member_id: str, metadata: bytes) -> None:
+        self._group = group
+        self.member_id = member_id
+        self.key = group._prefix + member_id.encode()
+        self.revision = 0
+        self._metadata = metadata
+        self._guard: object = None
+
+    @property
+    def metadata(self) -> bytes:
+        """The metadata last published for this member."""
+        return self._metadata
+
+    async def update(self, metadata: bytes) -> None:
+        """Publish new metadata (load, address, ...) without leaving and rejoining.
+
+        Raises:
+            NotOwnerError: the membership is over (left, or the lease is gone).
+        """
+        if not isinstance(metadata, bytes):
+            raise TypeError(f"metadata is bytes, not {type(metadata).__name__}")
+        session = self._group.session
+        result = await session.backend.txn(
+            [Compare.create(self.key, "==", self.revision)], [Put(self.key, metadata, session.lease_id)]
+        )
+        if not result.succeeded:
+            raise NotOwnerError(f"member {self.member_id!r} is no longer in group {self._group.name!r}")
+        self._metadata = metadata
+
+    async def __aenter__(self) -> Membership:
+        session = self._group.session
+        mine = _joined.setdefault(session, set())
+        if self.key in mine:
+            raise MemberExistsError(f"this session already joined group {self._group.name!r} as {self.member_id!r}")
+        # Create our key unless it exists. If it does with our lease, an earlier attempt of this join got through.
+        result = await retry_call(
+            lambda: session.backend.txn(
+                [Compare.create(self.key, "==", 0)],
+                [Put(self.key, self._metadata, session.lease_id)],
+                [Range(self.key)],
+            )
+        )
+        if result.succeeded:
+            self.revision = result.revision
+        else:
+            existing = result.responses[0]
+            assert isinstance(existing, RangeResult)
+            if not existing.kvs or existing.kvs[0].lease != session.lease_id:
+                raise MemberExistsError(f"group {self._group.name!r} already has a member {self.member_id!r}")
+            self.revision = existing.kvs[0].create_revision
+        mine.add(self.key)
+        guard = session.guarded(MembershipLostError)
+        try:
+            await guard.__aenter__()
+        except BaseException:
+            await self._leave()
+            raise
+        self._guard = guard
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        guard, self._guard = self._guard, None
+        try:
+            return bool(await guard.__aexit__(exc_type, exc, tb))  # type: ignore[attr-defined]
+        finally:
+            await self._leave()
+
+    async def _leave(self) -> None:
+        session = self._group.session
+        _joined.get(session, set()).discard(self.key)
+        # Leave at once, even when cancelled; once the session is lost, its lease ends and takes the key anyway.
+        with anyio.CancelScope(shield=True), anyio.move_on_at(session.deadline):
+            await retry_call(
+                lambda: session.backend.txn([Compare.create(self.key, "==", self.revision)], [Delete(self.key)])
+            )
+
+
+@final
+class Group:
+    """A membership group named ``name``: members heartbeat through their session's lease.
+
+    ``async with group.join("worker-7", metadata=b"10.0.0.7:8080") as member:`` is a member for as long as the
+    block lasts (and the session is valid: if it is lost, the block is cancelled and raises
+    ``MembershipLostError``). ``await group.members()`` lists the members; ``group.watch()`` follows joins,
+    leaves and metadata updates.
+
+    Args:
+        session: the session whose lease member keys are bound to (for `join`; observing needs no lease).
+        name: the group's name; member keys are ``<name>/<member id>``.
+    """
+
+    def __init__(self, session: Session, name: str) -> None:
+        if not isinstance(session, Session):
+            raise TypeError(f"needs a Session, not {type(session).__name__}")
+        self.session = session
+        self.name = name
+        self._prefix = name_prefix(name)
+
+    def join(self, member_id: str, *, metadata: bytes = b"") -> Membership:
+        """Join as ``member_id`` (``async with`` it); see the class docstring.
+
+        Raises:
+            ValueError: the id is empty, contains "/" or is not valid UTF-8.
+            MemberExistsError: (from ``async with``) the id is taken.
+        """
+        if not isinstance(member_id, str):
+            raise TypeError(f"member ids are str, not {type(member_id).__name__}")
+        if not member_id or "/" in member_id:
+            raise ValueError(f"a member id must be non-empty and contain no '/': {member_id!r}")
+        name_prefix(member_id)  # the same text rules as names
+        if not isinstance(metadata, bytes):
+            raise TypeError(f"metadata is bytes, not {type(metadata).__name__}")
+        return Membership(self, member_id, metadata)
+
+    async def members(self) -> GroupView:
+        """The members now, as one consistent view."""
+        result = await self.session.backend.range(Range(self._prefix, prefix=True))
+        members = {self._member_id(kv.key): kv.value for kv in result.kvs}
+        return GroupView(MappingProxyType(members), result.revision, joined=frozenset(members))
+
+    def watch(self) -> AsyncGenerator[GroupView, None]:
+        """The member set after every change, starting with the current one.
+
+        Each view says who joined, left or updated since the one before. Reconnects resume without a gap or a
+        repeat; after a compaction a full view with ``resync=True`` is reported. Stop early with
+        ``contextlib.aclosing``.
+        """
+        return self._views()
+
+    def _member_id(self, key: bytes) -> str:
+        return key[len(self._prefix) :].decode()
+
+    async def _views(self) -> AsyncGenerator[GroupView, None]:
+        members: dict[str, bytes] = {}
+        async with Watch(self.session.backend, self._prefix, prefix=True) as watch:
+            async for item in watch:
+                if isinstance(item, Snapshot):
+                    fresh = {self._member_id(kv.key): kv.value for kv in item.kvs}
+                    joined = frozenset(fresh.keys() - members.keys())
+                    left = frozenset(members.keys() - fresh.keys())
+                    updated = frozenset(k for k in fresh.keys() & members.keys() if fresh[k] != members[k])
+                    members = fresh
+                    yield GroupView(MappingProxyType(dict(members)), item.revision, joined, left, updated, item.resync)
+                    continue
+                joined_ids, left_ids, updated_ids = set(), set(), set()
+                for event in item.events:
+                    member_id = self._member_id(event.kv.key)
+                    if event.type is EventType.PUT:
+                        if member_id in members or member_id in joined_ids:
+                            updated_ids.add(member_id)
+                        else:
+                            joined_ids.add(member_id)
+                        members[member_id] = event.kv.value
+                    elif members.pop(member_id, None) is not None:
+                        left_ids.add(member_id)
+                yield GroupView(
+                    MappingProxyType(dict(members)),
+                    item.revision,
+                    frozenset(joined_ids - left_ids),
+                    frozenset(left_ids - joined_ids),
+                    frozenset(updated_ids - joined_ids - left_ids),
+                )
