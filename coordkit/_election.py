@@ -155,9 +155,10 @@ class Election:
     def campaign(self, value: bytes = b"") -> _Campaign:
         """Campaign with ``value``; ``async with`` it to lead (see the class docstring).
 
-        Raises (from ``async with``):
-            LeadershipLostError: the session was lost while campaigning or leading.
-            RuntimeError: this task already campaigns in this election with this session.
+        Raises:
+            TypeError: ``value`` is not bytes.
+            LeadershipLostError: (from ``async with``) the session was lost while campaigning or leading.
+            RuntimeError: (from ``async with``) this task already campaigns in this election with this session.
         """
         if not isinstance(value, bytes):
             raise TypeError(f"values are bytes, not {type(value).__name__}")
@@ -230,8 +231,18 @@ async def run_while_leader(
         try:
             async with Session(backend, ttl=ttl) as session, Election(session, name).campaign(value) as leadership:
                 backoff.reset()
-                await job(leadership)
+                try:
+                    await job(leadership)
+                except (LeadershipLostError, UnavailableError) as exc:
+                    raise _JobFailed from exc  # the job's own error: not a reason to campaign again
                 return
         except (LeadershipLostError, UnavailableError):
             pass  # a lost session stays lost: campaign again with a new one
+        except _JobFailed as failed:
+            assert failed.__cause__ is not None
+            raise failed.__cause__ from None
         await anyio.sleep(backoff.next_delay())
+
+
+class _JobFailed(Exception):
+    """Carries an error the job raised itself through run_while_leader's retry handler."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
+from weakref import WeakKeyDictionary
 
 import anyio
 
@@ -70,6 +71,7 @@ async def once(
     Raises:
         ComputationLostError: the session was lost while computing or waiting; a result computed by a caller
             that lost its claim is discarded, never published.
+        UnavailableError: the store could not be reached (reads and the claim are retried first).
         Exception: whatever ``fn`` raised (the claim is released first, so another caller computes).
         TypeError: ``fn`` returned something that is not bytes and no codec was given.
     """
@@ -78,26 +80,43 @@ async def once(
         check_ttl(result_ttl)
     claim, result_key = prefix + b"claim", prefix + b"result"
     backend = session.backend
+    computing = _computing.setdefault(session, set())
     async with session.guarded(ComputationLostError):
         while True:
-            # One round trip: the result if there is one, else the claim if nobody holds it.
-            attempt = await backend.txn(
-                [Compare.create(result_key, "==", 0), Compare.create(claim, "==", 0)],
-                [Put(claim, b"", session.lease_id)],
-                [Range(result_key), Range(claim)],
+            # One round trip: the result if there is one, else the claim if nobody holds it. Retried: a claim made
+            # by an attempt whose answer was lost shows up below with our lease, and is adopted.
+            attempt = await retry_call(
+                lambda: backend.txn(
+                    [Compare.create(result_key, "==", 0), Compare.create(claim, "==", 0)],
+                    [Put(claim, b"", session.lease_id)],
+                    [Range(result_key), Range(claim)],
+                )
             )
-            if attempt.succeeded:
-                value = await _compute(session, name, fn, codec, result_ttl, claim, result_key, attempt.revision)
-                break
-            published, claimed = attempt.responses
-            assert isinstance(published, RangeResult) and isinstance(claimed, RangeResult)
-            if published.kvs:
-                data = published.kvs[0].value
-                value = data if codec is None else codec.decode(data)
+            claim_revision = attempt.revision if attempt.succeeded else 0
+            if not attempt.succeeded:
+                published, claimed = attempt.responses
+                assert isinstance(published, RangeResult) and isinstance(claimed, RangeResult)
+                if published.kvs:
+                    data = published.kvs[0].value
+                    value = data if codec is None else codec.decode(data)
+                    break
+                mine = claimed.kvs[0] if claimed.kvs else None
+                if mine is not None and mine.lease == session.lease_id and claim not in computing:
+                    claim_revision = mine.create_revision  # ours, from an attempt whose reply was lost
+            if claim_revision:
+                computing.add(claim)
+                try:
+                    value = await _compute(session, name, fn, codec, result_ttl, claim, result_key, claim_revision)
+                finally:
+                    computing.discard(claim)
                 break
             # Claimed by someone else: when the claim goes (published, failed or died), look again.
             await wait_deleted(backend, claim, revision=attempt.revision)
     return value
+
+
+# session -> claim keys its tasks are computing right now (a claim with our lease but not here is a lost reply's)
+_computing: WeakKeyDictionary[Session, set[bytes]] = WeakKeyDictionary()
 
 
 async def _compute(
@@ -120,7 +139,7 @@ async def _compute(
             if not isinstance(data, bytes):
                 raise TypeError(f"once({name!r}): fn returned {type(data).__name__}; give a codec or return bytes")
             lease = (await backend.grant(result_ttl)).id if result_ttl is not None else 0
-            await _publish(backend, name, claim, claim_revision, result_key, data, lease)
+            await _publish(session, name, claim, claim_revision, result_key, data, lease)
             return value
     except BaseException:
         # Release our claim (only ours: the compare), so a waiter computes instead; shielded, as cancellation
@@ -131,9 +150,10 @@ async def _compute(
 
 
 async def _publish(
-    backend: Backend, name: str, claim: bytes, claim_revision: int, result_key: bytes, data: bytes, lease: int
+    session: Session, name: str, claim: bytes, claim_revision: int, result_key: bytes, data: bytes, lease: int
 ) -> None:
     """Write the result and drop the claim atomically, only while the claim is the one we created."""
+    backend = session.backend
     fenced = [Compare.create(claim, "==", claim_revision)]
     ops: list[Op] = [Put(result_key, data, lease), Delete(claim)]
     try:
@@ -146,7 +166,9 @@ async def _publish(
             if isinstance(current, RangeResult) and [kv.value for kv in current.kvs] == [data]:
                 return
     if not published.succeeded:
-        raise ComputationLostError(f"once({name!r}): the claim was lost before the result was published")
+        raise ComputationLostError(
+            f"once({name!r}): the claim was lost before the result was published", session=session
+        )
 
 
 async def invalidate_once(backend: Backend, name: str) -> bool:

@@ -328,7 +328,7 @@ def _reserve(session: Session, prefix: bytes) -> bytes:
         if owner == task and key.startswith(base) and key[len(base) : len(base) + 1] in (b"", b"_"):
             raise RuntimeError(
                 f"this task already contends for {prefix[:-1].decode()!r} in this session; waiting again would "
-                "deadlock (locks are not re-entrant)"
+                "deadlock (not re-entrant)"
             )
     key, n = base, 0
     while key in keys:

@@ -16,6 +16,7 @@ from coordkit import (
     NotOwnerError,
     Put,
     Session,
+    UnavailableError,
     run_while_leader,
 )
 from coordkit.testing import Harness
@@ -237,3 +238,19 @@ async def test_leader_and_bad_input(harness: Harness) -> None:
             election.campaign("text")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="empty"):
             Election(session, "")
+
+
+@pytest.mark.parametrize("kind", ["memory"])
+async def test_run_while_leader_propagates_the_jobs_own_errors(harness: Harness) -> None:
+    name = harness.namespace.decode() + "joberror"
+    runs = 0
+
+    async def job(leadership: Leadership) -> None:
+        nonlocal runs
+        runs += 1
+        raise UnavailableError("the job's own database is down")
+
+    async with harness.client() as client:
+        with pytest.raises(UnavailableError, match="database"):
+            await run_while_leader(client, name, job)
+    assert runs == 1, "a job's own error is not a lost leadership: no re-campaign"

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 
 import anyio
 import pytest
 
-from coordkit import JSON, ComputationLostError, Range, Session, invalidate_once, once
+from coordkit import (
+    JSON,
+    Backend,
+    Compare,
+    ComputationLostError,
+    Op,
+    Put,
+    Range,
+    Session,
+    TxnResult,
+    UnavailableError,
+    invalidate_once,
+    once,
+)
 from coordkit.testing import Harness
 
 from .helpers import sessions
@@ -187,3 +200,35 @@ async def test_bad_result_releases_claim(harness: Harness) -> None:
         assert await once(session, name, good) == b"ok"
         with pytest.raises(ValueError, match="ttl"):
             await once(session, name, good, result_ttl=0)
+
+
+@pytest.mark.parametrize("kind", ["memory"])
+async def test_claim_applied_but_reply_lost_is_adopted(harness: Harness) -> None:
+    """An ambiguous claim (applied, reply lost) must not block the name until the session ends."""
+    name = harness.namespace.decode() + "ambiguous"
+
+    class LosesFirstReply:
+        def __init__(self, inner: Backend) -> None:
+            self.inner, self.name, self.lost = inner, inner.name, False
+
+        def __getattr__(self, attribute: str) -> object:
+            return getattr(self.inner, attribute)
+
+        async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+            result = await self.inner.txn(compare, success, failure)
+            if not self.lost and any(isinstance(op, Put) for op in success):
+                self.lost = True
+                raise UnavailableError("connection reset after the request was applied")
+            return result
+
+    calls = 0
+
+    async def build() -> bytes:
+        nonlocal calls
+        calls += 1
+        return b"built"
+
+    async with harness.client() as client, Session(LosesFirstReply(client), ttl=5) as session:  # type: ignore[arg-type]
+        with anyio.fail_after(3):
+            assert await once(session, name, build) == b"built"
+    assert calls == 1
