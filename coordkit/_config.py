@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any, Generic, TypeVar, final
+from typing import Any, Generic, TypeVar, final, overload
 from weakref import WeakKeyDictionary
 
 import anyio
@@ -170,13 +170,19 @@ class ConfigView(Generic[T]):
             listed in `errors`.
     """
 
-    def __init__(self, backend: Backend, prefix: str, *, codec: Codec[T] = JSON) -> None:
+    @overload
+    def __init__(self: ConfigView[Any], backend: Backend, prefix: str) -> None: ...
+
+    @overload
+    def __init__(self, backend: Backend, prefix: str, *, codec: Codec[T]) -> None: ...
+
+    def __init__(self, backend: Backend, prefix: str, *, codec: Codec[Any] = JSON) -> None:
         if not isinstance(prefix, str):
             raise TypeError(f"prefixes are str, not {type(prefix).__name__}")
         self.backend = backend
         self.prefix = prefix
         self._prefix = prefix.encode()
-        self._codec = codec
+        self._codec: Codec[T] = codec
         self._values: dict[str, T] = {}
         self._mod_revisions: dict[str, int] = {}
         self._errors: dict[str, Exception] = {}
