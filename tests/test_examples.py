@@ -18,6 +18,8 @@ EXPECTED = {
     "locks.py": ["is refused", "counter = 9:", "never more than 2 inside"],
     "leader_only_cron.py": ["8 ticks, each run once", "job cancelled (leadership lost)"],
     "build_index_once.py": ["built 1 time(s)", "late-worker: got index built by"],
+    "cluster_monitor.py": ["monitor saw worker-3 leave", "updated: worker-1"],
+    "config_push.py": ["stale revision: refused", "10 services saw the bad value and kept rate_limit=250"],
 }
 
 
