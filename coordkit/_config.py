@@ -119,7 +119,8 @@ class _Feed:
                 self._arrived = anyio.Event()
         self._cursors[subscriber] = index + 1
         item = self._log[index - self._base]
-        self._trim()
+        if len(self._log) > 64:  # trimming costs one pass over the subscribers: do it now and then
+            self._trim()
         return item
 
     async def subscribe(self, subscriber: int) -> tuple[dict[bytes, KeyValue], int]:
