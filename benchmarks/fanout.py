@@ -54,9 +54,8 @@ async def fanout(
                 await publish(admin, prefix + "value", change, expected_revision=None)
             per_view += [t - sent for t in arrived]
             last.append(max(arrived) - sent)
-        feed = views[0]._feed
-        assert feed is not None and all(v._feed is feed for v in views)
-        streams = feed.streams_opened
+        assert all(view.statistics().followers == views_count for view in views)
+        streams = views[0].statistics().watch_streams
     return per_view, last, streams
 
 

@@ -6,6 +6,7 @@ from ._backend import Backend as Backend
 from ._codec import JSON as JSON, Codec as Codec, JsonCodec as JsonCodec
 from ._config import (
     ConfigChange as ConfigChange,
+    ConfigStatistics as ConfigStatistics,
     ConfigView as ConfigView,
     publish as publish,
     publish_many as publish_many,
@@ -79,6 +80,7 @@ __all__ = (
     "CompareTarget",
     "ComputationLostError",
     "ConfigChange",
+    "ConfigStatistics",
     "ConfigView",
     "CoordkitError",
     "Delete",

@@ -10,13 +10,11 @@ one watch of the store.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Generic, TypeVar, final, overload
-from weakref import WeakKeyDictionary
 
 import anyio
 import anyio.abc
@@ -25,8 +23,9 @@ from anyio.streams.memory import MemoryObjectSendStream
 from . import _telemetry
 from ._backend import Backend
 from ._codec import JSON, Codec
-from ._types import Compare, Delete, EventType, KeyValue, Op, Put, WatchBatch
-from ._watch import Snapshot, Watch
+from ._feed import Subscription, subscribe
+from ._types import Compare, Delete, EventType, KeyValue, Op, Put
+from ._watch import Snapshot
 
 T = TypeVar("T")
 
@@ -54,105 +53,23 @@ class ConfigChange(Generic[T]):
     resync: bool = False
 
 
-class _Feed:
-    """One watch of a prefix, shared by every view of it on one backend; views pull from it, nobody owns a task.
+@dataclass(frozen=True, slots=True)
+class ConfigStatistics:
+    """State of a ConfigView.
 
-    The view that asks for an item nobody has read yet reads it from the watch; the others wait for it. The feed
-    keeps the current state, so a view that subscribes late starts from it. If the reading view is cancelled
-    mid-read, the watch is reopened from the last revision by the next reader: nothing is lost.
+    Attributes:
+        revision: the store revision the view shows.
+        keys: how many keys it holds.
+        decode_errors: keys whose latest value could not be decoded.
+        followers: views (in this process) sharing this view's backend watch, this one included.
+        watch_streams: backend watch streams that shared watch has opened so far (reconnects add one).
     """
 
-    def __init__(self, backend: Backend, prefix: bytes) -> None:
-        self.backend, self.prefix = backend, prefix
-        self.state: dict[bytes, KeyValue] = {}
-        self.revision = 0
-        self._log: list[Snapshot | WatchBatch] = []
-        self._base = 0  # absolute index of _log[0]
-        self._cursors: dict[int, int] = {}  # subscriber id -> next absolute index
-        self._watch: Watch | None = None
-        self._items: AsyncGenerator[Snapshot | WatchBatch, None] | None = None
-        self._reading = False
-        self._arrived = anyio.Event()
-        self.streams_opened = 0
-
-    async def _read(self) -> None:
-        if self._items is None:
-            # The first time: a snapshot, then changes. After a broken read: resume after what we have.
-            start = self.revision + 1 if self.revision else None
-            self._watch = Watch(self.backend, self.prefix, prefix=True, start_revision=start)
-            await self._watch.__aenter__()
-            self._items = aiter(self._watch)
-            self.streams_opened += 1
-        try:
-            item = await anext(self._items)
-        except BaseException:
-            # Cancelled (or failed) mid-read: this generator is finished. Reopen from our revision next time.
-            watch, self._watch, self._items = self._watch, None, None
-            if watch is not None:
-                with anyio.CancelScope(shield=True):
-                    await watch.__aexit__(None, None, None)
-            raise
-        if isinstance(item, Snapshot):
-            self.state = {kv.key: kv for kv in item.kvs}
-        else:
-            for event in item.events:
-                if event.type is EventType.PUT:
-                    self.state[event.kv.key] = event.kv
-                else:
-                    self.state.pop(event.kv.key, None)
-        self.revision = item.revision
-        self._log.append(item)
-
-    async def item(self, subscriber: int) -> Snapshot | WatchBatch:
-        """The next item for ``subscriber``, reading it from the store if nobody has yet."""
-        index = self._cursors[subscriber]
-        while index >= self._base + len(self._log):
-            if self._reading:
-                await self._arrived.wait()
-                continue
-            self._reading = True
-            try:
-                await self._read()
-            finally:
-                self._reading = False
-                self._arrived.set()
-                self._arrived = anyio.Event()
-        self._cursors[subscriber] = index + 1
-        item = self._log[index - self._base]
-        if len(self._log) > 64:  # trimming costs one pass over the subscribers: do it now and then
-            self._trim()
-        return item
-
-    async def subscribe(self, subscriber: int) -> tuple[dict[bytes, KeyValue], int]:
-        """Start following: the current state and revision (read from the store for the first subscriber)."""
-        while not self.revision:
-            self._cursors[subscriber] = self._base + len(self._log)
-            await self.item(subscriber)
-        self._cursors[subscriber] = self._base + len(self._log)
-        return dict(self.state), self.revision
-
-    def unsubscribe(self, subscriber: int) -> bool:
-        """Stop following; True when nobody follows any more."""
-        self._cursors.pop(subscriber, None)
-        self._trim()
-        return not self._cursors
-
-    def _trim(self) -> None:
-        lowest = min(self._cursors.values(), default=self._base + len(self._log))
-        drop = lowest - self._base
-        if drop > 0:
-            del self._log[:drop]
-            self._base = lowest
-
-    async def aclose(self) -> None:
-        if self._watch is not None:
-            await self._watch.__aexit__(None, None, None)
-        self._watch = self._items = None
-
-
-# backend -> prefix -> feed
-_feeds: WeakKeyDictionary[Any, dict[bytes, _Feed]] = WeakKeyDictionary()
-_subscriber_ids = itertools.count(1)
+    revision: int
+    keys: int
+    decode_errors: int
+    followers: int
+    watch_streams: int
 
 
 @final
@@ -188,8 +105,7 @@ class ConfigView(Generic[T]):
         self._mod_revisions: dict[str, int] = {}
         self._errors: dict[str, Exception] = {}
         self._revision = 0
-        self._subscriber = next(_subscriber_ids)
-        self._feed: _Feed | None = None
+        self._subscription: Subscription | None = None
         self._changed = anyio.Event()
         self._listeners: set[MemoryObjectSendStream[ConfigChange[T]]] = set()
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -203,6 +119,16 @@ class ConfigView(Generic[T]):
     def errors(self) -> Mapping[str, Exception]:
         """Keys whose latest published value could not be decoded, with the error (their old value is kept)."""
         return MappingProxyType(self._errors)
+
+    def statistics(self) -> ConfigStatistics:
+        feed = self._subscription.feed if self._subscription is not None else None
+        return ConfigStatistics(
+            self._revision,
+            len(self._values),
+            len(self._errors),
+            feed.followers if feed is not None else 0,
+            feed.streams_opened if feed is not None else 0,
+        )
 
     def get(self, key: str, default: T | None = None) -> T | None:
         """The value of ``key`` (relative to the prefix), or ``default``."""
@@ -237,19 +163,10 @@ class ConfigView(Generic[T]):
             send.close()
 
     async def __aenter__(self) -> ConfigView[T]:
-        feeds = _feeds.setdefault(self.backend, {})
-        feed = feeds.get(self._prefix)
-        if feed is None:
-            feed = feeds[self._prefix] = _Feed(self.backend, self._prefix)
-        self._feed = feed
-        try:
-            state, revision = await feed.subscribe(self._subscriber)
-        except BaseException:
-            await self._leave_feed()
-            raise
-        for kv in state.values():
-            self._apply_put(kv, revision, resync=False, report=False)
-        self._revision = revision
+        self._subscription = subscription = await subscribe(self.backend, self._prefix)
+        for kv in subscription.state.values():
+            self._apply_put(kv, subscription.revision, resync=False, report=False)
+        self._revision = subscription.revision
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._follow)
@@ -258,24 +175,17 @@ class ConfigView(Generic[T]):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        assert self._task_group is not None
+        assert self._task_group is not None and self._subscription is not None
         self._task_group.cancel_scope.cancel()
         await self._task_group.__aexit__(None, None, None)
         for listener in self._listeners:
             listener.close()
-        await self._leave_feed()
-
-    async def _leave_feed(self) -> None:
-        feed = self._feed
-        if feed is not None and feed.unsubscribe(self._subscriber):
-            _feeds.get(self.backend, {}).pop(self._prefix, None)
-            with anyio.CancelScope(shield=True):
-                await feed.aclose()
+        await self._subscription.aclose()
 
     async def _follow(self) -> None:
-        assert self._feed is not None
+        assert self._subscription is not None
         while True:
-            item = await self._feed.item(self._subscriber)
+            item = await self._subscription.next()
             if isinstance(item, Snapshot):
                 self._resync(item)
             else:
