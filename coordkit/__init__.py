@@ -69,11 +69,19 @@ from ._watch import (
     WatchStatistics as WatchStatistics,
     wait_deleted as wait_deleted,
 )
+from ._workqueue import (
+    ClaimLostError as ClaimLostError,
+    DeadLetter as DeadLetter,
+    QueueDepth as QueueDepth,
+    Task as Task,
+    WorkQueue as WorkQueue,
+)
 
 __all__ = (
     "AuthenticationError",
     "Backend",
     "BackendError",
+    "ClaimLostError",
     "Codec",
     "CompactedError",
     "Compare",
@@ -83,6 +91,7 @@ __all__ = (
     "ConfigStatistics",
     "ConfigView",
     "CoordkitError",
+    "DeadLetter",
     "Delete",
     "DeleteResult",
     "Election",
@@ -120,6 +129,7 @@ __all__ = (
     "publish_many",
     "Put",
     "PutResult",
+    "QueueDepth",
     "Range",
     "RangeResult",
     "RequestTooLargeError",
@@ -129,11 +139,13 @@ __all__ = (
     "SessionClosedError",
     "SessionStatistics",
     "Snapshot",
+    "Task",
     "TxnResult",
     "UnavailableError",
     "wait_deleted",
     "Watch",
     "WatchBatch",
     "WatchStatistics",
+    "WorkQueue",
     "__version__",
 )
