@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar, final, overload
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import _telemetry
 from ._backend import Backend
@@ -62,7 +62,8 @@ class ConfigStatistics:
         keys: how many keys it holds.
         decode_errors: keys whose latest value could not be decoded.
         followers: views (in this process) sharing this view's backend watch, this one included.
-        watch_streams: backend watch streams that shared watch has opened so far (reconnects add one).
+        watch_streams: backend watches the shared feed has opened so far: one, plus one each time the follower
+            reading for the others was cancelled mid-read (reconnects inside the watch do not count).
     """
 
     revision: int
@@ -150,10 +151,15 @@ class ConfigView(Generic[T]):
                 return snapshot
             await self._changed.wait()
 
-    async def changes(self) -> AsyncGenerator[ConfigChange[T], None]:
-        """Every change from now on, in order. Stop early with ``contextlib.aclosing``."""
+    def changes(self) -> AsyncGenerator[ConfigChange[T], None]:
+        """Every change from this call on, in order. Stop early with ``contextlib.aclosing``."""
         send, receive = anyio.create_memory_object_stream[ConfigChange[T]](math.inf)
-        self._listeners.add(send)
+        self._listeners.add(send)  # registered now, not at the first iteration: nothing in between is missed
+        return self._changes(send, receive)
+
+    async def _changes(
+        self, send: MemoryObjectSendStream[ConfigChange[T]], receive: MemoryObjectReceiveStream[ConfigChange[T]]
+    ) -> AsyncGenerator[ConfigChange[T], None]:
         try:
             async with receive:
                 async for change in receive:
@@ -227,6 +233,9 @@ class ConfigView(Generic[T]):
 
     def _resync(self, snapshot: Snapshot) -> None:
         fresh = {self._relative(kv.key): kv for kv in snapshot.kvs}
+        for key in list(self._errors.keys() - fresh.keys()):  # undecodable, then deleted while we could not see
+            self._errors.pop(key)
+            self._mod_revisions.pop(key, None)
         for key in list(self._values.keys() - fresh.keys()):
             self._apply_delete(key, snapshot.revision, resync=True)
         for key, kv in fresh.items():

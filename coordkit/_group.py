@@ -40,9 +40,10 @@ class GroupView:
     Attributes:
         members: member id -> metadata.
         revision: the store revision this view reflects.
-        joined: ids that appeared since the previous view (all of them in a first or resync view).
+        joined: ids that appeared since the previous view (all of them in the first view).
         left: ids that disappeared since the previous view.
-        updated: ids whose metadata changed since the previous view.
+        updated: ids whose metadata changed since the previous view (a rewrite with the same bytes is not a
+            change).
         resync: True for a full view taken after compaction (changes in between were not observed one by one).
     """
 
@@ -89,6 +90,8 @@ class Membership:
         """
         if not isinstance(metadata, bytes):
             raise TypeError(f"metadata is bytes, not {type(metadata).__name__}")
+        if not self.revision:
+            raise NotOwnerError(f"member {self.member_id!r} has not joined group {self._group.name!r}")
         session = self._group.session
         result = await session.backend.txn(
             [Compare.create(self.key, "==", self.revision)], [Put(self.key, metadata, session.lease_id)]
@@ -98,6 +101,19 @@ class Membership:
         self._metadata = metadata
 
     async def __aenter__(self) -> Membership:
+        session = self._group.session
+        # Entering the guarded block first refuses a session that is not open, before anything is written.
+        guard = session.guarded(MembershipLostError)
+        await guard.__aenter__()
+        try:
+            await self._join()
+        except BaseException as exc:
+            await guard.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._guard = guard
+        return self
+
+    async def _join(self) -> None:
         session = self._group.session
         mine = _joined.setdefault(session, set())
         if self.key in mine:
@@ -119,14 +135,6 @@ class Membership:
                 raise MemberExistsError(f"group {self._group.name!r} already has a member {self.member_id!r}")
             self.revision = existing.kvs[0].create_revision
         mine.add(self.key)
-        guard = session.guarded(MembershipLostError)
-        try:
-            await guard.__aenter__()
-        except BaseException:
-            await self._leave()
-            raise
-        self._guard = guard
-        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -218,10 +226,10 @@ class Group:
                 for event in item.events:
                     member_id = self._member_id(event.kv.key)
                     if event.type is EventType.PUT:
-                        if member_id in members or member_id in joined_ids:
-                            updated_ids.add(member_id)
-                        else:
+                        if member_id not in members:
                             joined_ids.add(member_id)
+                        elif members[member_id] != event.kv.value:
+                            updated_ids.add(member_id)
                         members[member_id] = event.kv.value
                     elif members.pop(member_id, None) is not None:
                         left_ids.add(member_id)

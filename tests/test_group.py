@@ -190,3 +190,22 @@ async def test_thousand_members(harness: Harness) -> None:
             assert len(view.members) == 1000 and view.members["m0999"] == b"999"
             leave.set()
         assert len((await Group(group_sessions[0], name).members()).members) == 0
+
+
+async def test_join_needs_an_open_session_and_writes_nothing_otherwise(harness: Harness) -> None:
+    from coordkit import SessionClosedError
+
+    name = harness.namespace.decode() + "closed"
+    async with harness.client() as client:
+        never_entered = Session(client, ttl=5)
+        with pytest.raises(SessionClosedError):
+            async with Group(never_entered, name).join("ghost"):
+                pass
+        async with Session(client, ttl=5) as session:
+            membership = Group(session, name).join("early")
+            with pytest.raises(NotOwnerError):
+                await membership.update(b"before joining")
+            assert (await Group(session, name).members()).members == {}
+        with pytest.raises(SessionClosedError):
+            async with Group(session, name).join("late"):
+                pass
