@@ -42,6 +42,12 @@ from ._lock import Lock as Lock, LockLostError as LockLostError
 from ._memory import MemoryBackend as MemoryBackend, MemoryFaults as MemoryFaults, MemoryStore as MemoryStore
 from ._once import ComputationLostError as ComputationLostError, invalidate_once as invalidate_once, once as once
 from ._queue import Held as Held, LockStatistics as LockStatistics
+from ._scheduler import (
+    JobSpec as JobSpec,
+    RunContext as RunContext,
+    RunRecord as RunRecord,
+    Scheduler as Scheduler,
+)
 from ._semaphore import PermitLostError as PermitLostError, Semaphore as Semaphore
 from ._session import Session as Session, SessionStatistics as SessionStatistics
 from ._types import (
@@ -102,6 +108,7 @@ __all__ = (
     "GroupView",
     "Held",
     "invalidate_once",
+    "JobSpec",
     "JSON",
     "JsonCodec",
     "KeyValue",
@@ -134,6 +141,9 @@ __all__ = (
     "RangeResult",
     "RequestTooLargeError",
     "run_while_leader",
+    "RunContext",
+    "RunRecord",
+    "Scheduler",
     "Semaphore",
     "Session",
     "SessionClosedError",

@@ -1,0 +1,362 @@
+"""Scheduler: a distributed cron. Every worker sees every job spec; each tick runs exactly once cluster-wide.
+
+Keys under ``<prefix>/``: ``jobs/<job>`` (the spec, JSON; followed live by every worker through a ConfigView),
+``runs/<job>/<tick>`` (the run record: claimed by a compare-and-swap create, so one worker runs each tick; kept
+after the run as history, trimmed to ``history`` records per job), ``running/<job>/<tick>`` (bound to the
+runner's lease while it runs: when it vanishes with the record still "running", the runner died and any worker
+records the run as "lost") and ``killer/<job>`` (a kill request: the worker running that job cancels it).
+
+Ticks come from a cron expression (the ``croniter`` package: ``pip install 'coordkit[cron]'``) or a fixed
+interval, on the wall clock given by ``now`` (UTC). A tick found late by more than ``misfire_grace`` seconds is
+skipped, or run once late, as the job's ``misfire`` policy says.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Literal, final
+
+import anyio
+import anyio.abc
+
+from ._config import ConfigChange, ConfigView, publish
+from ._errors import LeaseExpiredError, OwnershipLostError, UnavailableError
+from ._queue import name_prefix
+from ._retry import retry_call
+from ._session import Session
+from ._types import Compare, Delete, EventType, Put, Range
+from ._watch import Snapshot, Watch
+
+Outcome = Literal["running", "ok", "error", "killed", "lost"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A scheduled job, as stored under ``<prefix>/jobs/<name>``.
+
+    Attributes:
+        name: the job's name (no "/").
+        target: the name a worker registered the coroutine function under (`Scheduler.register`).
+        cron: a cron expression as croniter reads it (5 fields; a 6th, last, field is seconds), or None.
+        interval: seconds between ticks (ticks at multiples of it since the epoch), or None. Exactly one of
+            ``cron`` and ``interval``.
+        args: JSON arguments passed to the target after the run context.
+        enabled: a disabled job does not tick.
+        misfire: what to do with a tick found late by more than the scheduler's grace: "skip" it, or run it
+            "late" (once: later missed ticks are skipped).
+    """
+
+    name: str
+    target: str
+    cron: str | None = None
+    interval: float | None = None
+    args: list[Any] = field(default_factory=list)
+    enabled: bool = True
+    misfire: Literal["skip", "late"] = "skip"
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"job names are non-empty and contain no '/': {self.name!r}")
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError(f"job {self.name!r}: give exactly one of cron and interval")
+        if self.interval is not None and not self.interval > 0:
+            raise ValueError(f"job {self.name!r}: interval must be positive")
+        if self.cron is not None and not _croniter().is_valid(self.cron):
+            raise ValueError(f"job {self.name!r}: invalid cron expression {self.cron!r}")
+        if self.misfire not in ("skip", "late"):
+            raise ValueError(f"job {self.name!r}: misfire must be 'skip' or 'late'")
+
+    def next_tick(self, after: datetime) -> datetime:
+        """The first tick strictly after ``after``."""
+        if self.interval is not None:
+            seconds = after.timestamp()
+            return datetime.fromtimestamp((seconds // self.interval + 1) * self.interval, UTC)
+        assert self.cron is not None
+        next_time: datetime = _croniter()(self.cron, after).get_next(datetime)
+        return next_time
+
+    def previous_tick(self, before: datetime) -> datetime:
+        """The last tick at or before ``before``."""
+        if self.interval is not None:
+            seconds = before.timestamp()
+            return datetime.fromtimestamp((seconds // self.interval) * self.interval, UTC)
+        previous: datetime = _croniter()(self.cron, before).get_prev(datetime)
+        return previous
+
+
+def _croniter() -> Any:
+    try:
+        import croniter
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("cron schedules need the croniter package: pip install 'coordkit[cron]'") from exc
+    return croniter.croniter
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One run of a job: which tick, where, when, how it ended.
+
+    Attributes:
+        job: the job name.
+        tick: the scheduled time (UTC) this run is for.
+        worker: the worker that ran it.
+        started: when it started (the scheduler's clock, UTC ISO text).
+        ended: when it ended, or None while running (or when lost).
+        outcome: "running", "ok", "error", "killed" or "lost" (the worker died while running it).
+        error: the error text for "error".
+    """
+
+    job: str
+    tick: str
+    worker: str
+    started: str
+    ended: str | None
+    outcome: Outcome
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """What a job's coroutine receives: which job and tick it runs, and where."""
+
+    job: str
+    tick: datetime
+    worker: str
+
+
+class _Killed(Exception):
+    pass
+
+
+@final
+class Scheduler:
+    """A distributed cron worker. Every worker of ``prefix`` follows all job specs; each tick runs once.
+
+    ``scheduler.register("report", send_report)`` names the coroutine functions this worker can run, then
+    ``async with scheduler:`` works until the block ends. Add, change or remove jobs with `put_job` /
+    `remove_job` from anywhere: every worker picks the change up at once. `kill` cancels a job's running
+    instance on whichever worker runs it; `history` lists its runs.
+
+    Args:
+        session: the worker's session (running markers are bound to its lease).
+        prefix: the scheduler's key prefix (e.g. "cron").
+        worker: this worker's name in run records (default: its lease id).
+        now: the wall clock, returning an aware UTC datetime (default: the system clock). Tests pass a clock
+            derived from ``anyio.current_time()`` to run on virtual time.
+        misfire_grace: seconds a tick may be late before the job's misfire policy applies.
+        history: run records kept per job (oldest removed first).
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        prefix: str,
+        *,
+        worker: str | None = None,
+        now: Callable[[], datetime] | None = None,
+        misfire_grace: float = 1.0,
+        history: int = 100,
+    ) -> None:
+        if not isinstance(session, Session):
+            raise TypeError(f"needs a Session, not {type(session).__name__}")
+        if history < 1:
+            raise ValueError("history must keep at least one run")
+        self.session = session
+        self.prefix = prefix
+        self._prefix = name_prefix(prefix)
+        self._worker = worker
+        self._now = now or (lambda: datetime.now(UTC))
+        self._grace = misfire_grace
+        self._history = history
+        self._targets: dict[str, Callable[..., Awaitable[None]]] = {}
+        self._tickers: dict[str, tuple[JobSpec, anyio.CancelScope]] = {}
+        self._running: dict[str, anyio.CancelScope] = {}
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    @property
+    def worker(self) -> str:
+        return self._worker or format(self.session.lease_id, "x")
+
+    def register(self, target: str, fn: Callable[..., Awaitable[None]]) -> None:
+        """Let this worker run jobs whose ``target`` is ``target``: ``await fn(RunContext, *spec.args)``."""
+        self._targets[target] = fn
+
+    # -- managing jobs (from any process) --------------------------------------------------------------
+
+    async def put_job(self, spec: JobSpec) -> None:
+        """Add or replace a job spec; every worker follows it at once."""
+        await publish(self.session.backend, f"{self.prefix}/jobs/{spec.name}", asdict(spec), expected_revision=None)
+
+    async def remove_job(self, name: str) -> None:
+        await publish(self.session.backend, f"{self.prefix}/jobs/{name}", None, expected_revision=None)
+
+    async def kill(self, name: str) -> None:
+        """Cancel the running instance of job ``name`` wherever it runs (the request lives 10 s)."""
+        lease = await self.session.backend.grant(10)
+        await self.session.backend.txn([], [Put(self._prefix + b"killer/" + name.encode(), b"", lease.id)])
+
+    async def history(self, name: str) -> list[RunRecord]:
+        """The runs of job ``name`` still kept, oldest first."""
+        result = await self.session.backend.range(Range(self._runs(name), prefix=True))
+        return [RunRecord(**json.loads(kv.value)) for kv in result.kvs]
+
+    # -- working -----------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Scheduler:
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        ready = anyio.Event()
+        self._task_group.start_soon(self._follow_jobs, ready)
+        self._task_group.start_soon(self._follow_kills)
+        self._task_group.start_soon(self._detect_lost)
+        await ready.wait()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._task_group is not None
+        self._task_group.cancel_scope.cancel()
+        await self._task_group.__aexit__(None, None, None)
+
+    def _runs(self, job: str) -> bytes:
+        return self._prefix + b"runs/" + job.encode() + b"/"
+
+    async def _follow_jobs(self, ready: anyio.Event) -> None:
+        async with ConfigView(self.session.backend, f"{self.prefix}/jobs/") as jobs:
+            changes = jobs.changes()
+            for name, raw in jobs.snapshot().items():
+                self._reschedule(name, raw)
+            ready.set()
+            async for change in changes:
+                self._apply(change)
+
+    def _apply(self, change: ConfigChange[Any]) -> None:
+        if change.error is None:
+            self._reschedule(change.key, change.value)
+
+    def _reschedule(self, name: str, raw: Any) -> None:
+        old = self._tickers.pop(name, None)
+        if old is not None:
+            old[1].cancel()  # a changed or removed spec stops the old ticker (a running instance finishes)
+        if raw is None:
+            return
+        try:
+            spec = JobSpec(**raw)
+        except (TypeError, ValueError):
+            return  # a bad spec must not stop the worker; it is simply not scheduled
+        if not spec.enabled:
+            return
+        scope = anyio.CancelScope()
+        self._tickers[name] = (spec, scope)
+        assert self._task_group is not None
+        self._task_group.start_soon(self._tick, spec, scope)
+
+    async def _tick(self, spec: JobSpec, scope: anyio.CancelScope) -> None:
+        with scope:
+            last = self._now()
+            if spec.misfire == "late":
+                last = spec.previous_tick(last) - timedelta(microseconds=1)  # a tick missed just before we started
+            while True:
+                tick = spec.next_tick(last)
+                delay = (tick - self._now()).total_seconds()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                last = tick
+                late = (self._now() - tick).total_seconds()
+                if late > self._grace:
+                    if spec.misfire == "skip":
+                        continue
+                    # "late": this one runs; every tick missed after it is skipped
+                    last = spec.previous_tick(self._now())
+                await self._run(spec, tick)
+
+    async def _run(self, spec: JobSpec, tick: datetime) -> None:
+        fn = self._targets.get(spec.target)
+        if fn is None:
+            return  # this worker cannot run it; another one can claim it
+        session = self.session
+        tick_id = f"{int(tick.timestamp() * 1000):016d}".encode()
+        record_key = self._runs(spec.name) + tick_id
+        running_key = self._prefix + b"running/" + spec.name.encode() + b"/" + tick_id
+        record = RunRecord(spec.name, tick.isoformat(), self.worker, self._now().isoformat(), None, "running")
+        # Exactly once: the permanent run record is created only if absent; the running marker lives with our lease.
+        try:
+            claim = await session.backend.txn(
+                [Compare.create(record_key, "==", 0)],
+                [Put(record_key, _encode(record)), Put(running_key, b"", session.lease_id)],
+            )
+        except (UnavailableError, LeaseExpiredError):
+            return  # cannot claim now (store unreachable, or our session is gone): another worker will
+        if not claim.succeeded:
+            return
+        outcome: Outcome = "ok"
+        error = None
+        try:
+            async with session.guarded(OwnershipLostError):
+                with anyio.CancelScope() as kill:  # cancelled by a kill request
+                    self._running[spec.name] = kill
+                    try:
+                        await fn(RunContext(spec.name, tick, self.worker), *spec.args)
+                    finally:
+                        self._running.pop(spec.name, None)
+            if kill.cancelled_caught:
+                outcome = "killed"
+        except OwnershipLostError:
+            return  # our lease is going: the running marker vanishes and the run is recorded as lost
+        except Exception as exc:
+            outcome, error = "error", f"{type(exc).__name__}: {exc}"
+        final = RunRecord(**{**asdict(record), "ended": self._now().isoformat(), "outcome": outcome, "error": error})
+        with anyio.CancelScope(shield=True), anyio.move_on_at(session.deadline):
+            await retry_call(lambda: session.backend.txn([], [Put(record_key, _encode(final)), Delete(running_key)]))
+            await retry_call(lambda: self._trim_history(spec.name))
+
+    async def _trim_history(self, job: str) -> None:
+        records = await self.session.backend.range(Range(self._runs(job), prefix=True, keys_only=True))
+        excess = records.kvs[: max(0, len(records.kvs) - self._history)]
+        if excess:
+            await self.session.backend.txn([], [Delete(kv.key) for kv in excess])
+
+    async def _follow_kills(self) -> None:
+        killer = self._prefix + b"killer/"
+        async with Watch(self.session.backend, killer, prefix=True) as watch:
+            async for item in watch:
+                if isinstance(item, Snapshot):
+                    continue  # requests already there were for instances running before we looked
+                for event in item.events:
+                    scope = self._running.get(event.kv.key[len(killer) :].decode())
+                    if event.type is EventType.PUT and scope is not None:
+                        scope.cancel()
+
+    async def _detect_lost(self) -> None:
+        """A running marker deleted while its record still says running: the runner died. Record it once."""
+        running = self._prefix + b"running/"
+        backend = self.session.backend
+        async with Watch(backend, running, prefix=True) as watch:
+            async for item in watch:
+                if isinstance(item, Snapshot):
+                    continue
+                for event in item.events:
+                    if event.type is EventType.DELETE:
+                        job, _, tick_id = event.kv.key[len(running) :].partition(b"/")
+                        record_key = self._runs(job.decode()) + tick_id
+                        await retry_call(lambda key=record_key: self._record_lost(key))  # type: ignore[misc]
+
+    async def _record_lost(self, record_key: bytes) -> None:
+        current = await self.session.backend.range(Range(record_key))
+        if not current.kvs:
+            return
+        record = json.loads(current.kvs[0].value)
+        if record["outcome"] == "running":  # compare-and-swap: however many workers saw it, one records it
+            lost = json.dumps({**record, "outcome": "lost"}, separators=(",", ":")).encode()
+            await self.session.backend.txn(
+                [Compare.mod(record_key, "==", current.kvs[0].mod_revision)], [Put(record_key, lost)]
+            )
+
+
+def _encode(record: RunRecord) -> bytes:
+    return json.dumps(asdict(record), separators=(",", ":")).encode()

@@ -1,0 +1,171 @@
+"""Scheduler (distributed cron) on both backends: each tick once, live spec changes, kill, crash, misfire, history.
+
+The scheduler's wall clock is derived from the event loop's clock, so memory runs on virtual time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import pytest
+
+from coordkit import JobSpec, RunContext, Scheduler, Session, Snapshot, Watch
+from coordkit.testing import Harness
+
+pytestmark = pytest.mark.anyio
+
+BASE = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def loop_clock() -> datetime:
+    return BASE + timedelta(seconds=anyio.current_time())
+
+
+@asynccontextmanager
+async def workers(harness: Harness, prefix: str, count: int, **options: object) -> AsyncIterator[list[Scheduler]]:
+    async with AsyncExitStack() as stack:
+        out = []
+        for i in range(count):
+            client = await stack.enter_async_context(harness.client())
+            session = await stack.enter_async_context(Session(client, ttl=2))
+            scheduler = Scheduler(session, prefix, worker=f"w{i}", now=loop_clock, **options)  # type: ignore[arg-type]
+            out.append(scheduler)
+        yield out
+
+
+async def wait_outcome(scheduler: Scheduler, prefix: str, job: str, outcome: str) -> None:
+    """Follow the job's run records until one has ``outcome`` (another worker writes it)."""
+    runs = f"{prefix}/runs/{job}/".encode()
+    async with Watch(scheduler.session.backend, runs, prefix=True) as watch:
+        async for item in watch:
+            kvs = item.kvs if isinstance(item, Snapshot) else tuple(e.kv for e in item.events)
+            if any(kv.value and json.loads(kv.value)["outcome"] == outcome for kv in kvs):
+                return
+
+
+async def test_each_tick_runs_once_across_workers(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "cron"
+    runs: list[tuple[str, datetime]] = []
+
+    async def job(context: RunContext) -> None:
+        runs.append((context.worker, context.tick))
+
+    async with workers(harness, prefix, 3) as group, AsyncExitStack() as running:
+        for scheduler in group:
+            scheduler.register("job", job)
+            await running.enter_async_context(scheduler)
+        await group[0].put_job(JobSpec("tick", "job", interval=0.5))
+        await anyio.sleep(3.1)
+        history = await group[0].history("tick")
+    ticks = [tick for _, tick in runs]
+    assert len(ticks) >= 5 and len(set(ticks)) == len(ticks), "no tick ran twice"
+    gaps = {(b - a).total_seconds() for a, b in zip(sorted(ticks), sorted(ticks)[1:], strict=False)}
+    assert gaps == {0.5}, f"no tick skipped: {gaps}"
+    assert [r.outcome for r in history if r.outcome != "running"] == ["ok"] * len([r for r in history if r.ended])
+    assert {r.tick for r in history} >= {t.isoformat() for t in ticks[:-1]}
+
+
+async def test_spec_changes_apply_live_and_kill(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "live"
+    started = anyio.Event()
+    async with workers(harness, prefix, 2) as group, AsyncExitStack() as running:
+        ran: list[str] = []
+
+        async def fast(context: RunContext, label: str) -> None:
+            ran.append(label)
+
+        async def slow(context: RunContext) -> None:
+            started.set()
+            await anyio.sleep(60)
+
+        for scheduler in group:
+            scheduler.register("fast", fast)
+            scheduler.register("slow", slow)
+            await running.enter_async_context(scheduler)
+        await group[0].put_job(JobSpec("job", "fast", interval=1, args=["v1"]))
+        await anyio.sleep(2.2)
+        await group[0].put_job(JobSpec("job", "fast", interval=1, args=["v2"]))
+        await anyio.sleep(2.2)
+        await group[0].put_job(JobSpec("job", "fast", interval=1, enabled=False))
+        count = len(ran)
+        await anyio.sleep(2.2)
+        assert len(ran) == count, "a disabled job does not tick"
+        assert "v1" in ran and "v2" in ran and ran.index("v2") > ran.index("v1")
+        await group[1].put_job(JobSpec("long", "slow", interval=1))
+        with anyio.fail_after(5):
+            await started.wait()
+        killed_at = anyio.current_time()
+        await group[1].kill("long")
+        await group[1].remove_job("long")
+        with anyio.fail_after(5):
+            await wait_outcome(group[0], prefix, "long", "killed")
+        assert anyio.current_time() - killed_at < 2
+
+
+async def test_crashed_worker_run_is_recorded_lost(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "crash"
+    async with harness.client() as crashing, harness.client() as other_client:
+        async with Session(other_client, ttl=5) as other_session:
+            watcher = Scheduler(other_session, prefix, worker="watcher", now=loop_clock)
+            started = anyio.Event()
+
+            async def hang(context: RunContext) -> None:
+                started.set()
+                await anyio.sleep_forever()
+
+            async with watcher, anyio.create_task_group() as tg:
+
+                async def doomed() -> None:
+                    async with Session(crashing, ttl=2) as session:
+                        scheduler = Scheduler(session, prefix, worker="doomed", now=loop_clock)
+                        scheduler.register("hang", hang)
+                        async with scheduler:
+                            await scheduler.put_job(JobSpec("job", "hang", interval=1))
+                            await anyio.sleep_forever()
+
+                tg.start_soon(doomed)
+                with anyio.fail_after(5):
+                    await started.wait()
+                harness.partition(crashing)
+                with anyio.fail_after(2 + 2):
+                    await wait_outcome(watcher, prefix, "job", "lost")
+                (lost,) = [r for r in await watcher.history("job") if r.outcome == "lost"]
+                assert lost.worker == "doomed"
+                harness.heal(crashing)
+                tg.cancel_scope.cancel()
+
+
+async def test_misfire_policies_and_history_retention(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "misfire"
+    ran: list[str] = []
+
+    async def job(context: RunContext) -> None:
+        ran.append(context.job)
+
+    async with workers(harness, prefix, 1, history=3) as (scheduler,):
+        scheduler.register("job", job)
+        # Specs published while no worker runs: their last tick (up to 60 s ago) was missed.
+        await scheduler.put_job(JobSpec("late", "job", interval=60, misfire="late"))
+        await scheduler.put_job(JobSpec("skip", "job", interval=60, misfire="skip"))
+        await scheduler.put_job(JobSpec("often", "job", interval=0.5))
+        async with scheduler:
+            await anyio.sleep(3)
+        assert ran.count("late") == 1, "the missed tick ran once, late"
+        assert ran.count("skip") == 0, "the missed tick was skipped"
+        assert len(await scheduler.history("often")) == 3, "history keeps the newest 3 runs"
+
+
+def test_job_spec_validation() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        JobSpec("x", "t")
+    with pytest.raises(ValueError, match="cron"):
+        JobSpec("x", "t", cron="not a cron")
+    with pytest.raises(ValueError, match="no '/'"):
+        JobSpec("a/b", "t", interval=1)
+    spec = JobSpec("x", "t", cron="*/5 * * * *")
+    assert spec.next_tick(BASE) == BASE + timedelta(minutes=5)
+    assert JobSpec("y", "t", interval=10).next_tick(BASE) == BASE + timedelta(seconds=10)
