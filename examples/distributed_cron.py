@@ -1,0 +1,80 @@
+"""Distributed cron: three workers, two jobs; every tick runs exactly once; a kill and a worker stop.
+
+Every worker follows the job specs (stored under "examples/cron/jobs/") and computes the ticks itself; each
+tick is claimed by one worker only. Job "heartbeat" runs every second, "report" every 3 s (cron syntax with a
+seconds field) and takes 2 s. One "report" run is killed while running; then worker w1 stops. The printed
+history shows each tick once, with who ran it and how it ended.
+
+    pip install 'coordkit[cron]'                        # cron expressions need croniter
+    python examples/distributed_cron.py                 # in-memory backend (the default)
+    python examples/distributed_cron.py --etcd http://127.0.0.1:2379
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import AsyncExitStack
+
+import anyio
+from _common import backend_factory
+
+from coordkit import JobSpec, RunContext, Scheduler, Session
+
+PREFIX = "examples/cron"
+
+
+async def heartbeat(context: RunContext) -> None:
+    print(f"  {context.tick:%H:%M:%S} heartbeat on {context.worker}")
+
+
+async def report(context: RunContext) -> None:
+    print(f"  {context.tick:%H:%M:%S} report starts on {context.worker}")
+    await anyio.sleep(2)
+    print(f"  {context.tick:%H:%M:%S} report done on {context.worker}")
+
+
+async def run_worker(scheduler: Scheduler, stop: anyio.Event) -> None:
+    async with scheduler:
+        await stop.wait()
+
+
+async def main() -> None:
+    connect = backend_factory(__doc__ or "")
+    async with AsyncExitStack() as stack:
+        workers: dict[str, Scheduler] = {}
+        for name in ("w1", "w2", "w3"):
+            client = await stack.enter_async_context(connect())
+            session = await stack.enter_async_context(Session(client, ttl=5))
+            workers[name] = scheduler = Scheduler(session, PREFIX, worker=name)
+            scheduler.register("heartbeat", heartbeat)
+            scheduler.register("report", report)
+        admin = workers["w3"]
+        stops = {name: anyio.Event() for name in workers}
+        async with anyio.create_task_group() as tg:
+            for name, scheduler in workers.items():
+                tg.start_soon(run_worker, scheduler, stops[name])
+            await admin.put_job(JobSpec("heartbeat", "heartbeat", interval=1))
+            await admin.put_job(JobSpec("report", "report", cron="* * * * * */3"))
+            await anyio.sleep(3.5)
+            print("admin: kill the running report")
+            await admin.kill("report")
+            await anyio.sleep(2)
+            print("w1 stops")
+            stops["w1"].set()
+            await anyio.sleep(3)
+            for job in ("heartbeat", "report"):
+                await admin.remove_job(job)
+            history = {job: await admin.history(job) for job in ("heartbeat", "report")}
+            for stop in stops.values():
+                stop.set()
+    for job, runs in history.items():
+        print(f"history of {job}:")
+        for run in runs:
+            print(f"  {run.tick[11:19]} {run.outcome:<8} on {run.worker}")
+        ticks = Counter(run.tick for run in runs)
+        assert set(ticks.values()) == {1}, ticks
+    print("every tick ran exactly once")
+
+
+if __name__ == "__main__":
+    anyio.run(main)
