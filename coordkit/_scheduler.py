@@ -28,7 +28,7 @@ from ._errors import LeaseExpiredError, OwnershipLostError, UnavailableError
 from ._queue import name_prefix
 from ._retry import retry_call
 from ._session import Session
-from ._types import Compare, Delete, EventType, Put, Range
+from ._types import Compare, Delete, EventType, Op, Put, Range
 from ._watch import Snapshot, Watch
 
 Outcome = Literal["running", "ok", "error", "killed", "lost"]
@@ -84,7 +84,7 @@ class JobSpec:
         if self.interval is not None:
             seconds = before.timestamp()
             return datetime.fromtimestamp((seconds // self.interval) * self.interval, UTC)
-        previous: datetime = _croniter()(self.cron, before).get_prev(datetime)
+        previous: datetime = _croniter()(self.cron, before + timedelta(microseconds=1)).get_prev(datetime)
         return previous
 
 
@@ -213,7 +213,12 @@ class Scheduler:
         self._task_group.start_soon(self._follow_jobs, ready)
         self._task_group.start_soon(self._follow_kills)
         self._task_group.start_soon(self._detect_lost)
-        await ready.wait()
+        try:
+            await ready.wait()
+        except BaseException as exc:  # a background task failed before we were ready: close the group properly
+            self._task_group.cancel_scope.cancel()
+            await self._task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     async def __aexit__(
@@ -240,15 +245,18 @@ class Scheduler:
             self._reschedule(change.key, change.value)
 
     def _reschedule(self, name: str, raw: Any) -> None:
-        old = self._tickers.pop(name, None)
-        if old is not None:
-            old[1].cancel()  # a changed or removed spec stops the old ticker (a running instance finishes)
-        if raw is None:
-            return
         try:
-            spec = JobSpec(**raw)
-        except (TypeError, ValueError):
-            return  # a bad spec must not stop the worker; it is simply not scheduled
+            spec = None if raw is None else JobSpec(**raw)
+        except (TypeError, ValueError, ImportError):
+            spec = None  # a bad spec (or a cron spec without croniter) must not stop the worker: not scheduled
+        old = self._tickers.get(name)
+        if old is not None and old[0] == spec:
+            return  # republished unchanged
+        if old is not None:
+            del self._tickers[name]
+            old[1].cancel()  # the old ticker stops; a run it started goes on (it is a task of its own)
+        if spec is None or not spec.enabled:
+            return
         if not spec.enabled:
             return
         scope = anyio.CancelScope()
@@ -273,7 +281,8 @@ class Scheduler:
                         continue
                     # "late": this one runs; every tick missed after it is skipped
                     last = spec.previous_tick(self._now())
-                await self._run(spec, tick)
+                assert self._task_group is not None
+                self._task_group.start_soon(self._run, spec, tick)  # not under the ticker: a spec change lets it finish
 
     async def _run(self, spec: JobSpec, tick: datetime) -> None:
         fn = self._targets.get(spec.target)
@@ -284,12 +293,23 @@ class Scheduler:
         record_key = self._runs(spec.name) + tick_id
         running_key = self._prefix + b"running/" + spec.name.encode() + b"/" + tick_id
         record = RunRecord(spec.name, tick.isoformat(), self.worker, self._now().isoformat(), None, "running")
-        # Exactly once: the permanent run record is created only if absent; the running marker lives with our lease.
+        # Exactly once: the run record is created only if absent, and only for a tick after the newest one claimed
+        # (``last/<job>``), so a trimmed record cannot let an old tick run again. The running marker lives with
+        # our lease.
+        last_key = self._prefix + b"last/" + spec.name.encode()
+        writes: list[Op] = [
+            Put(record_key, _encode(record)),
+            Put(running_key, b"", session.lease_id),
+            Put(last_key, tick_id),
+        ]
         try:
             claim = await session.backend.txn(
-                [Compare.create(record_key, "==", 0)],
-                [Put(record_key, _encode(record)), Put(running_key, b"", session.lease_id)],
+                [Compare.create(record_key, "==", 0), Compare.value(last_key, "<", tick_id)], writes
             )
+            if not claim.succeeded:  # maybe the job's very first tick: no last/ key yet
+                claim = await session.backend.txn(
+                    [Compare.create(record_key, "==", 0), Compare.create(last_key, "==", 0)], writes
+                )
         except (UnavailableError, LeaseExpiredError):
             return  # cannot claim now (store unreachable, or our session is gone): another worker will
         if not claim.succeeded:

@@ -159,10 +159,10 @@ class _Lease:
         try:
             await guard.__aexit__(exc_type, exc, tb)
         except ClaimLostError:
-            await self._queue._settle(task, error="session lost", release=False)
+            await self._queue._settle(task, error="the consumer's session was lost", release=True)
             raise
         if timed_out:
-            await self._queue._settle(task, error="visibility timeout", release=False)
+            await self._queue._settle(task, error="visibility timeout passed", release=True)
             raise ClaimLostError(f"item {task.id}: the visibility timeout passed before the consumer finished")
         if exc is None:
             await self._queue._complete(task)
@@ -268,6 +268,11 @@ class WorkQueue:
         return out
 
     async def _claim(self, visibility: int) -> Task:
+        # Guarded: a session that is closed, or lost while we wait, claims nothing.
+        async with self.session.guarded(ClaimLostError):
+            return await self._wait_and_claim(visibility)
+
+    async def _wait_and_claim(self, visibility: int) -> Task:
         subscription: Subscription = await subscribe(self.session.backend, self._prefix)
         try:
             state = subscription.state
@@ -332,15 +337,17 @@ class WorkQueue:
 
     async def _complete(self, task: Task) -> None:
         """Remove the item, fenced by our claim: only while the claim is the one we created."""
-        claim = self._claims + task.id.encode()
+        claim, item_key = self._claims + task.id.encode(), self._items + task.id.encode()
         result = await retry_call(
             lambda: self.session.backend.txn(
                 [Compare.create(claim, "==", task._claim_revision)],
-                [Delete(self._items + task.id.encode()), Delete(claim)],
+                [Delete(item_key), Delete(claim)],
+                [Range(item_key)],
             )
         )
         await self._revoke(task._lease_id)
-        if not result.succeeded:
+        gone = not result.succeeded and not getattr(result.responses[0], "kvs", True)
+        if not result.succeeded and not gone:  # (gone: an earlier attempt whose reply was lost removed it)
             raise ClaimLostError(f"item {task.id}: the claim ended before completion; the item was not removed")
 
     async def _settle(self, task: Task, *, error: str | None, release: bool) -> None:

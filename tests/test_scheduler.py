@@ -169,3 +169,46 @@ def test_job_spec_validation() -> None:
     spec = JobSpec("x", "t", cron="*/5 * * * *")
     assert spec.next_tick(BASE) == BASE + timedelta(minutes=5)
     assert JobSpec("y", "t", interval=10).next_tick(BASE) == BASE + timedelta(seconds=10)
+
+
+async def test_spec_change_lets_the_running_run_finish_and_trimmed_ticks_never_rerun(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "finish"
+    runs: list[datetime] = []
+    started = anyio.Event()
+
+    async def slow(context: RunContext) -> None:
+        runs.append(context.tick)
+        started.set()
+        await anyio.sleep(1.5)
+
+    async with workers(harness, prefix, 2, history=1) as group, AsyncExitStack() as running:
+        for scheduler in group:
+            scheduler.register("slow", slow)
+            await running.enter_async_context(scheduler)
+        await group[0].put_job(JobSpec("job", "slow", interval=1, misfire="late"))
+        with anyio.fail_after(5):
+            await started.wait()
+        await group[0].put_job(JobSpec("job", "slow", interval=1, misfire="late"))  # unchanged: no restart
+        await group[0].put_job(JobSpec("job", "slow", interval=2, misfire="late"))  # changed: the run goes on
+        await anyio.sleep(3)
+        await group[0].remove_job("job")
+        await anyio.sleep(2)
+        history = await group[0].history("job")
+    assert runs and len(set(runs)) == len(runs), "no tick ran twice, even with history=1 and late misfires"
+    assert history[-1].outcome == "ok", "a spec change does not kill the running instance"
+
+
+async def test_stopped_worker_with_late_policy_does_not_rerun_trimmed_ticks(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "rerun"
+    runs: list[datetime] = []
+
+    async def job(context: RunContext) -> None:
+        runs.append(context.tick)
+
+    async with workers(harness, prefix, 1, history=1) as (scheduler,):
+        scheduler.register("job", job)
+        await scheduler.put_job(JobSpec("job", "job", interval=1, misfire="late"))
+        for _ in range(3):  # the worker restarts: each time the previous tick may be offered late
+            async with scheduler:
+                await anyio.sleep(2.2)
+    assert len(set(runs)) == len(runs)

@@ -140,3 +140,24 @@ async def test_cancelled_consumer_gives_item_back_uncounted(harness: Harness) ->
                 await anyio.sleep_forever()
         async with queue.lease() as again:
             assert again.id == task.id and again.attempt == 1
+
+
+async def test_lease_needs_an_open_session_and_timeouts_are_recorded(harness: Harness) -> None:
+    from coordkit import SessionClosedError
+
+    name = harness.namespace.decode() + "closed"
+    async with harness.client() as client:
+        async with Session(client, ttl=5) as session:
+            queue = WorkQueue(session, name, max_attempts=1)
+            await queue.put(b"job")
+        with pytest.raises(SessionClosedError):
+            async with WorkQueue(Session(client, ttl=5), name).lease():
+                pass
+        async with Session(client, ttl=5) as session:
+            queue = WorkQueue(session, name, max_attempts=1)
+            assert (await queue.depth()).pending == 1, "the closed session claimed nothing"
+            with pytest.raises(ClaimLostError):
+                async with queue.lease(visibility_timeout=2):
+                    await anyio.sleep(10)
+            (letter,) = await queue.dead_letters()
+            assert "visibility timeout" in letter.error
