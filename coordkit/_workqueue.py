@@ -178,6 +178,8 @@ class WorkQueue:
     """A distributed work queue with leased items, visibility timeouts, retries and dead letters.
 
     Producers ``await queue.put(b"job")``; consumers ``async with queue.lease(visibility_timeout=30) as task:``
+    (a consumer that leases in a loop should hold ``async with queue:`` around it: the queue then keeps one
+    follower of its keys open, and a claim costs two round trips instead of opening a watch first);
     wait for an item and hold it exclusively. Leaving the block normally completes the item (it is removed);
     an exception re-offers it (counting the attempt) and propagates; after ``max_attempts`` deliveries the item
     goes to the dead letters with its last error. If the body runs past the visibility timeout without
@@ -203,6 +205,20 @@ class WorkQueue:
         self._claims = self._prefix + b"claims/"
         self._dead = self._prefix + b"dead/"
         self._margin = 0.5
+        self._subscription: Subscription | None = None
+        self._subscription_busy = False
+
+    async def __aenter__(self) -> WorkQueue:
+        """Optional: keep one follower of the queue open across leases, so a claim does not open a watch."""
+        self._subscription = await subscribe(self.session.backend, self._prefix)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await subscription.aclose()
 
     async def put(self, payload: bytes, *, priority: int = 0) -> str:
         """Add an item; return its id. Higher ``priority`` is offered first; equal ones in creation order."""
@@ -273,17 +289,21 @@ class WorkQueue:
             return await self._wait_and_claim(visibility)
 
     async def _wait_and_claim(self, visibility: int) -> Task:
-        subscription: Subscription = await subscribe(self.session.backend, self._prefix)
+        # Inside ``async with queue`` the queue's own subscription is reused (no new watch per lease), when no
+        # other task of this object is using it.
+        own = self._subscription if self._subscription is not None and not self._subscription_busy else None
+        subscription: Subscription = own or await subscribe(self.session.backend, self._prefix)
+        self._subscription_busy |= own is not None
         try:
             state = subscription.state
             while True:
-                task = await self._claim_one(self._candidates(state), visibility)
+                task = await self._claim_one(state, visibility)
                 if task is not None:
                     return task
                 # Nothing free: wait for the next change of the queue (by watch, never by polling).
                 item = await subscription.next()
                 if isinstance(item, Snapshot):
-                    state = {kv.key: kv for kv in item.kvs}
+                    state = subscription.state = {kv.key: kv for kv in item.kvs}
                 else:
                     for event in item.events:
                         if event.type is EventType.PUT:
@@ -291,15 +311,22 @@ class WorkQueue:
                         else:
                             state.pop(event.kv.key, None)
         finally:
-            await subscription.aclose()
+            if own is None:
+                await subscription.aclose()
+            else:
+                self._subscription_busy = False
 
-    async def _claim_one(self, candidates: list[tuple[int, int, bytes, KeyValue]], visibility: int) -> Task | None:
-        """Claim the first candidate another consumer has not taken; one claim lease for the whole round."""
+    async def _claim_one(self, state: dict[bytes, KeyValue], visibility: int) -> Task | None:
+        """Claim the first candidate another consumer has not taken; one claim lease for the whole round.
+
+        A candidate whose claim fails was claimed (or changed, or removed) since our view of the queue: it is
+        marked claimed in ``state`` until the store says otherwise, so it is not tried again in vain.
+        """
         backend = self.session.backend
         lease = None
         sent = 0.0
         try:
-            for _, _, key, kv in candidates:
+            for _, _, key, kv in self._candidates(state):
                 item = _Item.decode(kv.value)
                 delivered = replace(item, attempts=item.attempts + 1)
                 if delivered.attempts > self.max_attempts:
@@ -317,11 +344,14 @@ class WorkQueue:
                     [Compare.mod(key, "==", kv.mod_revision), Compare.create(claim, "==", 0)],
                     [Put(key, delivered.encode()), Put(claim, str(self.session.lease_id).encode(), lease.id)],
                 )
-                if result.succeeded:
-                    task = Task(self, item_id, delivered, result.revision, lease.id)
-                    task._deadline = sent + lease.ttl - self._margin
-                    lease = None  # the task owns it now
-                    return task
+                if not result.succeeded:
+                    # Taken meanwhile: until the store's events say otherwise (the claim ends, the item goes).
+                    state[claim] = KeyValue(claim, b"", 0, 0, 0)
+                    continue
+                task = Task(self, item_id, delivered, result.revision, lease.id)
+                task._deadline = sent + lease.ttl - self._margin
+                lease = None  # the task owns it now
+                return task
             return None
         finally:
             if lease is not None:
