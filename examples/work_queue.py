@@ -35,8 +35,7 @@ async def worker(
     name: str, client: Backend, completed: list[tuple[str, str]], doomed: anyio.Event | None, done: anyio.Event
 ) -> None:
     with suppress(ClaimLostError):  # the killed worker's claim ends without it
-        async with client, Session(client, ttl=2) as session:
-            queue = WorkQueue(session, QUEUE)
+        async with client, Session(client, ttl=2) as session, WorkQueue(session, QUEUE) as queue:
             while len(completed) < ITEMS:
                 with anyio.move_on_after(1):
                     async with queue.lease(visibility_timeout=2) as task:
