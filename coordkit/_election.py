@@ -21,9 +21,9 @@ from ._backend import Backend
 from ._errors import NotOwnerError, OwnershipLostError, UnavailableError
 from ._queue import Held, Mutex, name_prefix
 from ._retry import Backoff
-from ._session import Session
-from ._types import Compare, EventType, KeyValue, Put, Range
-from ._watch import Snapshot, Watch
+from ._session import Session, require_session
+from ._types import Compare, KeyValue, Put, Range
+from ._watch import Watch, apply
 
 
 class LeadershipLostError(OwnershipLostError):
@@ -146,9 +146,7 @@ class Election:
     """
 
     def __init__(self, session: Session, name: str) -> None:
-        if not isinstance(session, Session):
-            raise TypeError(f"needs a Session, not {type(session).__name__}")
-        self.session = session
+        self.session = require_session(session)
         self.name = name
         self._prefix = name_prefix(name)
 
@@ -188,14 +186,7 @@ async def observe_leader(backend: Backend, prefix: bytes) -> AsyncGenerator[Lead
     last: Leader | bool | None = False  # False: nothing reported yet
     async with Watch(backend, prefix, prefix=True) as watch:
         async for item in watch:
-            if isinstance(item, Snapshot):
-                candidates = {kv.key: kv for kv in item.kvs}
-            else:
-                for event in item.events:
-                    if event.type is EventType.PUT:
-                        candidates[event.kv.key] = event.kv
-                    else:
-                        candidates.pop(event.kv.key, None)
+            candidates = apply(candidates, item)
             first = min(candidates.values(), key=lambda kv: kv.create_revision, default=None)
             current = None if first is None else _leader(first)
             if current != last:

@@ -16,8 +16,8 @@ from weakref import WeakKeyDictionary
 import anyio
 
 from ._backend import Backend
-from ._types import EventType, KeyValue, WatchBatch
-from ._watch import Snapshot, Watch
+from ._types import KeyValue, WatchBatch
+from ._watch import Snapshot, Watch, apply
 
 
 class _Feed:
@@ -58,14 +58,7 @@ class _Feed:
                 with anyio.CancelScope(shield=True):
                     await watch.__aexit__(None, None, None)
             raise
-        if isinstance(item, Snapshot):
-            self.state = {kv.key: kv for kv in item.kvs}
-        else:
-            for event in item.events:
-                if event.type is EventType.PUT:
-                    self.state[event.kv.key] = event.kv
-                else:
-                    self.state.pop(event.kv.key, None)
+        self.state = apply(self.state, item)
         self.revision = item.revision
         self._log.append(item)
 

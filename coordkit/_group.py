@@ -20,7 +20,7 @@ import anyio
 from ._errors import CoordkitError, NotOwnerError, OwnershipLostError
 from ._queue import name_prefix
 from ._retry import retry_call
-from ._session import Session
+from ._session import Session, require_session
 from ._types import Compare, Delete, EventType, Put, Range, RangeResult
 from ._watch import Snapshot, Watch
 
@@ -170,9 +170,7 @@ class Group:
     """
 
     def __init__(self, session: Session, name: str) -> None:
-        if not isinstance(session, Session):
-            raise TypeError(f"needs a Session, not {type(session).__name__}")
-        self.session = session
+        self.session = require_session(session)
         self.name = name
         self._prefix = name_prefix(name)
 

@@ -20,7 +20,7 @@ import anyio
 from . import _telemetry
 from ._errors import OwnershipLostError
 from ._retry import retry_call
-from ._session import Session
+from ._session import Session, require_session
 from ._types import Compare, Delete, Put, PutResult, Range, RangeResult
 from ._watch import wait_deleted
 
@@ -98,9 +98,7 @@ class Contender(ABC):
     _span: str
 
     def __init__(self, session: Session, name: str) -> None:
-        if not isinstance(session, Session):
-            raise TypeError(f"needs a Session, not {type(session).__name__}")
-        self.session = session
+        self.session = require_session(session)
         self.name = name
         self._prefix = name_prefix(name)
         # One acquisition at a time per object: tasks sharing an object take turns here, in FIFO order.

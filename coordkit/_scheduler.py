@@ -27,7 +27,7 @@ from ._config import ConfigChange, ConfigView, publish
 from ._errors import LeaseExpiredError, OwnershipLostError, UnavailableError
 from ._queue import name_prefix
 from ._retry import retry_call
-from ._session import Session
+from ._session import Session, require_session
 from ._types import Compare, Delete, EventType, Op, Put, Range
 from ._watch import Snapshot, Watch
 
@@ -161,11 +161,9 @@ class Scheduler:
         misfire_grace: float = 1.0,
         history: int = 100,
     ) -> None:
-        if not isinstance(session, Session):
-            raise TypeError(f"needs a Session, not {type(session).__name__}")
         if history < 1:
             raise ValueError("history must keep at least one run")
-        self.session = session
+        self.session = require_session(session)
         self.prefix = prefix
         self._prefix = name_prefix(prefix)
         self._worker = worker

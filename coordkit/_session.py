@@ -241,3 +241,10 @@ class Session:
             _telemetry.keepalive_latency.record(latency, self._attrs())
             if latency > self._margin / 2:
                 _telemetry.record_slow("coordkit.session.keepalive", self._attrs(), latency)
+
+
+def require_session(session: object) -> Session:
+    """The recipes' argument check: a Session, or TypeError."""
+    if not isinstance(session, Session):
+        raise TypeError(f"needs a Session, not {type(session).__name__}")
+    return session

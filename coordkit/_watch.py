@@ -146,6 +146,21 @@ class Watch:
                 snapshot_due = resync = True
 
 
+def apply(state: dict[bytes, KeyValue], item: Snapshot | WatchBatch) -> dict[bytes, KeyValue]:
+    """Bring a key -> KeyValue map up to date with one item of a `Watch`; returns the map to use from now on.
+
+    A batch updates ``state`` in place; a snapshot replaces it (a new dict is returned).
+    """
+    if isinstance(item, Snapshot):
+        return {kv.key: kv for kv in item.kvs}
+    for event in item.events:
+        if event.type is EventType.PUT:
+            state[event.kv.key] = event.kv
+        else:
+            state.pop(event.kv.key, None)
+    return state
+
+
 async def wait_deleted(backend: Backend, key: bytes, *, revision: int) -> None:
     """Wait until ``key``, which existed at ``revision``, is deleted (returns at once if it already was).
 

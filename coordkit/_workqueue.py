@@ -28,9 +28,9 @@ from ._errors import LeaseExpiredError, OwnershipLostError
 from ._feed import Subscription, subscribe
 from ._queue import name_prefix
 from ._retry import retry_call
-from ._session import Session
-from ._types import Compare, Delete, EventType, KeyValue, Op, Put, Range, check_ttl
-from ._watch import Snapshot
+from ._session import Session, require_session
+from ._types import Compare, Delete, KeyValue, Op, Put, Range, check_ttl
+from ._watch import apply
 
 
 class ClaimLostError(OwnershipLostError):
@@ -193,11 +193,9 @@ class WorkQueue:
     """
 
     def __init__(self, session: Session, name: str, *, max_attempts: int = 5) -> None:
-        if not isinstance(session, Session):
-            raise TypeError(f"needs a Session, not {type(session).__name__}")
         if not isinstance(max_attempts, int) or max_attempts < 1:
             raise ValueError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
-        self.session = session
+        self.session = require_session(session)
         self.name = name
         self.max_attempts = max_attempts
         self._prefix = name_prefix(name)
@@ -301,15 +299,7 @@ class WorkQueue:
                 if task is not None:
                     return task
                 # Nothing free: wait for the next change of the queue (by watch, never by polling).
-                item = await subscription.next()
-                if isinstance(item, Snapshot):
-                    state = subscription.state = {kv.key: kv for kv in item.kvs}
-                else:
-                    for event in item.events:
-                        if event.type is EventType.PUT:
-                            state[event.kv.key] = event.kv
-                        else:
-                            state.pop(event.kv.key, None)
+                state = subscription.state = apply(state, await subscription.next())
         finally:
             if own is None:
                 await subscription.aclose()

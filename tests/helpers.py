@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
+import anyio.abc
 
 from coordkit import Backend, EventType, Range, Session, Snapshot, Watch
-from coordkit.testing import Harness
+from coordkit.testing import EtcdServer, Harness
 
 
 @asynccontextmanager
@@ -39,3 +41,20 @@ async def wait_queue(backend: Backend, name: str, length: int) -> None:
                         (keys.add if event.type is EventType.PUT else keys.discard)(event.kv.key)
                 if len(keys) == length:
                     return
+
+
+@asynccontextmanager
+async def etcdctl(server: EtcdServer, *args: str) -> AsyncIterator[anyio.abc.Process]:
+    """Run ``etcdctl ARGS`` against ``server``; interrupt it (it then releases what it holds) on exit."""
+    process = await anyio.open_process([server.etcdctl, f"--endpoints={server.endpoint}", *args])
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)  # etcdctl releases / resigns (revokes its session) on SIGINT
+            with anyio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        await process.aclose()

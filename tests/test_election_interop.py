@@ -6,8 +6,6 @@ This is about etcd's own tooling, so it runs against the real etcd only.
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
@@ -16,25 +14,9 @@ import pytest
 from coordkit import Election, EtcdBackend, Session
 from coordkit.testing import EtcdServer
 
-from .helpers import wait_queue
+from .helpers import etcdctl, wait_queue
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("kind", ["etcd"])]
-
-
-@asynccontextmanager
-async def etcdctl(server: EtcdServer, *args: str) -> AsyncIterator[anyio.abc.Process]:
-    process = await anyio.open_process([server.etcdctl, f"--endpoints={server.endpoint}", *args])
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGINT)  # etcdctl resigns (revokes its session) on SIGINT
-            with anyio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        await process.aclose()
 
 
 async def read_lines(process: anyio.abc.Process, count: int) -> list[str]:

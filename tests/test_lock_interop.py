@@ -6,8 +6,6 @@ This is about etcd's own tooling, so it runs against the real etcd only.
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
@@ -16,24 +14,9 @@ import pytest
 from coordkit import EtcdBackend, Lock, Range, Session
 from coordkit.testing import EtcdServer
 
+from .helpers import etcdctl
+
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("kind", ["etcd"])]
-
-
-@asynccontextmanager
-async def etcdctl_lock(server: EtcdServer, name: str) -> AsyncIterator[anyio.abc.Process]:
-    """``etcdctl lock NAME``: it prints its key once it holds the lock and holds it until interrupted."""
-    process = await anyio.open_process([server.etcdctl, f"--endpoints={server.endpoint}", "lock", name])
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGINT)  # etcdctl releases (revokes its session) on SIGINT
-            with anyio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        await process.aclose()
 
 
 async def first_line(process: anyio.abc.Process) -> str:
@@ -47,9 +30,9 @@ async def first_line(process: anyio.abc.Process) -> str:
 async def test_etcdctl_holder_excludes_coordkit(etcd_server: EtcdServer) -> None:
     name = "interop-etcdctl-first"
     async with EtcdBackend(etcd_server.endpoint) as backend, Session(backend, ttl=5) as session:
-        async with etcdctl_lock(etcd_server, name) as etcdctl:
+        async with etcdctl(etcd_server, "lock", name) as holder:
             with anyio.fail_after(15):
-                key = await first_line(etcdctl)
+                key = await first_line(holder)
             assert key.startswith(name + "/"), key  # Go's layout: <name>/<lease id hex>
             lock = Lock(session, name)
             assert not await lock.try_acquire()
@@ -64,7 +47,7 @@ async def test_etcdctl_holder_excludes_coordkit(etcd_server: EtcdServer) -> None
                 with anyio.move_on_after(1):
                     await acquired.wait()
                 assert not acquired.is_set(), "coordkit entered while etcdctl held the lock"
-                etcdctl.send_signal(signal.SIGINT)
+                holder.send_signal(signal.SIGINT)
                 with anyio.fail_after(15):
                     await acquired.wait()
 
@@ -75,14 +58,14 @@ async def test_coordkit_holder_excludes_etcdctl(etcd_server: EtcdServer) -> None
         lock = Lock(session, name)
         held = await lock.acquire()
         assert held.key == f"{name}/{session.lease_id:x}".encode(), "Go's key layout"
-        async with etcdctl_lock(etcd_server, name) as etcdctl:
-            assert etcdctl.stdout is not None
+        async with etcdctl(etcd_server, "lock", name) as holder:
+            assert holder.stdout is not None
             with anyio.move_on_after(1) as waited:
-                await etcdctl.stdout.receive()
+                await holder.stdout.receive()
             assert waited.cancelled_caught, "etcdctl got the lock while coordkit held it"
             queue = await backend.range(Range(name.encode() + b"/", prefix=True))
             assert queue.count == 2 and queue.kvs[0].key == held.key
             await lock.release()
             with anyio.fail_after(15):
-                key = await first_line(etcdctl)
+                key = await first_line(holder)
             assert key.startswith(name + "/") and key.encode() != held.key

@@ -1,6 +1,8 @@
 """WorkQueue throughput and claim latency, and Scheduler claim cost, in one run, printing a table.
 
-    python benchmarks/queue.py [--items 400]
+    python benchmarks/workqueue.py [--items 400]
+
+(Not ``queue.py``: a script there would shadow the standard library's ``queue`` for every benchmark.)
 
 - queue: ``--items`` items put up front, then drained by 1, 4 and 16 consumers (each on its own session and
   client), on EtcdBackend (etcd 3.5.1 on loopback) and MemoryBackend: end-to-end items/s, and claim latency
@@ -12,15 +14,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path, where this file would shadow the standard
-# library's ``queue`` (which asyncio imports). Drop that entry before anything imports asyncio.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
