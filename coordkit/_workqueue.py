@@ -141,7 +141,12 @@ class _Lease:
         task = await self._queue._claim(self._visibility)
         self._task = task
         guard = self._queue.session.guarded(ClaimLostError)
-        await guard.__aenter__()
+        try:
+            await guard.__aenter__()
+        except BaseException:
+            # Claimed, but cancelled (or the session went) before the body: give the item back uncounted.
+            await self._queue._settle(task, error=None, release=True)
+            raise
         self._guard = guard
         scope = anyio.CancelScope(deadline=task.deadline)
         scope.__enter__()
