@@ -22,6 +22,7 @@ from typing import Any, Literal, final
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ._config import ConfigChange, ConfigView, publish
 from ._errors import LeaseExpiredError, OwnershipLostError, UnavailableError
@@ -73,8 +74,9 @@ class JobSpec:
     def next_tick(self, after: datetime) -> datetime:
         """The first tick strictly after ``after``."""
         if self.interval is not None:
-            seconds = after.timestamp()
-            return datetime.fromtimestamp((seconds // self.interval + 1) * self.interval, UTC)
+            # Exact (timedelta) arithmetic: float seconds since the epoch would round ticks onto each other.
+            step = timedelta(seconds=self.interval)
+            return _EPOCH + ((after - _EPOCH) // step + 1) * step
         assert self.cron is not None
         next_time: datetime = _croniter()(self.cron, after).get_next(datetime)
         return next_time
@@ -82,10 +84,13 @@ class JobSpec:
     def previous_tick(self, before: datetime) -> datetime:
         """The last tick at or before ``before``."""
         if self.interval is not None:
-            seconds = before.timestamp()
-            return datetime.fromtimestamp((seconds // self.interval) * self.interval, UTC)
+            step = timedelta(seconds=self.interval)
+            return _EPOCH + ((before - _EPOCH) // step) * step
         previous: datetime = _croniter()(self.cron, before + timedelta(microseconds=1)).get_prev(datetime)
         return previous
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _croniter() -> Any:
@@ -281,6 +286,7 @@ class Scheduler:
                     last = spec.previous_tick(self._now())
                 assert self._task_group is not None
                 self._task_group.start_soon(self._run, spec, tick)  # not under the ticker: a spec change lets it finish
+                await anyio.lowlevel.checkpoint()
 
     async def _run(self, spec: JobSpec, tick: datetime) -> None:
         fn = self._targets.get(spec.target)

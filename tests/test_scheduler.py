@@ -212,3 +212,14 @@ async def test_stopped_worker_with_late_policy_does_not_rerun_trimmed_ticks(harn
             async with scheduler:
                 await anyio.sleep(2.2)
     assert len(set(runs)) == len(runs)
+
+
+def test_fractional_interval_ticks_always_advance() -> None:
+    """Regression: float arithmetic once rounded 0.1 s ticks onto each other (an endless loop)."""
+    spec = JobSpec("x", "t", interval=0.1)
+    tick = BASE + timedelta(seconds=12345.678901)
+    for _ in range(1000):
+        following = spec.next_tick(tick)
+        assert timedelta(0) < following - tick <= timedelta(seconds=0.1)
+        assert spec.previous_tick(following) == following
+        tick = following
