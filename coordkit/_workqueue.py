@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import random
 import uuid
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -31,6 +32,9 @@ from ._retry import retry_call
 from ._session import Session, require_session
 from ._types import Compare, Delete, KeyValue, Op, Put, Range, check_ttl
 from ._watch import apply
+
+#: after losing a claim race, a consumer picks at random among this many next items
+_SPREAD = 16
 
 
 class ClaimLostError(OwnershipLostError):
@@ -321,7 +325,13 @@ class WorkQueue:
         lease = None
         sent = 0.0
         try:
-            for _, _, key, kv in self._candidates(state):
+            candidates = self._candidates(state)
+            lost_a_race = False
+            while candidates:
+                # The head of the queue first. After losing a race for it, the consumers that lost spread out
+                # over the next few items at random instead of all racing for the same next one.
+                pick = random.randrange(min(len(candidates), _SPREAD)) if lost_a_race else 0
+                _, _, key, kv = candidates.pop(pick)
                 item = _Item.decode(kv.value)
                 delivered = replace(item, attempts=item.attempts + 1)
                 if delivered.attempts > self.max_attempts:
@@ -342,6 +352,7 @@ class WorkQueue:
                 if not result.succeeded:
                     # Taken meanwhile: until the store's events say otherwise (the claim ends, the item goes).
                     state[claim] = KeyValue(claim, b"", 0, 0, 0)
+                    lost_a_race = True
                     continue
                 task = Task(self, item_id, delivered, result.revision, lease.id)
                 task._deadline = sent + lease.ttl - self._margin
