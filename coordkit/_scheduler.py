@@ -142,9 +142,10 @@ class Scheduler:
     """A distributed cron worker. Every worker of ``prefix`` follows all job specs; each tick runs once.
 
     ``scheduler.register("report", send_report)`` names the coroutine functions this worker can run, then
-    ``async with scheduler:`` works until the block ends. Add, change or remove jobs with `put_job` /
-    `remove_job` from anywhere: every worker picks the change up at once. `kill` cancels a job's running
-    instance on whichever worker runs it; `history` lists its runs.
+    ``async with scheduler:`` works until the block ends. The block is guarded by the session: if it is lost,
+    the worker stops, the body is cancelled and ``OwnershipLostError`` is raised. Add, change or remove jobs
+    with `put_job` / `remove_job` from anywhere: every worker picks the change up at once. `kill` cancels a
+    job's running instance on whichever worker runs it; `history` lists its runs.
 
     Args:
         session: the worker's session (running markers are bound to its lease).
@@ -179,6 +180,7 @@ class Scheduler:
         self._tickers: dict[str, tuple[JobSpec, anyio.CancelScope]] = {}
         self._running: dict[str, anyio.CancelScope] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._guard: Any = None
 
     @property
     def worker(self) -> str:
@@ -210,6 +212,10 @@ class Scheduler:
     # -- working -----------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Scheduler:
+        # The worker's whole life is a guarded block: if the session is lost, its work and the body of
+        # ``async with scheduler`` are cancelled, and the exit raises OwnershipLostError (never silently idle).
+        self._guard = self.session.guarded(OwnershipLostError)
+        await self._guard.__aenter__()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         ready = anyio.Event()
@@ -218,9 +224,12 @@ class Scheduler:
         self._task_group.start_soon(self._detect_lost)
         try:
             await ready.wait()
-        except BaseException as exc:  # a background task failed before we were ready: close the group properly
+        except BaseException as exc:  # a background task failed before we were ready: close properly
             self._task_group.cancel_scope.cancel()
-            await self._task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            try:
+                await self._task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            finally:
+                await self._guard.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
@@ -229,7 +238,12 @@ class Scheduler:
     ) -> None:
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(None, None, None)
+        try:
+            await self._task_group.__aexit__(exc_type, exc, tb)
+        except BaseException as raised:  # e.g. the guard's cancellation: the guard turns it into its error
+            await self._guard.__aexit__(type(raised), raised, raised.__traceback__)
+            raise
+        await self._guard.__aexit__(exc_type, exc, tb)
 
     def _runs(self, job: str) -> bytes:
         return self._prefix + b"runs/" + job.encode() + b"/"

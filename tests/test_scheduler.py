@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import pytest
 
-from coordkit import JobSpec, RunContext, Scheduler, Session, Snapshot, Watch
+from coordkit import JobSpec, OwnershipLostError, RunContext, Scheduler, Session, Snapshot, Watch
 from coordkit.testing import Harness
 
 pytestmark = pytest.mark.anyio
@@ -123,9 +123,10 @@ async def test_crashed_worker_run_is_recorded_lost(harness: Harness) -> None:
                     async with Session(crashing, ttl=2) as session:
                         scheduler = Scheduler(session, prefix, worker="doomed", now=loop_clock)
                         scheduler.register("hang", hang)
-                        async with scheduler:
-                            await scheduler.put_job(JobSpec("job", "hang", interval=1))
-                            await anyio.sleep_forever()
+                        with pytest.raises(OwnershipLostError):  # cut off: its session is lost, and it says so
+                            async with scheduler:
+                                await scheduler.put_job(JobSpec("job", "hang", interval=1))
+                                await anyio.sleep_forever()
 
                 tg.start_soon(doomed)
                 with anyio.fail_after(5):
