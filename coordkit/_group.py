@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import final
+from typing import Any, final
 from weakref import WeakKeyDictionary
 
 import anyio
@@ -75,7 +75,7 @@ class Membership:
         self.key = group._prefix + member_id.encode()
         self.revision = 0
         self._metadata = metadata
-        self._guard: object = None
+        self._guard: Any = None
 
     @property
     def metadata(self) -> bytes:
@@ -141,7 +141,7 @@ class Membership:
     ) -> bool | None:
         guard, self._guard = self._guard, None
         try:
-            return bool(await guard.__aexit__(exc_type, exc, tb))  # type: ignore[attr-defined]
+            return bool(await guard.__aexit__(exc_type, exc, tb))
         finally:
             await self._leave()
 

@@ -17,6 +17,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal, final
 
@@ -382,7 +383,7 @@ class Scheduler:
                     if event.type is EventType.DELETE:
                         job, _, tick_id = event.kv.key[len(running) :].partition(b"/")
                         record_key = self._runs(job.decode()) + tick_id
-                        await retry_call(lambda key=record_key: self._record_lost(key))  # type: ignore[misc]
+                        await retry_call(partial(self._record_lost, record_key))
 
     async def _record_lost(self, record_key: bytes) -> None:
         current = await self.session.backend.range(Range(record_key))
