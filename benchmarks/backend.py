@@ -20,40 +20,17 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import anyio
+from _measure import interleaved, percentile
 
 from coordkit import Compare, EtcdBackend, MemoryBackend, Put, Range
 from coordkit.testing import EtcdServer
 
-Op = Callable[[], Awaitable[object]]
-
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def interleaved(ops: dict[str, Op], iterations: int, rounds: int = 20) -> dict[str, list[float]]:
-    """Run each op ``iterations`` times, alternating between ops every ``iterations / rounds`` calls."""
-    samples: dict[str, list[float]] = {name: [] for name in ops}
-    for op in ops.values():  # warm up connections and code paths
-        for _ in range(20):
-            await op()
-    per_round = max(1, iterations // rounds)
-    for _ in range(rounds):
-        for name, op in ops.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                await op()
-                samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 class Floor:

@@ -19,14 +19,10 @@ from contextlib import AsyncExitStack
 
 import aiohttp
 import anyio
+from _measure import percentile
 
 from coordkit import Election, EtcdBackend, Put, Range, Session, once
 from coordkit.testing import EtcdServer
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def failover(server: EtcdServer, rounds: int, candidates: int = 3) -> list[float]:

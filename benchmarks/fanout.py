@@ -18,14 +18,10 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 
 import anyio
+from _measure import percentile
 
 from coordkit import Backend, ConfigView, EtcdBackend, MemoryBackend, publish
 from coordkit.testing import EtcdServer
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def fanout(

@@ -25,6 +25,7 @@ from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 import anyio
+from _measure import interleaved, percentile
 
 from coordkit import Backend, EtcdBackend, Lock, MemoryBackend, Session, WatchBatch
 from coordkit.testing import EtcdServer
@@ -37,26 +38,6 @@ except ImportError:  # pragma: no cover - optional, benchmark only
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def interleaved(ops: dict[str, Callable[[], Awaitable[None]]], iterations: int) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {name: [] for name in ops}
-    for op in ops.values():
-        for _ in range(20):
-            await op()
-    rounds = 20
-    for _ in range(rounds):
-        for name, op in ops.items():
-            for _ in range(max(1, iterations // rounds)):
-                start = time.perf_counter()
-                await op()
-                samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 async def uncontended(server: EtcdServer, iterations: int) -> dict[str, list[float]]:

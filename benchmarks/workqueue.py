@@ -23,16 +23,12 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime, timedelta
 
 import anyio
+from _measure import percentile
 
 from coordkit import Backend, EtcdBackend, JobSpec, MemoryBackend, RunContext, Scheduler, Session, WorkQueue
 from coordkit.testing import EtcdServer
 
 Connect = Callable[[], AbstractAsyncContextManager[Backend]]
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def drain(connect: Connect, name: str, items: int, consumers: int) -> tuple[float, list[float]]:
