@@ -34,6 +34,14 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def chaos(session: nox.Session) -> None:
+    """The long reliability runs: 10,000 fault schedules, the 3-member cluster kill/restart rounds (``slow``)."""
+    session.install("-e", ".[test]")
+    env = {"COORDKIT_CHAOS_SCHEDULES": session.env.get("COORDKIT_CHAOS_SCHEDULES", "10000")}
+    session.run("pytest", "-m", "chaos or slow", *session.posargs, env=env)
+
+
+@nox.session
 def examples(session: nox.Session) -> None:
     """Every example, on memory and on a real etcd (also part of ``tests``)."""
     session.install("-e", ".[test]")
