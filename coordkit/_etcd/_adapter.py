@@ -118,7 +118,7 @@ def translate(exc: BaseException, *, endpoint: str = "", lease_id: int = 0) -> B
     if isinstance(exc, TimeoutError):
         return UnavailableError(f"etcd did not answer in time{where}")
     if isinstance(exc, aiohttp.ClientError | OSError | EOFError):
-        return UnavailableError(f"etcd unreachable{where}: {exc!r}")
+        return UnavailableError(f"etcd unreachable{where}: {str(exc) or repr(exc)}")
     return BackendError(f"malformed reply from etcd{where}: {exc}")
 
 
@@ -344,11 +344,15 @@ class GatewayClient(etcd3.AioClient):  # type: ignore[misc]  # etcd3-py has no t
         return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
     async def close(self) -> None:
-        """Close both pools (open watch streams end with UnavailableError). Idempotent."""
+        """Close both pools (open watch streams end with UnavailableError). Idempotent.
+
+        Completes even when cancelled: a client closed on the way out of a cancelled scope must not leak.
+        """
         self._closed = True
-        for session in (self._unary, self._streams):
-            if session is not None:
-                await session.close()
+        with anyio.CancelScope(shield=True):
+            for session in (self._unary, self._streams):
+                if session is not None:
+                    await session.close()
 
     @property
     def closed(self) -> bool:
@@ -489,6 +493,10 @@ class GatewayClient(etcd3.AioClient):  # type: ignore[misc]  # etcd3-py has no t
                         await self._authenticate(stale=token)
                         reauthenticated = True
                         continue
+                    if first.get("canceled") and not int(first.get("compact_revision", 0)):
+                        # Refused at creation (etcd says created *and* canceled, e.g. permission denied): an error
+                        # now, not a stream that looks open until its first read.
+                        raise _cancel_error(first)
                     if first.get("created"):
                         stream.created_revision = int(first.get("header", {}).get("revision", 0))
                     stream._pending.append(first)
