@@ -1,0 +1,5 @@
+"""``python -m coordkit``: the ``coordkit`` command."""
+
+from coordkit._cli import main
+
+main()

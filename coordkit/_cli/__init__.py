@@ -1,0 +1,11 @@
+"""The ``coordkit`` command line: the recipes for programs that cannot be changed, wrapped from the shell."""
+
+from __future__ import annotations
+
+from . import _commands as _commands  # registers the subcommands on the group
+from ._app import cli
+
+
+def main() -> None:
+    """The console script's entry point."""
+    cli(prog_name="coordkit")

@@ -1,0 +1,92 @@
+"""Running the wrapped command: in its own process group, stopped with SIGTERM then SIGKILL when cancelled.
+
+The command is the thing a lock, a leadership or a membership protects, so stopping it must reach everything
+it started: it runs in a new session (its own process group) and signals go to the whole group. A command that
+is cancelled (the ownership was lost, coordkit got a signal) gets SIGTERM; after ``grace`` seconds, SIGKILL.
+The cancellation is then re-raised: the caller learns why, the command is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import anyio
+from anyio.abc import Process
+
+#: Shell conventions for a command that could not be started.
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+
+class CommandError(Exception):
+    """The command could not be started; ``status`` is the shell's code for why (126 or 127)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def exit_status(returncode: int) -> int:
+    """A process's return code as a shell reports it: a death by signal N is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+async def run_command(argv: Sequence[str], *, grace: float, capture: bytearray | None = None) -> int:
+    """Run ``argv`` to completion and return its exit status; stop it (group-wide) if cancelled.
+
+    With ``capture``, the command's stdout is copied to ours as it comes and appended to ``capture``;
+    otherwise the command writes straight to our stdout. stdin and stderr are always inherited.
+
+    Raises:
+        CommandError: the command was not found or is not executable.
+    """
+    process = await _start(argv, capture is not None)
+    async with process:  # closes the pipe
+        try:
+            if capture is not None and process.stdout is not None:
+                async for chunk in process.stdout:
+                    capture += chunk
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.buffer.flush()
+            return exit_status(await process.wait())
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _stop(process, grace)
+            raise
+
+
+async def _start(argv: Sequence[str], capture: bool) -> Process:
+    try:
+        return await anyio.open_process(
+            list(argv),
+            stdin=None,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=None,
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(f"command not found: {argv[0]}", EXIT_NOT_FOUND) from exc
+    except PermissionError as exc:
+        raise CommandError(f"command not executable: {argv[0]}", EXIT_NOT_EXECUTABLE) from exc
+
+
+async def _stop(process: Process, grace: float) -> None:
+    """SIGTERM to the command's process group; SIGKILL to what is left after ``grace`` seconds.
+
+    The group is signalled even when the command itself has exited: what it started must not outlive it.
+    """
+    _signal_group(process.pid, signal.SIGTERM)
+    with anyio.move_on_after(grace):
+        await process.wait()
+    _signal_group(process.pid, signal.SIGKILL)
+    await process.wait()
+
+
+def _signal_group(pid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the whole group is gone already
+        os.killpg(pid, signum)  # the command leads its own group (start_new_session): its pgid is its pid

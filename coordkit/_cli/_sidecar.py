@@ -1,0 +1,75 @@
+"""The leader-elector sidecar's HTTP face: who leads, and whether this instance is healthy.
+
+``GET /`` answers ``{"name": "<leader id>"}`` (``""`` while nobody leads), as the Kubernetes leader-elector
+sidecar does, so an unmodified monolith can ask "am I the leader?" by comparing the name with its own id.
+``GET /healthz`` is 200 while this instance's session is valid, else 503.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import click
+
+from .._session import Session
+
+
+@dataclass
+class SidecarState:
+    """What the sidecar serves; the election loop keeps it current.
+
+    Attributes:
+        me: this instance's id.
+        leader: the current leader's id, "" when nobody leads.
+        session: this instance's current session (None between sessions).
+    """
+
+    me: str
+    leader: str = ""
+    session: Session | None = None
+
+    def health(self) -> tuple[int, dict[str, object]]:
+        """The /healthz status code and body: healthy while the session is entered and not lost."""
+        healthy = self.session is not None and not self.session.lost
+        body = {"healthy": healthy, "id": self.me, "leader": self.leader, "is_leader": self.leader == self.me}
+        return (200 if healthy else 503), body
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port).
+
+    Raises:
+        click.BadParameter: not HOST:PORT with a port in 0..65535.
+    """
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"expected HOST:PORT, got {address!r}", param_hint="--http")
+    return host, int(port)
+
+
+@asynccontextmanager
+async def serve(state: SidecarState, host: str, port: int) -> AsyncIterator[int]:
+    """Serve ``state`` over HTTP on ``host:port`` for the block; yields the bound port (0 picks a free one)."""
+    from aiohttp import web
+
+    async def leader(request: web.Request) -> web.Response:
+        return web.json_response({"name": state.leader})
+
+    async def healthz(request: web.Request) -> web.Response:
+        status, body = state.health()
+        return web.json_response(body, status=status)
+
+    app = web.Application()
+    app.router.add_get("/", leader)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
