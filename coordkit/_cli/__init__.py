@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import _commands as _commands  # registers the subcommands on the group
-from ._app import cli
+from ._app import cli as cli
 
 
 def main() -> None:

@@ -1,0 +1,371 @@
+"""The ``coordkit`` command as scripts use it: real processes, a real etcd, etcdctl on the other side.
+
+Every test runs ``python -m coordkit`` in subprocesses against the session's etcd server and checks what a
+script relies on: exit codes, stdout, and what happens to the wrapped command.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import anyio.abc
+import pytest
+from click.testing import CliRunner
+
+from coordkit._cli import cli as coordkit_cli
+from coordkit.testing import EtcdServer
+
+from .helpers import etcdctl
+
+pytestmark = pytest.mark.anyio
+
+CLI = (sys.executable, "-m", "coordkit")
+_names = itertools.count()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def env(etcd_server: EtcdServer) -> dict[str, str]:
+    return {**os.environ, "COORDKIT_ETCD": etcd_server.endpoint, "NO_COLOR": "1"}
+
+
+def unique(tag: str) -> str:
+    return f"cli/{tag}-{os.getpid()}-{next(_names)}"
+
+
+async def cli(env: Mapping[str, str], *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    with anyio.fail_after(60):
+        return await anyio.run_process([*CLI, *args], env=env, check=False, input=stdin)
+
+
+@asynccontextmanager
+async def background(env: Mapping[str, str], *args: str) -> AsyncIterator[anyio.abc.Process]:
+    """``coordkit ARGS`` running in the background; SIGTERM (then SIGKILL) on exit if still running."""
+    process = await anyio.open_process([*CLI, *args], env=env)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            with anyio.move_on_after(15):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+
+
+async def read_line(stream: anyio.abc.ByteReceiveStream | None, buffer: bytearray, timeout: float = 20) -> str:
+    """The next line from ``stream`` (``buffer`` keeps what came after it)."""
+    assert stream is not None
+    with anyio.fail_after(timeout):
+        while b"\n" not in buffer:
+            buffer += await stream.receive()
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode()
+
+
+async def read_until(stream: anyio.abc.ByteReceiveStream | None, pattern: str) -> re.Match[str]:
+    buffer = bytearray()
+    while True:
+        if match := re.search(pattern, await read_line(stream, buffer)):
+            return match
+
+
+async def wait_exit(process: anyio.abc.Process, timeout: float = 30) -> int:
+    with anyio.fail_after(timeout):
+        return await process.wait()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# -- lock -------------------------------------------------------------------------------------------------------
+
+
+async def test_lock_excludes_and_exits_with_the_command_status(env: dict[str, str], tmp_path: Path) -> None:
+    name, log = unique("lock"), tmp_path / "log"
+    script = f'echo "in $1" >> {log}; sleep 0.2; echo "out $1" >> {log}; exit $1'
+    statuses: dict[int, int] = {}
+
+    async def holder(n: int) -> None:
+        statuses[n] = (await cli(env, "lock", name, "--", "sh", "-c", script, "sh", str(n))).returncode
+
+    async with anyio.create_task_group() as tg:
+        for n in (3, 4, 5):
+            tg.start_soon(holder, n)
+    assert statuses == {3: 3, 4: 4, 5: 5}, "each exits with its command's status"
+    lines = log.read_text().split("\n")[:-1]
+    pairs = [(lines[i], lines[i + 1]) for i in range(0, len(lines), 2)]
+    assert len(pairs) == 3 and all(a.split()[1] == b.split()[1] and a < b for a, b in pairs), lines
+
+
+async def test_lock_interoperates_with_etcdctl(env: dict[str, str], etcd_server: EtcdServer) -> None:
+    name = unique("interop")
+    async with etcdctl(etcd_server, "lock", name) as held_by_etcdctl:
+        await read_until(held_by_etcdctl.stdout, name)  # etcdctl prints its key once it holds the lock
+        waited = await cli(env, "lock", name, "--timeout", "1", "--", "true")
+        assert waited.returncode == 124 and b"not acquired within" in waited.stderr
+    assert (await cli(env, "lock", name, "--", "true")).returncode == 0, "etcdctl released: coordkit gets it"
+
+    async with background(env, "lock", name, "--", "sh", "-c", "echo held; exec sleep 60") as held_by_coordkit:
+        await read_until(held_by_coordkit.stdout, "held")
+        async with etcdctl(etcd_server, "lock", name) as waiter:
+            with anyio.move_on_after(1) as still_waiting:
+                await read_until(waiter.stdout, name)
+            assert still_waiting.cancelled_caught, "etcdctl got the lock while coordkit held it"
+            held_by_coordkit.terminate()
+            assert await wait_exit(held_by_coordkit) == 128 + signal.SIGTERM
+            await read_until(waiter.stdout, name)  # coordkit stopped its command and released: etcdctl holds it
+
+
+async def test_lost_lock_stops_the_command(env: dict[str, str], etcd_server: EtcdServer) -> None:
+    name = unique("lost")
+    # The command ignores SIGTERM (as does everything it starts): coordkit must escalate to SIGKILL.
+    command = ["sh", "-c", "trap '' TERM; echo $$; while :; do sleep 0.1; done"]
+    async with background(env, "lock", name, "--ttl", "5", "--grace", "0.5", "--", *command) as holder:
+        buffer = bytearray()
+        pid = int(await read_line(holder.stdout, buffer))
+        assert alive(pid)
+        (kv,) = json.loads(etcd_server.run_etcdctl("get", f"{name}/", "--prefix", "-w", "json"))["kvs"]
+        etcd_server.run_etcdctl("lease", "revoke", f"{int(kv['lease']):x}")  # the lock is gone from under it
+        assert await wait_exit(holder) == 75
+        assert holder.stderr is not None
+        message = (await holder.stderr.receive()).decode()
+        assert f"lock {name!r} was lost" in message and "the command was stopped" in message, message
+    assert not alive(pid), "the command outlived the lock"
+
+
+# -- elect ------------------------------------------------------------------------------------------------------
+
+
+async def leader_of(port: int) -> Any:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/") as reply:
+        return (await reply.json())["name"]
+
+
+async def wait_leader(port: int, expected: str, timeout: float = 20) -> float:
+    """Seconds until the sidecar on ``port`` names ``expected`` (polled every 10 ms: the sidecar's API is a poll)."""
+    started = anyio.current_time()
+    with anyio.fail_after(timeout):
+        for _ in itertools.count():
+            if await leader_of(port) == expected:
+                break
+            await anyio.sleep(0.01)
+    return anyio.current_time() - started
+
+
+async def start_sidecar(env: dict[str, str], name: str, member: str, *extra: str) -> tuple[anyio.abc.Process, int]:
+    process = await anyio.open_process([*CLI, "elect", name, "--id", member, "--http", "127.0.0.1:0", *extra], env=env)
+    port = int((await read_until(process.stderr, r"on http://127\.0\.0\.1:(\d+)/"))[1])
+    return process, port
+
+
+async def test_sidecar_serves_the_leader_and_follows_failover(env: dict[str, str]) -> None:
+    name = unique("elect")
+    a, port_a = await start_sidecar(env, name, "a", "--ttl", "2")
+    try:
+        await wait_leader(port_a, "a")
+        b, port_b = await start_sidecar(env, name, "b", "--ttl", "2")
+        try:
+            await wait_leader(port_b, "a")
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port_b}/healthz") as reply:
+                assert reply.status == 200 and (await reply.json())["is_leader"] is False
+            a.terminate()  # a resigns on its way out
+            assert await wait_exit(a) == 128 + signal.SIGTERM
+            seconds = await wait_leader(port_b, "b")
+            print(f"sidecar: graceful failover seen over HTTP after {seconds * 1000:.0f} ms")
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port_b}/healthz") as reply:
+                assert reply.status == 200 and (await reply.json())["is_leader"] is True
+
+            c, port_c = await start_sidecar(env, name, "c", "--ttl", "2")
+            try:
+                await wait_leader(port_c, "b")
+                b.kill()  # a crash: no resignation, the lease must expire (TTL 2 s)
+                await wait_exit(b)
+                seconds = await wait_leader(port_c, "c")
+                print(f"sidecar: failover after a crash seen over HTTP after {seconds * 1000:.0f} ms (TTL 2 s)")
+            finally:
+                c.terminate()
+                await wait_exit(c)
+        finally:
+            if b.returncode is None:
+                b.kill()
+            await b.aclose()
+    finally:
+        if a.returncode is None:
+            a.kill()
+        await a.aclose()
+
+
+async def test_elect_runs_the_command_only_while_leading(env: dict[str, str], etcd_server: EtcdServer) -> None:
+    name = unique("elect-cmd")
+    async with etcdctl(etcd_server, "elect", name, "etcd-leader") as go_leader:
+        await read_until(go_leader.stdout, "etcd-leader")  # etcdctl leads
+        async with background(env, "elect", name, "--id", "ck", "--", "sh", "-c", "echo ran; exit 9") as candidate:
+            await read_until(candidate.stderr, "campaigning")
+            with anyio.move_on_after(1) as not_yet:
+                await read_until(candidate.stdout, "ran")
+            assert not_yet.cancelled_caught, "the command ran while etcdctl was the leader"
+            go_leader.send_signal(signal.SIGINT)  # etcdctl resigns
+            await read_until(candidate.stdout, "ran")
+            assert await wait_exit(candidate) == 9, "exits with the command's status, after resigning"
+    async with background(env, "elect", name, "--id", "ck-sidecar") as sidecar:
+        await read_until(sidecar.stderr, "leading")
+        listen = await anyio.open_process(
+            [etcd_server.etcdctl, f"--endpoints={etcd_server.endpoint}", "elect", "-l", name]
+        )
+        try:
+            await read_until(listen.stdout, "ck-sidecar")  # etcdctl sees coordkit's leader
+        finally:
+            listen.kill()
+            await listen.aclose()
+
+
+# -- membership -------------------------------------------------------------------------------------------------
+
+
+async def test_join_and_members(env: dict[str, str]) -> None:
+    group = unique("group")
+    async with background(env, "members", group, "--watch", "--json") as watcher:
+        buffer = bytearray()
+        assert json.loads(await read_line(watcher.stdout, buffer))["members"] == {}
+        async with background(env, "join", group, "w1", "--metadata", "10.0.0.1:80") as member:
+            assert json.loads(await read_line(watcher.stdout, buffer))["joined"] == {"w1": "10.0.0.1:80"}
+            listed = await cli(env, "members", group)
+            assert listed.returncode == 0 and re.search(rb"w1\s+10\.0\.0\.1:80", listed.stdout), listed.stdout
+            duplicate = await cli(env, "join", group, "w1", "--", "true")
+            assert duplicate.returncode == 1 and b"w1" in duplicate.stderr, duplicate.stderr
+            member.terminate()
+            assert await wait_exit(member) == 128 + signal.SIGTERM
+            assert json.loads(await read_line(watcher.stdout, buffer))["left"] == ["w1"]
+    ran = await cli(env, "join", group, "w2", "--", "sh", "-c", "exit 4")
+    assert ran.returncode == 4
+
+
+# -- config -----------------------------------------------------------------------------------------------------
+
+
+async def test_config_get_put_cas_and_watch(env: dict[str, str], etcd_server: EtcdServer) -> None:
+    prefix = unique("config") + "/"
+    async with background(env, "config", "watch", prefix, "--json") as watcher:
+        buffer = bytearray()
+        first = await cli(env, "config", "put", prefix + "db", '"pg://a"')
+        assert first.returncode == 0
+        revision = int(first.stdout)
+        assert json.loads(await read_line(watcher.stdout, buffer)) == {
+            "key": prefix + "db",
+            "value": '"pg://a"',
+            "revision": revision,
+        }
+        stale = await cli(env, "config", "put", prefix + "db", '"pg://b"', "--expect-revision", str(revision - 1))
+        assert stale.returncode == 3 and f"its revision is {revision}".encode() in stale.stderr
+        cas = await cli(env, "config", "put", prefix + "db", "-", "--expect-revision", str(revision), stdin=b'"pg://c"')
+        assert cas.returncode == 0
+        assert json.loads(await read_line(watcher.stdout, buffer))["value"] == '"pg://c"'
+        etcd_server.run_etcdctl("del", prefix + "db")
+        assert json.loads(await read_line(watcher.stdout, buffer))["value"] is None
+
+    assert (await cli(env, "config", "put", prefix + "a", "1")).returncode == 0
+    assert (await cli(env, "config", "put", prefix + "b", "2", "--expect-revision", "0")).returncode == 0
+    exact = await cli(env, "config", "get", prefix + "a")
+    assert (exact.returncode, exact.stdout) == (0, b"1")
+    listing = await cli(env, "config", "get", prefix, "--json")
+    assert {key: value["value"] for key, value in json.loads(listing.stdout)["keys"].items()} == {
+        prefix + "a": "1",
+        prefix + "b": "2",
+    }
+    missing = await cli(env, "config", "get", prefix + "nothing")
+    assert missing.returncode == 4
+
+
+# -- once -------------------------------------------------------------------------------------------------------
+
+
+async def test_once_runs_the_command_once_across_processes(env: dict[str, str], tmp_path: Path) -> None:
+    key, log = unique("once"), tmp_path / "runs"
+    script = f'echo run >> {log}; sleep 0.5; echo "result from $$"; exit 3'
+    results: list[subprocess.CompletedProcess[bytes]] = []
+
+    async def caller() -> None:
+        results.append(await cli(env, "once", key, "--", "sh", "-c", script))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(caller)
+    assert log.read_text() == "run\n", "the command ran more than once"
+    assert {result.returncode for result in results} == {3}
+    assert len({result.stdout for result in results}) == 1 and results[0].stdout.startswith(b"result from ")
+    late = await cli(env, "once", key, "--", "sh", "-c", script)
+    assert (late.returncode, late.stdout, log.read_text()) == (3, results[0].stdout, "run\n")
+
+
+# -- errors and the demo ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (("lock", "x", "--no-such-flag", "--", "true"), 2, "No such option"),
+        (("lock", "", "--", "true"), 2, "must not be empty"),
+        (("lock", "x"), 2, "Missing argument"),
+        (("lock", "x", "--etcd", "ftp://127.0.0.1:1", "--", "true"), 2, "http:// or https://"),
+        (("lock", "x", "--etcd", "", "--", "true"), 2, "no etcd endpoint"),
+        (("elect", "x", "--id", "a", "--http", "nowhere"), 2, "HOST:PORT"),
+        (("lock", "x", "--timeout", "-1", "--", "true"), 2, "--timeout"),
+        (("--etcd", "http://127.0.0.1:1", "lock", "x", "--", "true"), 69, "etcd unreachable"),
+        (("lock", "x", "--", "/no/such/command"), 127, "command not found"),
+    ],
+)
+async def test_bad_usage_and_unreachable_endpoints(
+    env: dict[str, str], args: tuple[str, ...], status: int, message: str
+) -> None:
+    if args[0] == "--etcd" or "--etcd" in args:
+        env = {key: value for key, value in env.items() if key != "COORDKIT_ETCD"}
+    result = await cli(env, *args)
+    assert result.returncode == status, result.stderr
+    assert message in result.stderr.decode(), result.stderr
+
+
+async def test_demo_runs_in_memory() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "COORDKIT_ETCD"}
+    result = await cli(env, "demo")
+    assert result.returncode == 0, result.stderr
+    assert b"ticks, each run once, by replica-" in result.stdout
+    assert b"main job cancelled" in result.stdout
+
+
+def test_every_subcommand_has_help() -> None:
+    commands = [(name,) for name in coordkit_cli.commands] + [("config", name) for name in ("get", "put", "watch")]
+    assert len(commands) == 10  # lock elect members join config once demo + config get/put/watch
+    for command in [(), *commands]:
+        result = CliRunner().invoke(coordkit_cli, [*command, "--help"])
+        assert result.exit_code == 0 and "Usage: " in result.output, command
+        assert "\n  Usage" not in result.output and len(result.output.splitlines()) > 5, result.output
+
+
+async def test_console_script_and_version(env: dict[str, str]) -> None:
+    version = await cli(env, "--version")  # python -m coordkit
+    assert version.returncode == 0 and version.stdout.startswith(b"coordkit, version")
