@@ -62,8 +62,9 @@ _COMMAND = click.argument("command", nargs=-1, required=True, type=click.UNPROCE
 _OPTIONAL_COMMAND = click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND...]")
 
 
-def _lost(what: str, exc: OwnershipLostError) -> Failure:
-    return Failure(f"{what} was lost ({exc}); the command was stopped", EXIT_LOST)
+def _lost(what: str, exc: OwnershipLostError, *, running: bool = True) -> Failure:
+    consequence = "the command was stopped" if running else "the command did not start"
+    return Failure(f"{what} was lost ({exc}); {consequence}", EXIT_LOST)
 
 
 # -- lock -------------------------------------------------------------------------------------------------------
@@ -97,13 +98,15 @@ def lock(
     async def work() -> int:
         async with backend, Session(backend, ttl=ttl) as session:
             waiting = anyio.CancelScope(deadline=math.inf if timeout is None else anyio.current_time() + timeout)
+            holding = False
             try:
                 with waiting:
                     async with Lock(session, name):
                         waiting.deadline = math.inf  # the deadline bounds the wait, not the command
+                        holding = True
                         return await run_command(command, grace=grace)
             except OwnershipLostError as exc:
-                raise _lost(f"lock {name!r}", exc) from None
+                raise _lost(f"lock {name!r}", exc, running=holding) from None
             raise Failure(f"lock {name!r} was not acquired within {timeout} s", EXIT_TIMEOUT)
 
     run(work)
