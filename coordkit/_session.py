@@ -104,15 +104,32 @@ class Session:
         return self._deadline
 
     @property
+    def safety_margin(self) -> float:
+        """Seconds between `deadline` and the earliest time the server may expire the lease."""
+        return self._margin
+
+    @property
     def lost(self) -> bool:
         """True once the lease's validity could no longer be guaranteed."""
         return self._lost_event is not None and self._lost_event.is_set()
 
     async def wait_lost(self) -> None:
-        """Return when the session is lost (never, while it stays healthy)."""
+        """Return when the session is lost (never, while it stays healthy).
+
+        Raises:
+            SessionClosedError: the session has not been entered, or it exited (before or during the wait)
+                without being lost: waiting would never end.
+        """
         self._require_entered()
-        assert self._lost_event is not None
-        await self._lost_event.wait()
+        with anyio.CancelScope() as scope:
+            self._guards.add(scope)  # cancelled when the session is lost or exits
+            try:
+                if self._open and not self.lost:
+                    await anyio.sleep_forever()
+            finally:
+                self._guards.discard(scope)
+        if not self.lost:
+            raise SessionClosedError("the session has exited; it was not lost")
 
     def statistics(self) -> SessionStatistics:
         return SessionStatistics(

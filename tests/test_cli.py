@@ -143,18 +143,19 @@ async def test_lock_interoperates_with_etcdctl(env: dict[str, str], etcd_server:
 
 async def test_lost_lock_stops_the_command(env: dict[str, str], etcd_server: EtcdServer) -> None:
     name = unique("lost")
-    # The command ignores SIGTERM (as does everything it starts): coordkit must escalate to SIGKILL.
-    command = ["sh", "-c", "trap '' TERM; echo $$; while :; do sleep 0.1; done"]
-    async with background(env, "lock", name, "--ttl", "5", "--grace", "0.5", "--", *command) as holder:
-        buffer = bytearray()
-        pid = int(await read_line(holder.stdout, buffer))
+    # The command ignores SIGTERM (as does everything it starts). --grace is far longer than the time the lease
+    # has left on the server: coordkit must not wait for it, but SIGKILL by the lease's earliest expiry.
+    command = ["sh", "-c", "trap '' TERM; echo $$ $COORDKIT_FENCING_TOKEN; while :; do sleep 0.1; done"]
+    async with background(env, "lock", name, "--ttl", "5", "--grace", "600", "--", *command) as holder:
+        pid, token = map(int, (await read_line(holder.stdout, bytearray())).split())
         assert alive(pid)
         (kv,) = json.loads(etcd_server.run_etcdctl("get", f"{name}/", "--prefix", "-w", "json"))["kvs"]
+        assert token == int(kv["create_revision"]), "the command is told its fencing token"
         etcd_server.run_etcdctl("lease", "revoke", f"{int(kv['lease']):x}")  # the lock is gone from under it
-        assert await wait_exit(holder) == 75
+        assert await wait_exit(holder, timeout=60) == 75, "the command outlived its lease by --grace"
         assert holder.stderr is not None
         message = (await holder.stderr.receive()).decode()
-        assert f"lock {name!r} was lost" in message and "the command was stopped" in message, message
+        assert f"lock {name!r}" in message and "the command was stopped" in message, message
     assert not alive(pid), "the command outlived the lock"
 
 
@@ -198,7 +199,8 @@ async def test_sidecar_serves_the_leader_and_follows_failover(env: dict[str, str
             seconds = await wait_leader(port_b, "b")
             print(f"sidecar: graceful failover seen over HTTP after {seconds * 1000:.0f} ms")
             async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port_b}/healthz") as reply:
-                assert reply.status == 200 and (await reply.json())["is_leader"] is True
+                health = await reply.json()
+                assert reply.status == 200 and health["is_leader"] is True and health["term"] > 0, health
 
             c, port_c = await start_sidecar(env, name, "c", "--ttl", "2")
             try:

@@ -101,8 +101,8 @@ class Connection:
         if not self.endpoints:
             raise click.UsageError("no etcd endpoint: pass --etcd URL[,URL...] or set COORDKIT_ETCD")
         username, password = self.user, self.password
-        if username is not None and ":" in username and password is None:
-            username, password = username.split(":", 1)  # etcdctl's --user NAME:PASSWORD
+        if username is not None and ":" in username:
+            username, password = username.split(":", 1)  # etcdctl's --user NAME:PASSWORD wins
         if password is not None and username is None:
             raise click.UsageError("--password needs --user")
         if username is not None and password is None:

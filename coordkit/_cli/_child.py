@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 from anyio.abc import Process
@@ -36,16 +36,29 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-async def run_command(argv: Sequence[str], *, grace: float, capture: bytearray | None = None) -> int:
+async def run_command(
+    argv: Sequence[str],
+    *,
+    grace: float,
+    kill_by: Callable[[], float] | None = None,
+    env: Mapping[str, str] | None = None,
+    capture: bytearray | None = None,
+) -> int:
     """Run ``argv`` to completion and return its exit status; stop it (group-wide) if cancelled.
 
-    With ``capture``, the command's stdout is copied to ours as it comes and appended to ``capture``;
-    otherwise the command writes straight to our stdout. stdin and stderr are always inherited.
+    Args:
+        grace: seconds between SIGTERM and SIGKILL when the command must stop.
+        kill_by: the latest time (``anyio.current_time()``) for SIGKILL, read again while waiting: the
+            earliest server-side expiry of the lease that protects the command, which can come before
+            ``grace`` is over when the lease is lost.
+        env: variables to add to the command's environment.
+        capture: the command's stdout is copied to ours as it comes and appended here; without it, the
+            command writes straight to our stdout. stdin and stderr are always inherited.
 
     Raises:
         CommandError: the command was not found or is not executable.
     """
-    process = await _start(argv, capture is not None)
+    process = await _start(argv, capture is not None, env)
     async with process:  # closes the pipe
         try:
             if capture is not None and process.stdout is not None:
@@ -56,17 +69,18 @@ async def run_command(argv: Sequence[str], *, grace: float, capture: bytearray |
             return exit_status(await process.wait())
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await _stop(process, grace)
+                await _stop(process, anyio.current_time() + grace, kill_by)
             raise
 
 
-async def _start(argv: Sequence[str], capture: bool) -> Process:
+async def _start(argv: Sequence[str], capture: bool, env: Mapping[str, str] | None) -> Process:
     try:
         return await anyio.open_process(
             list(argv),
             stdin=None,
             stdout=subprocess.PIPE if capture else None,
             stderr=None,
+            env={**os.environ, **env} if env else None,
             start_new_session=True,
         )
     except FileNotFoundError as exc:
@@ -75,14 +89,18 @@ async def _start(argv: Sequence[str], capture: bool) -> Process:
         raise CommandError(f"command not executable: {argv[0]}", EXIT_NOT_EXECUTABLE) from exc
 
 
-async def _stop(process: Process, grace: float) -> None:
-    """SIGTERM to the command's process group; SIGKILL to what is left after ``grace`` seconds.
+async def _stop(process: Process, grace_end: float, kill_by: Callable[[], float] | None) -> None:
+    """SIGTERM to the command's process group; SIGKILL to what is left at ``grace_end`` or ``kill_by()``.
 
     The group is signalled even when the command itself has exited: what it started must not outlive it.
     """
     _signal_group(process.pid, signal.SIGTERM)
-    with anyio.move_on_after(grace):
-        await process.wait()
+    while process.returncode is None:
+        limit = grace_end if kill_by is None else min(grace_end, kill_by())
+        if anyio.current_time() >= limit:
+            break
+        with anyio.move_on_at(min(limit, anyio.current_time() + 0.1)):  # kill_by() moves while keepalives succeed
+            await process.wait()
     _signal_group(process.pid, signal.SIGKILL)
     await process.wait()
 

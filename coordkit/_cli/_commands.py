@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import click
@@ -62,6 +63,25 @@ _COMMAND = click.argument("command", nargs=-1, required=True, type=click.UNPROCE
 _OPTIONAL_COMMAND = click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND...]")
 
 
+def _protected_by(session: Session, token: int, grace: float) -> dict[str, Any]:
+    """How to run a command that ownership protects.
+
+    It is killed by the time the lease may end on the server, and told its fencing token
+    (``COORDKIT_FENCING_TOKEN``) to pass on with its writes.
+    """
+    lost_at = math.inf
+
+    def kill_by() -> float:
+        # The lease may end on the server a safety margin after the session's deadline, or after its loss
+        # was noticed (a revoked lease is lost before its deadline): SIGKILL by then, whatever --grace says.
+        nonlocal lost_at
+        if session.lost and lost_at == math.inf:
+            lost_at = anyio.current_time()
+        return min(session.deadline, lost_at) + session.safety_margin
+
+    return {"grace": grace, "kill_by": kill_by, "env": {"COORDKIT_FENCING_TOKEN": str(token)}}
+
+
 def _lost(what: str, exc: OwnershipLostError, *, running: bool = True) -> Failure:
     consequence = "the command was stopped" if running else "the command did not start"
     return Failure(f"{what} was lost ({exc}); {consequence}", EXIT_LOST)
@@ -101,10 +121,10 @@ def lock(
             holding = False
             try:
                 with waiting:
-                    async with Lock(session, name):
+                    async with Lock(session, name) as held:
                         waiting.deadline = math.inf  # the deadline bounds the wait, not the command
                         holding = True
-                        return await run_command(command, grace=grace)
+                        return await run_command(command, **_protected_by(session, held.token, grace))
             except OwnershipLostError as exc:
                 raise _lost(f"lock {name!r}", exc, running=holding) from None
             raise Failure(f"lock {name!r} was not acquired within {timeout} s", EXIT_TIMEOUT)
@@ -154,16 +174,20 @@ def elect(
     async def follow_leader() -> None:
         async with aclosing(observe_leader(backend, name_prefix(name))) as leaders:
             async for leader in leaders:
-                state.leader = "" if leader is None else text(leader.value)
+                state.observed = "" if leader is None else text(leader.value)
 
     async def campaign(session: Session) -> int | None:
         """Lead once: COMMAND's status if it finished, None if there is none and we were stopped."""
         note(f"campaigning in {name!r} as {member_id!r}")
         async with Election(session, name).campaign(member_id.encode()) as leadership:
             note(f"leading {name!r} (term {leadership.term})")
-            if command:
-                return await run_command(command, grace=grace)
-            await anyio.sleep_forever()
+            state.term = leadership.term
+            try:
+                if command:
+                    return await run_command(command, **_protected_by(session, leadership.term, grace))
+                await anyio.sleep_forever()
+            finally:
+                state.term = 0  # before resigning: the sidecar stops vouching for us first
         return None
 
     async def lead() -> int:
@@ -180,6 +204,7 @@ def elect(
                 return status or 0
             except LeadershipLostError as exc:
                 note(f"leadership of {name!r} lost ({exc}); the command was stopped; campaigning again")
+                await anyio.sleep(backoff.next_delay())
             except UnavailableError as exc:
                 if first:
                     raise  # a first connection that fails is a configuration problem: say so and exit
@@ -192,7 +217,8 @@ def elect(
         async with backend, anyio.create_task_group() as tg:
             if address is not None:
                 port = await tg.start(_serve_sidecar, state, *address)
-                note(f"serving the leader of {name!r} on http://{address[0]}:{port}/")
+                host = f"[{address[0]}]" if ":" in address[0] else address[0]
+                note(f"serving the leader of {name!r} on http://{host}:{port}/")
                 tg.start_soon(follow_leader)
             status = await lead()
             tg.cancel_scope.cancel()
@@ -297,9 +323,9 @@ def join(
     async def work() -> int:
         async with backend, Session(backend, ttl=ttl) as session:
             try:
-                async with Group(session, group).join(member_id, metadata=metadata.encode()):
+                async with Group(session, group).join(member_id, metadata=metadata.encode()) as member:
                     if command:
-                        return await run_command(command, grace=grace)
+                        return await run_command(command, **_protected_by(session, member.revision, grace))
                     await anyio.sleep_forever()
             except OwnershipLostError as exc:
                 raise _lost(f"membership {member_id!r} of {group!r}", exc) from None

@@ -20,21 +20,48 @@ from .._session import Session
 class SidecarState:
     """What the sidecar serves; the election loop keeps it current.
 
+    It only ever names itself leader while its own campaign holds the leadership and its session is valid,
+    and names nobody while its session is not valid: a sidecar cut off from etcd cannot know who leads, and
+    must not let its program go on believing it is the leader.
+
     Attributes:
         me: this instance's id.
-        leader: the current leader's id, "" when nobody leads.
+        observed: the leader's id as last seen in the store, "" when nobody leads.
         session: this instance's current session (None between sessions).
+        term: the term of this instance's leadership, 0 while it does not lead.
     """
 
     me: str
-    leader: str = ""
+    observed: str = ""
     session: Session | None = None
+    term: int = 0
+
+    @property
+    def healthy(self) -> bool:
+        """This instance's session is entered and valid."""
+        return self.session is not None and not self.session.lost
+
+    @property
+    def leader(self) -> str:
+        """Who leads, as this instance can vouch for it ("" when it cannot tell, or nobody leads)."""
+        if not self.healthy:
+            return ""
+        if self.term:
+            return self.me
+        return "" if self.observed == self.me else self.observed  # a stale sight of our own past leadership
 
     def health(self) -> tuple[int, dict[str, object]]:
-        """The /healthz status code and body: healthy while the session is entered and not lost."""
-        healthy = self.session is not None and not self.session.lost
-        body = {"healthy": healthy, "id": self.me, "leader": self.leader, "is_leader": self.leader == self.me}
-        return (200 if healthy else 503), body
+        """The /healthz status code and body: 200 while the session is valid."""
+        leader = self.leader
+        body = {
+            "healthy": self.healthy,
+            "id": self.me,
+            "leader": leader,
+            "is_leader": bool(self.term) and leader == self.me,
+        }
+        if body["is_leader"]:
+            body["term"] = self.term
+        return (200 if self.healthy else 503), body
 
 
 def parse_address(address: str) -> tuple[str, int]:
