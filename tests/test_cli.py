@@ -159,6 +159,24 @@ async def test_lost_lock_stops_the_command(env: dict[str, str], etcd_server: Etc
     assert not alive(pid), "the command outlived the lock"
 
 
+async def test_stopped_holder_gets_its_grace_and_keeps_the_lock_meanwhile(
+    env: dict[str, str], etcd_server: EtcdServer
+) -> None:
+    name = unique("grace")
+    # On SIGTERM the command takes longer than the TTL to finish: the session must keep the lease alive (the
+    # lock held) until the command is done, and release only then.
+    command = ["sh", "-c", "trap 'echo stopping; sleep 3; exit 0' TERM; echo ready; while :; do sleep 0.1; done"]
+    async with background(env, "lock", name, "--ttl", "2", "--grace", "30", "--", *command) as holder:
+        buffer = bytearray()
+        assert await read_line(holder.stdout, buffer) == "ready"
+        holder.terminate()
+        assert await read_line(holder.stdout, buffer) == "stopping"
+        await anyio.sleep(2.5)  # longer than the TTL: a lease left without keepalives would be gone
+        assert etcd_server.run_etcdctl("get", f"{name}/", "--prefix", "--keys-only").strip(), "released too early"
+        assert await wait_exit(holder) == 128 + signal.SIGTERM
+    assert not etcd_server.run_etcdctl("get", f"{name}/", "--prefix", "--keys-only").strip(), "not released"
+
+
 # -- elect ------------------------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ import functools
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec
 
@@ -68,8 +69,10 @@ def cli(ctx: click.Context, /, **connection: Any) -> None:
     """Coordinate processes you cannot change: locks, leader election, membership, config and once().
 
     Every command but 'demo' talks to etcd: give the endpoints with --etcd URL[,URL...] or COORDKIT_ETCD.
-    A wrapped command (after '--') runs in its own process group; when what protects it is lost, or coordkit
-    gets SIGINT/SIGTERM/SIGHUP, the group gets SIGTERM, then SIGKILL after --grace seconds.
+    A wrapped command (after '--') runs in its own process group, with COORDKIT_FENCING_TOKEN set (lock, elect,
+    join). When coordkit gets SIGINT/SIGTERM/SIGHUP, the group gets SIGTERM, then SIGKILL after --grace seconds,
+    then the lock is released. When what protects the command is lost, SIGKILL comes by the time the lease may
+    end on the server, whatever --grace says.
 
     \b
     Exit codes: the wrapped command's status, or
@@ -218,7 +221,7 @@ def grace_option(command: Callable[P, None]) -> Callable[P, None]:
         type=click.FloatRange(min=0),
         default=10.0,
         show_default=True,
-        help="seconds between SIGTERM and SIGKILL when the command must stop",
+        help="seconds between SIGTERM and SIGKILL when coordkit is stopped (a lost lease: SIGKILL by its end)",
     )(command)
 
 
@@ -227,11 +230,41 @@ def json_option(command: Callable[P, None]) -> Callable[P, None]:
     return click.option("--json", "as_json", is_flag=True, help="JSON output (one document per line)")(command)
 
 
+class Stopped(Exception):
+    """coordkit got a stop signal: the command was stopped and what protected it released."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+# Scopes that a stop signal cancels instead of the whole program (see `stoppable`).
+_stoppable: set[anyio.CancelScope] = set()
+_received: list[int] = []
+
+
+@contextmanager
+def stoppable() -> Iterator[None]:
+    """A block that SIGINT, SIGTERM or SIGHUP cancel, rather than the whole program; it then raises `Stopped`.
+
+    What encloses the block goes on: a session keeps its lease alive while the command inside gets its full
+    ``--grace`` to stop, then the lock is released (or the leadership resigned) as on any exit.
+    """
+    with anyio.CancelScope() as scope:
+        _stoppable.add(scope)
+        try:
+            yield
+        finally:
+            _stoppable.discard(scope)
+    if scope.cancelled_caught and _received:
+        raise Stopped(_received[0])
+
+
 def run(work: Callable[[], Awaitable[int]]) -> NoReturn:
     """Run ``work`` on asyncio and exit with its status, or with the code for what went wrong.
 
-    SIGINT, SIGTERM and SIGHUP cancel ``work`` (which stops its command and releases what it holds) and
-    exit with 128 + the signal number.
+    SIGINT, SIGTERM and SIGHUP cancel the `stoppable` blocks of ``work`` if there are any, else all of it;
+    a second signal cancels all of it. The exit status is then 128 + the signal number.
     """
     try:
         status = anyio.run(_until_signal, work, backend="asyncio")
@@ -241,26 +274,29 @@ def run(work: Callable[[], Awaitable[int]]) -> NoReturn:
         failure = next(_leaves(exc))
         if isinstance(failure, SystemExit | click.exceptions.Exit | click.ClickException):
             raise failure from None
-        error(_describe(failure))
+        if not isinstance(failure, Stopped):
+            error(_describe(failure))
         status = _status(failure)
     sys.exit(status)
 
 
 async def _until_signal(work: Callable[[], Awaitable[int]]) -> int:
-    received: list[int] = []
     async with anyio.create_task_group() as tg:
 
         async def stop_on_signal() -> None:
             with anyio.open_signal_receiver(*_SIGNALS) as signals:
                 async for signum in signals:
-                    received.append(signum)
-                    tg.cancel_scope.cancel()
-                    return
+                    _received.append(signum)
+                    if len(_received) > 1 or not _stoppable:
+                        tg.cancel_scope.cancel()
+                        return
+                    for scope in _stoppable:
+                        scope.cancel()
 
         tg.start_soon(stop_on_signal)
         status = await work()
         tg.cancel_scope.cancel()
-    return 128 + received[0] if received else status
+    return 128 + _received[0] if _received else status
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -276,6 +312,8 @@ def _status(exc: BaseException) -> int:
     match exc:
         case CommandError() | Failure():
             return exc.status
+        case Stopped():
+            return 128 + exc.signum
         case OwnershipLostError():
             return EXIT_LOST
         case AuthenticationError():

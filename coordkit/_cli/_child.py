@@ -2,8 +2,9 @@
 
 The command is the thing a lock, a leadership or a membership protects, so stopping it must reach everything
 it started: it runs in a new session (its own process group) and signals go to the whole group. A command that
-is cancelled (the ownership was lost, coordkit got a signal) gets SIGTERM; after ``grace`` seconds, SIGKILL.
-The cancellation is then re-raised: the caller learns why, the command is gone.
+is cancelled (the ownership was lost, coordkit got a signal) gets SIGTERM; SIGKILL follows after ``grace``
+seconds, or sooner, by ``kill_by()``: the time the lease protecting it may end on the server. The cancellation
+is then re-raised: the caller learns why, the command is gone.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from ._app import (
     grace_option,
     json_option,
     run,
+    stoppable,
     ttl_option,
 )
 from ._child import run_command
@@ -64,11 +65,16 @@ _OPTIONAL_COMMAND = click.argument("command", nargs=-1, type=click.UNPROCESSED, 
 
 
 def _protected_by(session: Session, token: int, grace: float) -> dict[str, Any]:
-    """How to run a command that ownership protects.
+    """How to run a command that ownership protects (`run_command`'s arguments).
 
     It is killed by the time the lease may end on the server, and told its fencing token
     (``COORDKIT_FENCING_TOKEN``) to pass on with its writes.
     """
+    return {"grace": grace, "kill_by": _kill_by(session), "env": {"COORDKIT_FENCING_TOKEN": str(token)}}
+
+
+def _kill_by(session: Session) -> Callable[[], float]:
+    """The latest time for SIGKILL of a command protected by ``session``'s lease, read again as it changes."""
     lost_at = math.inf
 
     def kill_by() -> float:
@@ -79,7 +85,7 @@ def _protected_by(session: Session, token: int, grace: float) -> dict[str, Any]:
             lost_at = anyio.current_time()
         return min(session.deadline, lost_at) + session.safety_margin
 
-    return {"grace": grace, "kill_by": kill_by, "env": {"COORDKIT_FENCING_TOKEN": str(token)}}
+    return kill_by
 
 
 def _lost(what: str, exc: OwnershipLostError, *, running: bool = True) -> Failure:
@@ -120,7 +126,7 @@ def lock(
             waiting = anyio.CancelScope(deadline=math.inf if timeout is None else anyio.current_time() + timeout)
             holding = False
             try:
-                with waiting:
+                with stoppable(), waiting:
                     async with Lock(session, name) as held:
                         waiting.deadline = math.inf  # the deadline bounds the wait, not the command
                         holding = True
@@ -161,7 +167,8 @@ def elect(
     Interoperates with 'etcdctl elect NAME'.
 
     With --http HOST:PORT it serves the Kubernetes leader-elector sidecar's API: 'GET /' answers
-    '{"name": "<leader id>"}' (empty while nobody leads) and 'GET /healthz' is 200 while this instance's
+    '{"name": "<leader id>"}' (empty while nobody leads, or while this instance's session is not valid: it
+    cannot tell) and 'GET /healthz' is 200 while this instance's
     session is valid, 503 otherwise, so a program that cannot campaign itself can ask "am I the leader?".
 
     \b
@@ -176,8 +183,8 @@ def elect(
             async for leader in leaders:
                 state.observed = "" if leader is None else text(leader.value)
 
-    async def campaign(session: Session) -> int | None:
-        """Lead once: COMMAND's status if it finished, None if there is none and we were stopped."""
+    async def campaign(session: Session) -> int:
+        """Lead once: COMMAND's status when it finishes (without COMMAND, lead until stopped)."""
         note(f"campaigning in {name!r} as {member_id!r}")
         async with Election(session, name).campaign(member_id.encode()) as leadership:
             note(f"leading {name!r} (term {leadership.term})")
@@ -188,7 +195,7 @@ def elect(
                 await anyio.sleep_forever()
             finally:
                 state.term = 0  # before resigning: the sidecar stops vouching for us first
-        return None
+        raise AssertionError("unreachable")
 
     async def lead() -> int:
         """Campaign until COMMAND has run to the end as leader; a lost leadership campaigns again."""
@@ -200,18 +207,21 @@ def elect(
                     state.session = session
                     first = False  # connected once: from now on, outages are waited out
                     backoff.reset()
-                    status = await campaign(session)
-                return status or 0
-            except LeadershipLostError as exc:
-                note(f"leadership of {name!r} lost ({exc}); the command was stopped; campaigning again")
-                await anyio.sleep(backoff.next_delay())
+                    try:
+                        with stoppable():
+                            return await campaign(session)
+                    except LeadershipLostError as exc:  # said now, not after the lost session's clean-up
+                        stopped = "; the command was stopped" if command else ""
+                        note(f"leadership of {name!r} lost ({exc}){stopped}; campaigning again")
+            except LeadershipLostError:
+                pass  # lost while the session was being entered or left: said above, or nothing to stop
             except UnavailableError as exc:
                 if first:
                     raise  # a first connection that fails is a configuration problem: say so and exit
                 note(f"etcd unavailable ({exc}); retrying")
-                await anyio.sleep(backoff.next_delay())
             finally:
                 state.session = None
+            await anyio.sleep(backoff.next_delay())
 
     async def work() -> int:
         async with backend, anyio.create_task_group() as tg:
@@ -323,12 +333,16 @@ def join(
     async def work() -> int:
         async with backend, Session(backend, ttl=ttl) as session:
             try:
-                async with Group(session, group).join(member_id, metadata=metadata.encode()) as member:
-                    if command:
-                        return await run_command(command, **_protected_by(session, member.revision, grace))
-                    await anyio.sleep_forever()
+                with stoppable():
+                    return await membership(session)
             except OwnershipLostError as exc:
                 raise _lost(f"membership {member_id!r} of {group!r}", exc) from None
+
+    async def membership(session: Session) -> int:
+        async with Group(session, group).join(member_id, metadata=metadata.encode()) as member:
+            if command:
+                return await run_command(command, **_protected_by(session, member.revision, grace))
+            await anyio.sleep_forever()
         raise AssertionError("unreachable")
 
     run(work)
@@ -504,17 +518,19 @@ def once(
     async def work() -> int:
         ran = False
 
-        async def compute() -> _Outcome:
-            nonlocal ran
-            ran = True
-            captured = bytearray()
-            status = await run_command(command, grace=grace, capture=captured)
-            truncated = len(captured) > ONCE_STDOUT_LIMIT
-            return _Outcome(status, bytes(captured[:ONCE_STDOUT_LIMIT]), truncated)
-
         async with backend, Session(backend, ttl=ttl) as session:
+
+            async def compute() -> _Outcome:
+                nonlocal ran
+                ran = True
+                captured = bytearray()
+                status = await run_command(command, grace=grace, kill_by=_kill_by(session), capture=captured)
+                truncated = len(captured) > ONCE_STDOUT_LIMIT
+                return _Outcome(status, bytes(captured[:ONCE_STDOUT_LIMIT]), truncated)
+
             try:
-                outcome = await once_(session, key, compute, codec=_OutcomeCodec(), result_ttl=result_ttl)
+                with stoppable():
+                    outcome = await once_(session, key, compute, codec=_OutcomeCodec(), result_ttl=result_ttl)
             except OwnershipLostError as exc:
                 raise _lost(f"the claim on {key!r}", exc) from None
         if not ran:

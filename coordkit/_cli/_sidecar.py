@@ -1,8 +1,9 @@
 """The leader-elector sidecar's HTTP face: who leads, and whether this instance is healthy.
 
-``GET /`` answers ``{"name": "<leader id>"}`` (``""`` while nobody leads), as the Kubernetes leader-elector
-sidecar does, so an unmodified monolith can ask "am I the leader?" by comparing the name with its own id.
-``GET /healthz`` is 200 while this instance's session is valid, else 503.
+``GET /`` answers ``{"name": "<leader id>"}``, as the Kubernetes leader-elector sidecar does, so an unmodified
+monolith can ask "am I the leader?" by comparing the name with its own id: ``""`` while nobody leads or while
+this instance's session is not valid (a sidecar cut off from etcd cannot tell who leads). ``GET /healthz`` is
+200 while this instance's session is valid, else 503.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import anyio
 import click
 
 from .._session import Session
@@ -39,7 +41,8 @@ class SidecarState:
     @property
     def healthy(self) -> bool:
         """This instance's session is entered and valid."""
-        return self.session is not None and not self.session.lost
+        session = self.session  # its deadline too: a sidecar resumed from a freeze answers before it notices
+        return session is not None and not session.lost and anyio.current_time() < session.deadline
 
     @property
     def leader(self) -> str:
