@@ -21,6 +21,7 @@ from _common import backend_factory
 from coordkit import JobSpec, RunContext, Scheduler, Session
 
 PREFIX = "examples/cron"
+running_reports: list[anyio.Event] = []  # set when a report run starts (the admin kills one while it runs)
 
 
 async def heartbeat(context: RunContext) -> None:
@@ -29,6 +30,8 @@ async def heartbeat(context: RunContext) -> None:
 
 async def report(context: RunContext) -> None:
     print(f"  {context.tick:%H:%M:%S} report starts on {context.worker}")
+    for started in running_reports:
+        started.set()
     await anyio.sleep(2)
     print(f"  {context.tick:%H:%M:%S} report done on {context.worker}")
 
@@ -55,7 +58,10 @@ async def main() -> None:
                 tg.start_soon(run_worker, scheduler, stops[name])
             await admin.put_job(JobSpec("heartbeat", "heartbeat", interval=1))
             await admin.put_job(JobSpec("report", "report", cron="* * * * * */3"))
-            await anyio.sleep(3.5)
+            report_started = anyio.Event()
+            running_reports.append(report_started)
+            await report_started.wait()
+            await anyio.sleep(0.5)  # well inside the run's 2 s
             print("admin: kill the running report")
             await admin.kill("report")
             await anyio.sleep(2)
