@@ -87,6 +87,10 @@ class ConfigView(Generic[T]):
         prefix: the key prefix to follow (text; ``""`` follows every key).
         codec: decodes values (default JSON). A value that fails to decode keeps the previous good one and is
             listed in `errors`.
+
+    Raises:
+        TypeError, ValueError: (at once) the prefix is not UTF-8 text.
+        RuntimeError: (from ``async with``) the view was entered before; create another one.
     """
 
     @overload
@@ -96,11 +100,9 @@ class ConfigView(Generic[T]):
     def __init__(self, backend: Backend, prefix: str, *, codec: Codec[T]) -> None: ...
 
     def __init__(self, backend: Backend, prefix: str, *, codec: Codec[Any] = JSON) -> None:
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefixes are str, not {type(prefix).__name__}")
         self.backend = backend
         self.prefix = prefix
-        self._prefix = prefix.encode()
+        self._prefix = _encode_key(prefix, "prefix")
         self._codec: Codec[T] = codec
         self._values: dict[str, T] = {}
         self._mod_revisions: dict[str, int] = {}
@@ -169,6 +171,8 @@ class ConfigView(Generic[T]):
             send.close()
 
     async def __aenter__(self) -> ConfigView[T]:
+        if self._subscription is not None:
+            raise RuntimeError(f"ConfigView {self.prefix!r} can be entered once; create another view")
         self._subscription = subscription = await subscribe(self.backend, self._prefix)
         for kv in subscription.state.values():
             self._apply_put(kv, subscription.revision, resync=False, report=False)
@@ -247,6 +251,15 @@ class ConfigView(Generic[T]):
             listener.send_nowait(change)
 
 
+def _encode_key(key: str, what: str) -> bytes:
+    if not isinstance(key, str):
+        raise TypeError(f"a {what} is str, not {type(key).__name__}")
+    try:
+        return key.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a {what} must be valid UTF-8 text: {key!r}") from exc
+
+
 async def publish(
     backend: Backend, key: str, value: Any, *, expected_revision: int | None, codec: Codec[Any] = JSON
 ) -> int | None:
@@ -259,6 +272,9 @@ async def publish(
 
     Returns:
         The revision of the write, or None when the key had changed (someone else published first).
+
+    Raises:
+        TypeError, ValueError, RequestTooLargeError: as `publish_many`.
     """
     return await publish_many(
         backend, {key: value}, expected=None if expected_revision is None else {key: expected_revision}, codec=codec
@@ -280,10 +296,18 @@ async def publish_many(
 
     Returns:
         The revision of the write, or None when a checked key had changed.
+
+    Raises:
+        TypeError, ValueError: (before anything is sent) a key that is not text or is empty, a revision that is not
+            an int; whatever the codec raises for a value it cannot encode.
+        RequestTooLargeError: the values exceed the server's request limit (etcd's default: 1.5 MiB in all).
+        BackendError: more than 128 keys or checks at once (etcd's default ``--max-txn-ops``).
     """
-    compares = [Compare.mod(key.encode(), "==", revision) for key, revision in (expected or {}).items()]
+    if not isinstance(values, Mapping) or not (expected is None or isinstance(expected, Mapping)):
+        raise TypeError("values and expected are mappings of key -> value / revision")
+    compares = [Compare.mod(_encode_key(key, "key"), "==", revision) for key, revision in (expected or {}).items()]
     ops: list[Op] = [
-        Delete(key.encode()) if value is None else Put(key.encode(), codec.encode(value))
+        Delete(_encode_key(key, "key")) if value is None else Put(_encode_key(key, "key"), codec.encode(value))
         for key, value in values.items()
     ]
     result = await backend.txn(compares, ops)

@@ -22,7 +22,7 @@ from ._errors import NotOwnerError, OwnershipLostError, UnavailableError
 from ._queue import Held, Mutex, name_prefix
 from ._retry import Backoff
 from ._session import Session, require_session
-from ._types import Compare, KeyValue, Put, Range
+from ._types import Compare, KeyValue, Put, Range, check_ttl
 from ._watch import Watch, apply
 
 
@@ -216,7 +216,12 @@ async def run_while_leader(
         value: this candidate's proclamation (e.g. its host name).
         ttl: the TTL of each session's lease.
     """
-    name_prefix(name)  # bad names fail here, not in the loop
+    name_prefix(name)  # bad arguments fail here, not in the loop
+    if not callable(job):
+        raise TypeError(f"run_while_leader({name!r}): job must be a coroutine function, not {type(job).__name__}")
+    check_ttl(ttl)
+    if not isinstance(value, bytes):
+        raise TypeError(f"values are bytes, not {type(value).__name__}")
     backoff = Backoff()
     while True:
         try:

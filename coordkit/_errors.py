@@ -92,3 +92,13 @@ class OwnershipLostError(CoordkitError):
 
 class NotOwnerError(CoordkitError):
     """The operation needs ownership (of a lock, a claim, a leadership) that the caller does not have."""
+
+
+def error_text(exc: BaseException, *, limit: int = 4096) -> str:
+    """``Type: message`` of an exception, for records kept in the store, cut to ``limit`` characters.
+
+    Bounded, because an exception message can be arbitrarily large and the store refuses requests over 1.5 MiB:
+    recording a failure must not fail itself.
+    """
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 14] + " ... (cut off)"

@@ -9,7 +9,7 @@ unique in a group: a second join with the same id is refused, not duplicated.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any, final
@@ -20,8 +20,8 @@ import anyio
 from ._errors import CoordkitError, NotOwnerError, OwnershipLostError
 from ._queue import name_prefix
 from ._retry import retry_call
-from ._session import Session, require_session
-from ._types import Compare, Delete, EventType, Put, Range, RangeResult
+from ._session import Session, require_session, retry_while_valid
+from ._types import Compare, Delete, EventType, KeyValue, Put, Range, RangeResult
 from ._watch import Snapshot, Watch
 
 
@@ -103,7 +103,7 @@ class Membership:
     async def __aenter__(self) -> Membership:
         session = self._group.session
         # Entering the guarded block first refuses a session that is not open, before anything is written.
-        guard = session.guarded(MembershipLostError)
+        guard = session.guarded(MembershipLostError, what=f"member {self.member_id!r} of group {self._group.name!r}")
         await guard.__aenter__()
         try:
             await self._join()
@@ -149,9 +149,10 @@ class Membership:
         session = self._group.session
         _joined.get(session, set()).discard(self.key)
         # Leave at once, even when cancelled; once the session is lost, its lease ends and takes the key anyway.
-        with anyio.CancelScope(shield=True), anyio.move_on_at(session.deadline):
-            await retry_call(
-                lambda: session.backend.txn([Compare.create(self.key, "==", self.revision)], [Delete(self.key)])
+        with anyio.CancelScope(shield=True):
+            await retry_while_valid(
+                session,
+                lambda: session.backend.txn([Compare.create(self.key, "==", self.revision)], [Delete(self.key)]),
             )
 
 
@@ -166,7 +167,8 @@ class Group:
 
     Args:
         session: the session whose lease member keys are bound to (for `join`; observing needs no lease).
-        name: the group's name; member keys are ``<name>/<member id>``.
+        name: the group's name; member keys are ``<name>/<member id>``. Keys under ``<name>/`` that no member
+            can have (those of a nested group ``<name>/sub``, keys that are not UTF-8) are not members.
     """
 
     def __init__(self, session: Session, name: str) -> None:
@@ -193,7 +195,7 @@ class Group:
     async def members(self) -> GroupView:
         """The members now, as one consistent view."""
         result = await self.session.backend.range(Range(self._prefix, prefix=True))
-        members = {self._member_id(kv.key): kv.value for kv in result.kvs}
+        members = self._members(result.kvs)
         return GroupView(MappingProxyType(members), result.revision, joined=frozenset(members))
 
     def watch(self) -> AsyncGenerator[GroupView, None]:
@@ -205,15 +207,29 @@ class Group:
         """
         return self._views()
 
-    def _member_id(self, key: bytes) -> str:
-        return key[len(self._prefix) :].decode()
+    def _member_id(self, key: bytes) -> str | None:
+        """The member id of a key under the prefix, or None for a key that is no member's.
+
+        Names nest: the keys of a group ``<name>/sub`` are under this prefix too. Keys that are not a possible
+        member key (with a "/" after the prefix, or not UTF-8: written by something else) are left out.
+        """
+        rest = key[len(self._prefix) :]
+        if not rest or b"/" in rest:
+            return None
+        try:
+            return rest.decode()
+        except UnicodeDecodeError:
+            return None
+
+    def _members(self, kvs: Iterable[KeyValue]) -> dict[str, bytes]:
+        return {member_id: kv.value for kv in kvs if (member_id := self._member_id(kv.key)) is not None}
 
     async def _views(self) -> AsyncGenerator[GroupView, None]:
         members: dict[str, bytes] = {}
         async with Watch(self.session.backend, self._prefix, prefix=True) as watch:
             async for item in watch:
                 if isinstance(item, Snapshot):
-                    fresh = {self._member_id(kv.key): kv.value for kv in item.kvs}
+                    fresh = self._members(item.kvs)
                     joined = frozenset(fresh.keys() - members.keys())
                     left = frozenset(members.keys() - fresh.keys())
                     updated = frozenset(k for k in fresh.keys() & members.keys() if fresh[k] != members[k])
@@ -221,8 +237,12 @@ class Group:
                     yield GroupView(MappingProxyType(dict(members)), item.revision, joined, left, updated, item.resync)
                     continue
                 joined_ids, left_ids, updated_ids = set(), set(), set()
+                ours = False
                 for event in item.events:
                     member_id = self._member_id(event.kv.key)
+                    if member_id is None:
+                        continue
+                    ours = True
                     if event.type is EventType.PUT:
                         if member_id not in members:
                             joined_ids.add(member_id)
@@ -231,6 +251,8 @@ class Group:
                         members[member_id] = event.kv.value
                     elif members.pop(member_id, None) is not None:
                         left_ids.add(member_id)
+                if not ours:
+                    continue  # only keys of a nested group (or foreign ones) changed
                 yield GroupView(
                     MappingProxyType(dict(members)),
                     item.revision,

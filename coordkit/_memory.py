@@ -23,7 +23,7 @@ from typing import final
 import anyio
 import anyio.lowlevel
 
-from ._errors import CompactedError, LeaseExpiredError, RequestTooLargeError, UnavailableError
+from ._errors import BackendError, CompactedError, LeaseExpiredError, RequestTooLargeError, UnavailableError
 from ._keys import in_range, prefix_end
 from ._types import (
     MAX_REQUEST_BYTES,
@@ -43,12 +43,18 @@ from ._types import (
     RangeResult,
     TxnResult,
     WatchBatch,
+    check_lease_id,
+    check_start_revision,
     check_ttl,
     check_txn,
 )
 
 #: etcd's smallest lease TTL with its default heartbeat (100 ms) and election timeout (1 s): shorter asks get it.
 MIN_LEASE_TTL = 2
+#: etcd's default ``--max-txn-ops``: more compares, or more operations in a branch, are refused.
+MAX_TXN_OPS = 128
+#: gRPC refuses any message over etcd's ``--max-request-bytes`` + 512 KiB, reads and watches included.
+MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES + 512 * 1024
 
 _SORT_KEYS: dict[str, Callable[[KeyValue], bytes | int]] = {
     "key": lambda kv: kv.key,
@@ -64,6 +70,20 @@ class _LeaseState:
     ttl: int
     expires_at: float
     keys: set[bytes] = field(default_factory=set)
+
+
+def _check_size(compare: Sequence[Compare], ops: Sequence[Op]) -> None:
+    """Refuse, as etcd does, a request too large: RequestTooLargeError.
+
+    raft refuses a write over MAX_REQUEST_BYTES, gRPC any request over MAX_MESSAGE_BYTES. Counted over every key,
+    range end and compared or written value (etcd also counts a few bytes of protobuf framing per field).
+    """
+    size = sum(len(c.key) + (len(c.operand) if isinstance(c.operand, bytes) else 0) for c in compare)
+    for op in ops:
+        size += len(op.key) + (len(op.value) if isinstance(op, Put) else len(op.key) if op.prefix else 0)
+    limit = MAX_REQUEST_BYTES if any(not isinstance(op, Range) for op in ops) else MAX_MESSAGE_BYTES
+    if size > limit:
+        raise RequestTooLargeError(f"request is too large ({size} bytes > {limit})")
 
 
 @final
@@ -407,14 +427,15 @@ class MemoryBackend:
     async def range(self, request: Range) -> RangeResult:
         if not isinstance(request, Range):
             raise TypeError(f"range takes a Range, not {type(request).__name__}")
+        _check_size((), (request,))
         await self._enter()
         return self.store._range(request)
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
         check_txn(compare, success, failure)
-        size = sum(len(op.key) + len(op.value) for op in (*success, *failure) if isinstance(op, Put))
-        if size > MAX_REQUEST_BYTES:
-            raise RequestTooLargeError(f"request is too large ({size} bytes > {MAX_REQUEST_BYTES})")
+        if max(len(compare), len(success), len(failure)) > MAX_TXN_OPS:
+            raise BackendError("etcdserver: too many operations in txn request")
+        _check_size(compare, (*success, *failure))
         await self._enter()
         return self.store.txn(compare, success, failure)
 
@@ -424,10 +445,12 @@ class MemoryBackend:
         return self.store.grant(ttl)
 
     async def refresh(self, lease_id: int) -> int:
+        check_lease_id(lease_id)
         await self._enter(keepalive=True)
         return self.store.refresh(lease_id)
 
     async def revoke(self, lease_id: int) -> None:
+        check_lease_id(lease_id)
         await self._enter()
         self.store.revoke(lease_id)
 
@@ -436,12 +459,12 @@ class MemoryBackend:
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
         if not isinstance(key, bytes):
             raise TypeError(f"keys are bytes, not {type(key).__name__}")
-        if not isinstance(start_revision, int) or isinstance(start_revision, bool) or start_revision < 0:
-            raise ValueError(f"start_revision must be an int >= 0, not {start_revision!r}")
+        check_start_revision(start_revision)
         return self._watch(key, prefix, start_revision)
 
     @asynccontextmanager
     async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
+        _check_size((), (Range(key, prefix=prefix),))
         await self._enter()
         epoch = self.faults._watch_epoch
         notice = not start_revision

@@ -22,7 +22,7 @@ from ._codec import Codec
 from ._errors import OwnershipLostError, UnavailableError
 from ._queue import name_prefix
 from ._retry import retry_call
-from ._session import Session
+from ._session import Session, require_session, retry_while_valid
 from ._types import Compare, Delete, Op, Put, Range, RangeResult, check_ttl
 from ._watch import wait_deleted
 
@@ -73,15 +73,22 @@ async def once(
             that lost its claim is discarded, never published.
         UnavailableError: the store could not be reached (reads and the claim are retried first).
         Exception: whatever ``fn`` raised (the claim is released first, so another caller computes).
-        TypeError: ``fn`` returned something that is not bytes and no codec was given.
+        TypeError: ``fn`` returned something that is not bytes and no codec was given; ``session`` is not a
+            Session or ``fn`` not callable (at once).
+        ValueError: (at once) a bad name or ``result_ttl``.
+        Exception: whatever the codec raised, encoding the result (nothing is published, the claim is released)
+            or decoding a published one (e.g. ``ValueError`` for JSON that is not); a note names the call.
     """
+    require_session(session)
     prefix = name_prefix(name)
+    if not callable(fn):
+        raise TypeError(f"once({name!r}): fn must be a coroutine function, not {type(fn).__name__}")
     if result_ttl is not None:
         check_ttl(result_ttl)
     claim, result_key = prefix + b"claim", prefix + b"result"
     backend = session.backend
     computing = _computing.setdefault(session, set())
-    async with session.guarded(ComputationLostError):
+    async with session.guarded(ComputationLostError, what=f"once({name!r})"):
         while True:
             # One round trip: the result if there is one, else the claim if nobody holds it. Retried: a claim made
             # by an attempt whose answer was lost shows up below with our lease, and is adopted.
@@ -98,7 +105,7 @@ async def once(
                 assert isinstance(published, RangeResult) and isinstance(claimed, RangeResult)
                 if published.kvs:
                     data = published.kvs[0].value
-                    value = data if codec is None else codec.decode(data)
+                    value = data if codec is None else _decode(codec, data, name)
                     break
                 mine = claimed.kvs[0] if claimed.kvs else None
                 if mine is not None and mine.lease == session.lease_id and claim not in computing:
@@ -135,17 +142,45 @@ async def _compute(
     try:
         with _telemetry.span("coordkit.once.compute", attrs):
             value = await fn()
-            data = value if codec is None else codec.encode(value)
+            data = value if codec is None else _encode(codec, value, name)
             if not isinstance(data, bytes):
-                raise TypeError(f"once({name!r}): fn returned {type(data).__name__}; give a codec or return bytes")
+                raise TypeError(
+                    f"once({name!r}): fn returned {type(data).__name__}; give a codec or return bytes"
+                    if codec is None
+                    else f"once({name!r}): the codec encoded fn's result as {type(data).__name__}, not bytes"
+                )
             lease = (await backend.grant(result_ttl)).id if result_ttl is not None else 0
-            await _publish(session, name, claim, claim_revision, result_key, data, lease)
+            try:
+                await _publish(session, name, claim, claim_revision, result_key, data, lease)
+            except Exception:  # not published (e.g. too large, claim lost): the result's lease would linger unused
+                if lease:
+                    with anyio.CancelScope(shield=True):
+                        await retry_while_valid(session, lambda: backend.revoke(lease))
+                raise
             return value
     except BaseException:
         # Release our claim (only ours: the compare), so a waiter computes instead; shielded, as cancellation
         # must not leave the claim to block everyone until the lease ends.
-        with anyio.CancelScope(shield=True), anyio.move_on_at(session.deadline):
-            await retry_call(lambda: backend.txn([Compare.create(claim, "==", claim_revision)], [Delete(claim)]))
+        with anyio.CancelScope(shield=True):
+            await retry_while_valid(
+                session, lambda: backend.txn([Compare.create(claim, "==", claim_revision)], [Delete(claim)])
+            )
+        raise
+
+
+def _encode(codec: Codec[Any], value: Any, name: str) -> bytes:
+    try:
+        return codec.encode(value)
+    except Exception as exc:  # the codec's own error, told which once() it is about
+        exc.add_note(f"once({name!r}): the codec could not encode fn's result; nothing was published")
+        raise
+
+
+def _decode(codec: Codec[Any], data: bytes, name: str) -> Any:
+    try:
+        return codec.decode(data)
+    except Exception as exc:
+        exc.add_note(f"once({name!r}): the codec could not decode the published result")
         raise
 
 

@@ -19,9 +19,8 @@ import anyio
 
 from . import _telemetry
 from ._errors import OwnershipLostError
-from ._retry import retry_call
-from ._session import Session, require_session
-from ._types import Compare, Delete, Put, PutResult, Range, RangeResult
+from ._session import Session, require_session, retry_while_valid
+from ._types import MAX_REQUEST_BYTES, Compare, Delete, Put, PutResult, Range, RangeResult
 from ._watch import wait_deleted
 
 # session -> key -> id of the task that contends with it (reserved from acquire until release)
@@ -29,17 +28,26 @@ _reserved: WeakKeyDictionary[Session, dict[bytes, int]] = WeakKeyDictionary()
 
 
 def name_prefix(name: str) -> bytes:
-    """Validate a recipe name and return its key prefix ``<name>/``."""
+    """Validate a recipe name and return its key prefix ``<name>/``.
+
+    Raises:
+        TypeError: not a str.
+        ValueError: empty, not valid UTF-8 (lone surrogates), containing NUL, or longer than a whole request may
+            be (1.5 MiB: every request of a recipe carries its name).
+    """
     if not isinstance(name, str):
         raise TypeError(f"names are str, not {type(name).__name__}")
     if not name:
         raise ValueError("the name must not be empty")
+    shown = repr(name) if len(name) <= 100 else f"{name[:100]!r}..."
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"the name must be valid UTF-8 text: {name!r}") from exc
+        raise ValueError(f"the name must be valid UTF-8 text: {shown}") from exc
+    if len(encoded) > MAX_REQUEST_BYTES:
+        raise ValueError(f"the name is {len(encoded)} bytes long; etcd refuses requests over {MAX_REQUEST_BYTES}")
     if "\x00" in name:
-        raise ValueError(f"the name must not contain NUL characters: {name!r}")
+        raise ValueError(f"the name must not contain NUL characters: {shown}")
     return encoded + b"/"
 
 
@@ -221,7 +229,7 @@ class Contender(ABC):
         self._held = None
         try:
             # Shielded: a body cancelled from outside (fail_after, a cancelled task group) must still give the
-            # name back. _delete stops trying at the session's deadline, so this cannot hang past it.
+            # name back. _delete stops trying when the session is lost, so this cannot outlive its validity.
             with anyio.CancelScope(shield=True):
                 await _delete(self.session, held.key, held.token)
             _telemetry.lock_hold.record(anyio.current_time() - self._held_since, self._metric_attrs())
@@ -235,7 +243,7 @@ class Contender(ABC):
 
     async def __aenter__(self) -> Held:
         held = await self.acquire()
-        guard = self.session.guarded(self._lost_error)
+        guard = self.session.guarded(self._lost_error, what=self._what)
         try:
             await guard.__aenter__()
         except BaseException:
@@ -267,6 +275,11 @@ class Contender(ABC):
     def _recipe(self) -> str:
         return self._span.split(".")[1]
 
+    @property
+    def _what(self) -> str:
+        """What error messages call this contender: ``lock 'jobs'``."""
+        return f"{self._recipe} {self.name!r}"
+
     def _attrs(self, token: int | None = None) -> dict[str, str | int]:
         attrs = _telemetry.attributes(backend=self.session.backend.name, lease_id=self.session.lease_id, name=self.name)
         if token is not None:
@@ -280,7 +293,7 @@ class Contender(ABC):
         revision = 0
         try:
             with _telemetry.span(self._span, self._attrs()) as span:
-                async with session.guarded(self._lost_error):
+                async with session.guarded(self._lost_error, what=self._what):
                     # One round trip when uncontended: create our key unless it exists (a request retried after
                     # an ambiguous failure finds it), and read the current owners at the same revision.
                     owners = Range(self._prefix, prefix=True, sort_by="create", limit=self._owners)
@@ -302,9 +315,11 @@ class Contender(ABC):
                         await self._wait_turn(key, revision)
                 span.set_attribute("coordkit.fencing_token", revision)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _delete(session, key, revision)
-            _free(session, key)
+            try:
+                with anyio.CancelScope(shield=True):
+                    await _delete(session, key, revision)
+            finally:
+                _free(session, key)  # even when the delete is refused too (no permission): else the name stays busy
             raise
         self._held = Held(self.name, key, revision)
         self._held_since = anyio.current_time()
@@ -347,8 +362,7 @@ async def _delete(session: Session, key: bytes, revision: int) -> None:
     (the session's exit revokes it) and with it the key.
     """
     compare = Compare.create(key, "==", revision) if revision else Compare.lease(key, "==", session.lease_id)
-    with anyio.move_on_at(session.deadline):
-        await retry_call(lambda: session.backend.txn([compare], [Delete(key)]))
+    await retry_while_valid(session, lambda: session.backend.txn([compare], [Delete(key)]))
 
 
 class Mutex(Contender):

@@ -14,6 +14,7 @@ skipped, or run once late, as the job's ``misfire`` policy says.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,10 +27,10 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._config import ConfigChange, ConfigView, publish
-from ._errors import LeaseExpiredError, OwnershipLostError, UnavailableError
+from ._errors import BackendError, LeaseExpiredError, OwnershipLostError, UnavailableError, error_text
 from ._queue import name_prefix
 from ._retry import retry_call
-from ._session import Session, require_session
+from ._session import Session, require_session, retry_while_valid
 from ._types import Compare, Delete, EventType, Op, Put, Range
 from ._watch import Snapshot, Watch
 
@@ -50,6 +51,10 @@ class JobSpec:
         enabled: a disabled job does not tick.
         misfire: what to do with a tick found late by more than the scheduler's grace: "skip" it, or run it
             "late" (once: later missed ticks are skipped).
+
+    Raises:
+        TypeError, ValueError: a bad field: a name that is empty, holds "/" or is no valid name text; an interval
+            that is not a finite number of seconds from 1 µs to 100 years; an invalid cron expression; ...
     """
 
     name: str
@@ -61,14 +66,19 @@ class JobSpec:
     misfire: Literal["skip", "late"] = "skip"
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"job names are non-empty and contain no '/': {self.name!r}")
+        _check_job_name(self.name)
+        if not isinstance(self.target, str):
+            raise TypeError(f"job {self.name!r}: target is a str (the name given to register), not {self.target!r}")
         if (self.cron is None) == (self.interval is None):
             raise ValueError(f"job {self.name!r}: give exactly one of cron and interval")
-        if self.interval is not None and not self.interval > 0:
-            raise ValueError(f"job {self.name!r}: interval must be positive")
+        if self.interval is not None:
+            _check_interval(self.name, self.interval)
+        if self.cron is not None and not isinstance(self.cron, str):
+            raise TypeError(f"job {self.name!r}: cron is a str, not {type(self.cron).__name__}")
         if self.cron is not None and not _croniter().is_valid(self.cron):
             raise ValueError(f"job {self.name!r}: invalid cron expression {self.cron!r}")
+        if not isinstance(self.args, list) or not isinstance(self.enabled, bool):
+            raise TypeError(f"job {self.name!r}: args is a list and enabled a bool")
         if self.misfire not in ("skip", "late"):
             raise ValueError(f"job {self.name!r}: misfire must be 'skip' or 'late'")
 
@@ -92,6 +102,27 @@ class JobSpec:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: the longest interval: its ticks (multiples since the epoch) stay far from datetime's year 9999
+_MAX_INTERVAL = timedelta(days=36525)
+
+
+def _check_job_name(name: str) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"job names are str, not {type(name).__name__}")
+    if not name or "/" in name:
+        raise ValueError(f"job names are non-empty and contain no '/': {name!r}")
+    name_prefix(name)  # the text rules of every name: valid UTF-8, no NUL
+
+
+def _check_interval(name: str, interval: float) -> None:
+    if not isinstance(interval, int | float) or isinstance(interval, bool):
+        raise TypeError(f"job {name!r}: interval is a number of seconds, not {type(interval).__name__}")
+    try:
+        step = timedelta(seconds=interval)  # ticks are computed in timedelta: 1 µs resolution
+    except (OverflowError, ValueError):  # inf, nan, too large
+        step = _MAX_INTERVAL * 2
+    if not timedelta(0) < step <= _MAX_INTERVAL:
+        raise ValueError(f"job {name!r}: interval must be from 1 µs to 100 years (in seconds), not {interval!r}")
 
 
 def _croniter() -> Any:
@@ -113,7 +144,7 @@ class RunRecord:
         started: when it started (the scheduler's clock, UTC ISO text).
         ended: when it ended, or None while running (or when lost).
         outcome: "running", "ok", "error", "killed" or "lost" (the worker died while running it).
-        error: the error text for "error".
+        error: the error text for "error" ("<type>: <message>", cut to 4096 characters).
     """
 
     job: str
@@ -154,8 +185,14 @@ class Scheduler:
         worker: this worker's name in run records (default: its lease id).
         now: the wall clock, returning an aware UTC datetime (default: the system clock). Tests pass a clock
             derived from ``anyio.current_time()`` to run on virtual time.
-        misfire_grace: seconds a tick may be late before the job's misfire policy applies.
-        history: run records kept per job (oldest removed first).
+        misfire_grace: seconds a tick may be late before the job's misfire policy applies (finite, >= 0).
+        history: run records kept per job (oldest removed first; >= 1).
+
+    A Scheduler runs in one ``async with`` at a time (entering it again while it runs raises RuntimeError); it
+    can be entered again after leaving, and then schedules every job afresh.
+
+    Raises:
+        TypeError, ValueError: (at once) a bad argument.
     """
 
     def __init__(
@@ -168,8 +205,18 @@ class Scheduler:
         misfire_grace: float = 1.0,
         history: int = 100,
     ) -> None:
+        if not isinstance(history, int) or isinstance(history, bool):
+            raise TypeError(f"history is an int number of runs, not {type(history).__name__}")
         if history < 1:
             raise ValueError("history must keep at least one run")
+        if not isinstance(misfire_grace, int | float) or isinstance(misfire_grace, bool):
+            raise TypeError(f"misfire_grace is a number of seconds, not {type(misfire_grace).__name__}")
+        if not 0 <= misfire_grace < math.inf:
+            raise ValueError(f"misfire_grace must be a finite number of seconds >= 0, not {misfire_grace!r}")
+        if worker is not None and not isinstance(worker, str):
+            raise TypeError(f"worker is a str, not {type(worker).__name__}")
+        if now is not None and not callable(now):
+            raise TypeError(f"now is a function returning a datetime, not {type(now).__name__}")
         self.session = require_session(session)
         self.prefix = prefix
         self._prefix = name_prefix(prefix)
@@ -189,6 +236,8 @@ class Scheduler:
 
     def register(self, target: str, fn: Callable[..., Awaitable[None]]) -> None:
         """Let this worker run jobs whose ``target`` is ``target``: ``await fn(RunContext, *spec.args)``."""
+        if not isinstance(target, str) or not callable(fn):
+            raise TypeError(f"register takes a str target and a coroutine function, not {target!r}, {fn!r}")
         self._targets[target] = fn
 
     # -- managing jobs (from any process) --------------------------------------------------------------
@@ -198,15 +247,19 @@ class Scheduler:
         await publish(self.session.backend, f"{self.prefix}/jobs/{spec.name}", asdict(spec), expected_revision=None)
 
     async def remove_job(self, name: str) -> None:
+        """Remove job ``name``; every worker stops ticking it (a run in progress finishes)."""
+        _check_job_name(name)
         await publish(self.session.backend, f"{self.prefix}/jobs/{name}", None, expected_revision=None)
 
     async def kill(self, name: str) -> None:
         """Cancel the running instance of job ``name`` wherever it runs (the request lives 10 s)."""
+        _check_job_name(name)
         lease = await self.session.backend.grant(10)
         await self.session.backend.txn([], [Put(self._prefix + b"killer/" + name.encode(), b"", lease.id)])
 
     async def history(self, name: str) -> list[RunRecord]:
         """The runs of job ``name`` still kept, oldest first."""
+        _check_job_name(name)
         result = await self.session.backend.range(Range(self._runs(name), prefix=True))
         return [RunRecord(**json.loads(kv.value)) for kv in result.kvs]
 
@@ -215,8 +268,11 @@ class Scheduler:
     async def __aenter__(self) -> Scheduler:
         # The worker's whole life is a guarded block: if the session is lost, its work and the body of
         # ``async with scheduler`` are cancelled, and the exit raises OwnershipLostError (never silently idle).
-        self._guard = self.session.guarded(OwnershipLostError)
-        await self._guard.__aenter__()
+        if self._guard is not None:
+            raise RuntimeError(f"Scheduler {self.prefix!r} is already running (entered twice)")
+        guard = self.session.guarded(OwnershipLostError, what=f"scheduler {self.prefix!r}")
+        await guard.__aenter__()
+        self._guard = guard
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         ready = anyio.Event()
@@ -229,22 +285,31 @@ class Scheduler:
             self._task_group.cancel_scope.cancel()
             try:
                 await self._task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            except BaseExceptionGroup as group:
+                # The store refused the followers (no permission on the prefix, a TLS or credentials problem):
+                # raise its error itself, typed, rather than a group of one copy per follower.
+                if all(isinstance(error, BackendError) for error in group.exceptions):
+                    raise group.exceptions[0] from None
+                raise
             finally:
-                await self._guard.__aexit__(type(exc), exc, exc.__traceback__)
+                self._guard = None
+                await guard.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        assert self._task_group is not None
+        assert self._task_group is not None and self._guard is not None
+        guard, self._guard = self._guard, None  # stopped: it may be entered again (and schedules afresh)
+        self._tickers.clear()
         self._task_group.cancel_scope.cancel()
         try:
             await self._task_group.__aexit__(exc_type, exc, tb)
         except BaseException as raised:  # e.g. the guard's cancellation: the guard turns it into its error
-            await self._guard.__aexit__(type(raised), raised, raised.__traceback__)
+            await guard.__aexit__(type(raised), raised, raised.__traceback__)
             raise
-        await self._guard.__aexit__(exc_type, exc, tb)
+        await guard.__aexit__(exc_type, exc, tb)
 
     def _runs(self, job: str) -> bytes:
         return self._prefix + b"runs/" + job.encode() + b"/"
@@ -348,11 +413,13 @@ class Scheduler:
         except OwnershipLostError:
             return  # our lease is going: the running marker vanishes and the run is recorded as lost
         except Exception as exc:
-            outcome, error = "error", f"{type(exc).__name__}: {exc}"
+            outcome, error = "error", error_text(exc)
         final = RunRecord(**{**asdict(record), "ended": self._now().isoformat(), "outcome": outcome, "error": error})
-        with anyio.CancelScope(shield=True), anyio.move_on_at(session.deadline):
-            await retry_call(lambda: session.backend.txn([], [Put(record_key, _encode(final)), Delete(running_key)]))
-            await retry_call(lambda: self._trim_history(spec.name))
+        with anyio.CancelScope(shield=True):
+            await retry_while_valid(
+                session, lambda: session.backend.txn([], [Put(record_key, _encode(final)), Delete(running_key)])
+            )
+            await retry_while_valid(session, lambda: self._trim_history(spec.name))
 
     async def _trim_history(self, job: str) -> None:
         records = await self.session.backend.range(Range(self._runs(job), prefix=True, keys_only=True))

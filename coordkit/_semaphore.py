@@ -12,7 +12,7 @@ from typing import final
 from ._errors import OwnershipLostError
 from ._queue import Contender
 from ._session import Session
-from ._types import EventType, RangeResult
+from ._types import MAX_INT64, EventType, RangeResult
 from ._watch import Snapshot, Watch
 
 
@@ -49,8 +49,8 @@ class Semaphore(Contender):
     def __init__(self, session: Session, name: str, *, limit: int) -> None:
         if not isinstance(limit, int) or isinstance(limit, bool):
             raise TypeError(f"limit must be an int, not {type(limit).__name__}")
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, not {limit}")
+        if not 1 <= limit <= MAX_INT64:
+            raise ValueError(f"limit must be from 1 to 2**63 - 1, not {limit}")
         super().__init__(session, name)
         self.limit = limit
 

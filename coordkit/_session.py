@@ -10,7 +10,7 @@ local deadline passes without a renewal, coordkit declares the session lost and 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
@@ -62,13 +62,24 @@ class Session:
             settings).
         safety_margin: seconds before the server-side expiry at which the session counts itself lost;
             default a tenth of the TTL, between 0.1 and 1 s. Must be less than two thirds of the TTL.
+
+    Raises:
+        TypeError, ValueError: (at once, before any I/O) not a backend, a TTL etcd would not grant (not an int
+            from 1 to 9e9 s), a bad safety margin.
     """
 
     def __init__(self, backend: Backend, *, ttl: int = 10, safety_margin: float | None = None) -> None:
+        if not isinstance(backend, Backend):
+            raise TypeError(f"a Session needs a Backend (MemoryBackend, EtcdBackend...), not {type(backend).__name__}")
         check_ttl(ttl)
         if safety_margin is None:
             safety_margin = max(0.1, min(1.0, ttl / 10))
-        if not isinstance(safety_margin, int | float) or not math.isfinite(safety_margin) or safety_margin < 0:
+        if (
+            not isinstance(safety_margin, int | float)
+            or isinstance(safety_margin, bool)
+            or not math.isfinite(safety_margin)
+            or safety_margin < 0
+        ):
             raise ValueError(f"safety_margin must be a finite number >= 0, not {safety_margin!r}")
         if safety_margin >= ttl * 2 / 3:
             raise ValueError(f"safety_margin {safety_margin} leaves no time to renew a {ttl} s lease")
@@ -152,21 +163,25 @@ class Session:
     # -- guarded blocks --------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def guarded(self, lost_error: type[OwnershipLostError] = OwnershipLostError) -> AsyncIterator[None]:
+    async def guarded(
+        self, lost_error: type[OwnershipLostError] = OwnershipLostError, *, what: str = ""
+    ) -> AsyncIterator[None]:
         """Run a block that must stop when the session is lost.
 
         The body is cancelled as soon as the session is lost (or closed under it), and the ``async with``
         then raises ``lost_error`` (its ``session`` attribute names this session). Cancellation from outside
-        passes through untouched.
+        passes through untouched. ``what`` (e.g. ``"lock 'jobs'"``) starts the error messages.
 
         Raises:
             SessionClosedError: the session is not open.
             OwnershipLostError: (or the ``lost_error`` subclass) the session was lost before or during the body.
         """
+        about = f"{what}: " if what else ""
         if not self._open:
-            raise SessionClosedError("the session is not open")
+            entered = self._lost_event is not None
+            raise SessionClosedError(f"{about}the session has {'exited' if entered else 'not been entered'}")
         if self.lost:
-            raise lost_error(f"session lost: {self._lost_reason}", session=self)
+            raise lost_error(f"{about}session lost: {self._lost_reason}", session=self)
         with anyio.CancelScope() as scope:
             self._guards.add(scope)
             try:
@@ -174,7 +189,7 @@ class Session:
             finally:
                 self._guards.discard(scope)
         if scope.cancelled_caught:
-            raise lost_error(f"session lost: {self._lost_reason}", session=self)
+            raise lost_error(f"{about}session lost: {self._lost_reason}", session=self)
 
     def _cancel_guards(self) -> None:
         for scope in self._guards:
@@ -265,3 +280,17 @@ def require_session(session: object) -> Session:
     if not isinstance(session, Session):
         raise TypeError(f"needs a Session, not {type(session).__name__}")
     return session
+
+
+async def retry_while_valid(session: Session, operation: Callable[[], Awaitable[object]]) -> None:
+    """Run a clean-up write (deleting a key bound to the session's lease), retried for as long as it is valid.
+
+    The deadline is read again after each expiry: keepalives move it on, so an outage the session survives
+    (a write stuck behind a dead etcd leader) does not make the clean-up give up and leave the key behind,
+    held for as long as the session lives. Once the session is lost its lease ends, taking the key with it,
+    and this returns without an error.
+    """
+    while not session.lost and anyio.current_time() < session.deadline:
+        with anyio.move_on_at(session.deadline):
+            await retry_call(operation)
+            return

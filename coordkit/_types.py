@@ -56,6 +56,8 @@ class Compare:
         want = bytes if self.target is CompareTarget.VALUE else int
         if type(self.operand) is not want:
             raise TypeError(f"{self.target.value} compare needs a {want.__name__} operand")
+        if isinstance(self.operand, int) and not -MAX_INT64 - 1 <= self.operand <= MAX_INT64:
+            raise ValueError(f"{self.target.value} compare operand {self.operand} does not fit etcd's int64")
 
     @classmethod
     def create(cls, key: bytes, op: CompareOp, revision: int) -> Compare:
@@ -96,8 +98,8 @@ class Put:
             _check_key(self.key, allow_empty=False)
         if type(self.value) is not bytes:
             raise TypeError(f"value must be bytes, not {type(self.value).__name__}")
-        if type(self.lease) is not int or self.lease < 0:
-            raise ValueError(f"lease must be a non-negative int, not {self.lease!r}")
+        if type(self.lease) is not int or not 0 <= self.lease <= MAX_INT64:
+            raise ValueError(f"lease must be an int from 0 to 2**63 - 1, not {self.lease!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +141,8 @@ class Range:
         _check_key(self.key, allow_empty=self.prefix)
         for name in ("limit", "max_create_revision", "min_create_revision"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+            if not isinstance(value, int) or not 0 <= value <= MAX_INT64:
+                raise ValueError(f"{name} must be an int from 0 to 2**63 - 1, not {value!r}")
         if self.sort_by not in ("key", "create", "mod", "version", "value"):
             raise ValueError(f"sort_by must be key, create, mod, version or value, not {self.sort_by!r}")
 
@@ -224,6 +226,24 @@ class WatchBatch(NamedTuple):
 MAX_REQUEST_BYTES = 1536 * 1024
 #: etcd's largest lease TTL in seconds.
 MAX_LEASE_TTL = 9_000_000_000
+#: etcd's revisions, lease ids and compare operands are int64: larger numbers are refused.
+MAX_INT64 = 2**63 - 1
+
+
+def check_lease_id(lease_id: int) -> None:
+    """Reject something that cannot be an etcd lease id (TypeError/ValueError), before anything is sent."""
+    if not isinstance(lease_id, int) or isinstance(lease_id, bool):
+        raise TypeError(f"lease ids are int, not {type(lease_id).__name__}")
+    if not 0 <= lease_id <= MAX_INT64:
+        raise ValueError(f"a lease id is an int from 0 to 2**63 - 1, not {lease_id}")
+
+
+def check_start_revision(revision: int) -> None:
+    """Reject a watch start revision etcd cannot take (TypeError/ValueError); 0 means "from now"."""
+    if not isinstance(revision, int) or isinstance(revision, bool):
+        raise TypeError(f"start_revision must be an int, not {type(revision).__name__}")
+    if not 0 <= revision <= MAX_INT64:
+        raise ValueError(f"start_revision must be an int from 0 to 2**63 - 1, not {revision}")
 
 
 def check_ttl(ttl: int) -> None:
@@ -238,10 +258,14 @@ def check_txn(compare: Sequence[Compare], success: Sequence[Op], failure: Sequen
     """Reject a malformed transaction the way etcd does, before anything is sent.
 
     Raises:
-        TypeError: an element is not a Compare / Put / Delete / Range.
+        TypeError: a part is not a sequence (a generator would be used up by this check, and the transaction
+            then applied without its compares), or an element is not a Compare / Put / Delete / Range.
         ValueError: a branch writes one key twice (two puts, or a put inside a delete's range), as etcd's
             "duplicate key given in txn request".
     """
+    for part, items in (("compare", compare), ("success", success), ("failure", failure)):
+        if not isinstance(items, Sequence) or isinstance(items, str | bytes):
+            raise TypeError(f"txn {part} must be a list or tuple, not {type(items).__name__}")
     for c in compare:
         if not isinstance(c, Compare):
             raise TypeError(f"txn compares must be Compare, not {type(c).__name__}")

@@ -19,7 +19,7 @@ from . import _telemetry
 from ._backend import Backend
 from ._errors import CompactedError, UnavailableError
 from ._retry import Backoff, retry_call
-from ._types import EventType, KeyValue, Range, WatchBatch
+from ._types import EventType, KeyValue, Range, WatchBatch, check_start_revision
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +72,10 @@ class Watch:
             raise TypeError(f"keys are bytes, not {type(key).__name__}")
         if not key and not prefix:
             raise ValueError("the empty key is only allowed as a prefix")
-        if start_revision is not None and (not isinstance(start_revision, int) or start_revision < 1):
-            raise ValueError(f"start_revision must be an int >= 1, not {start_revision!r}")
+        if start_revision is not None:
+            check_start_revision(start_revision)
+            if start_revision < 1:
+                raise ValueError(f"start_revision must be an int >= 1, not {start_revision!r}")
         self._backend = backend
         self._key = key
         self._prefix = prefix
@@ -166,7 +168,8 @@ async def wait_deleted(backend: Backend, key: bytes, *, revision: int) -> None:
 
     Only that incarnation counts: a key deleted and created again after ``revision`` was deleted. The watch is
     registered before the key is read, so a deletion cannot slip between the two; a broken stream is
-    re-established with backoff. Cancel it to stop waiting.
+    re-established with backoff, and a stream that fell behind a compaction at once (the read after the new
+    notice finds a deletion it missed). Cancel it to stop waiting.
     """
     backoff = Backoff()
     while True:
@@ -181,5 +184,7 @@ async def wait_deleted(backend: Backend, key: bytes, *, revision: int) -> None:
                     if any(event.type is EventType.DELETE for event in batch.events):
                         return
             raise UnavailableError("watch stream ended")
+        except CompactedError:
+            pass  # a slow stream is cancelled when compaction passes it (etcd does so too): start again from now
         except UnavailableError:
             await anyio.sleep(backoff.next_delay())

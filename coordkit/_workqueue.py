@@ -25,7 +25,7 @@ from typing import Any, final
 
 import anyio
 
-from ._errors import LeaseExpiredError, OwnershipLostError
+from ._errors import LeaseExpiredError, OwnershipLostError, error_text
 from ._feed import Subscription, subscribe
 from ._queue import name_prefix
 from ._retry import retry_call
@@ -119,13 +119,15 @@ class Task:
         """Restart the visibility timeout (the claim's lease on the server, and the local deadline).
 
         Raises:
-            ClaimLostError: the claim already ended (its lease expired).
+            ClaimLostError: the claim already ended (the item was completed or given back, or its lease expired).
         """
         sent = anyio.current_time()
         try:
             ttl = await self._queue.session.backend.refresh(self._lease_id)
         except LeaseExpiredError as exc:
-            raise ClaimLostError(f"item {self.id}: the visibility timeout had already passed") from exc
+            raise ClaimLostError(
+                f"item {self.id}: the claim already ended (completed, given back, or its visibility timeout passed)"
+            ) from exc
         self._deadline = sent + ttl - self._queue._margin
         if self._scope is not None:
             self._scope.deadline = self._deadline
@@ -144,7 +146,7 @@ class _Lease:
     async def __aenter__(self) -> Task:
         task = await self._queue._claim(self._visibility)
         self._task = task
-        guard = self._queue.session.guarded(ClaimLostError)
+        guard = self._queue.session.guarded(ClaimLostError, what=f"queue {self._queue.name!r}, item {task.id}")
         try:
             await guard.__aenter__()
         except BaseException:
@@ -176,7 +178,7 @@ class _Lease:
         if exc is None:
             await self._queue._complete(task)
         elif isinstance(exc, Exception):
-            await self._queue._settle(task, error=f"{type(exc).__name__}: {exc}", release=True)
+            await self._queue._settle(task, error=error_text(exc), release=True)
         else:  # cancelled from outside: give the item back untouched, without counting it against the item
             await self._queue._settle(task, error=None, release=True)
         return None
@@ -199,11 +201,15 @@ class WorkQueue:
         session: the consumer's session (claims also hold a lease of their own, for the visibility timeout).
         name: the queue's name; keys live under ``<name>/``.
         max_attempts: deliveries before an item is dead-lettered (>= 1).
+
+    A consumer's failure is recorded with the item as ``"<type>: <message>"``, cut to 4096 characters.
     """
 
     def __init__(self, session: Session, name: str, *, max_attempts: int = 5) -> None:
-        if not isinstance(max_attempts, int) or max_attempts < 1:
-            raise ValueError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
+        if not isinstance(max_attempts, int) or isinstance(max_attempts, bool):
+            raise TypeError(f"max_attempts must be an int, not {type(max_attempts).__name__}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {max_attempts!r}")
         self.session = require_session(session)
         self.name = name
         self.max_attempts = max_attempts
@@ -217,6 +223,8 @@ class WorkQueue:
 
     async def __aenter__(self) -> WorkQueue:
         """Optional: keep one follower of the queue open across leases, so a claim does not open a watch."""
+        if self._subscription is not None:
+            raise RuntimeError(f"WorkQueue {self.name!r} is already entered")
         self._subscription = await subscribe(self.session.backend, self._prefix)
         return self
 
@@ -228,11 +236,17 @@ class WorkQueue:
             await subscription.aclose()
 
     async def put(self, payload: bytes, *, priority: int = 0) -> str:
-        """Add an item; return its id. Higher ``priority`` is offered first; equal ones in creation order."""
+        """Add an item; return its id. Higher ``priority`` is offered first; equal ones in creation order.
+
+        Raises:
+            TypeError: ``payload`` is not bytes, or ``priority`` not an int.
+            RequestTooLargeError: the item is larger than the server accepts. It is stored base64-encoded, so the
+                payload limit is about 1.1 MiB with etcd's default 1.5 MiB request limit.
+        """
         if not isinstance(payload, bytes):
             raise TypeError(f"payloads are bytes, not {type(payload).__name__}")
-        if not isinstance(priority, int):
-            raise TypeError("priority must be an int")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         item_id = uuid.uuid4().hex
         await self.session.backend.txn([], [Put(self._items + item_id.encode(), _Item(payload, priority).encode())])
         return item_id
@@ -268,6 +282,8 @@ class WorkQueue:
 
     async def requeue(self, item_id: str) -> bool:
         """Put a dead letter back in the queue with its attempts reset. False if there is no such dead letter."""
+        if not isinstance(item_id, str):
+            raise TypeError(f"item ids are str, not {type(item_id).__name__}")
         dead_key = self._dead + item_id.encode()
         current = await self.session.backend.range(Range(dead_key))
         if not current.kvs:
@@ -292,7 +308,7 @@ class WorkQueue:
 
     async def _claim(self, visibility: int) -> Task:
         # Guarded: a session that is closed, or lost while we wait, claims nothing.
-        async with self.session.guarded(ClaimLostError):
+        async with self.session.guarded(ClaimLostError, what=f"queue {self.name!r}"):
             return await self._wait_and_claim(visibility)
 
     async def _wait_and_claim(self, visibility: int) -> Task:

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Self
 
 import anyio
 import anyio.abc
 
-from coordkit import Backend, EventType, Range, Session, Snapshot, Watch
+from coordkit import (
+    Backend,
+    Compare,
+    EventType,
+    Lease,
+    Op,
+    Range,
+    RangeResult,
+    Session,
+    Snapshot,
+    TxnResult,
+    Watch,
+    WatchBatch,
+)
 from coordkit.testing import EtcdServer, Harness
 
 
@@ -58,3 +73,58 @@ async def etcdctl(server: EtcdServer, *args: str) -> AsyncIterator[anyio.abc.Pro
                 process.kill()
                 await process.wait()
         await process.aclose()
+
+
+class StuckWrites:
+    """A client whose transactions hang while `stuck` (until `unstick`) and whose other calls go through.
+
+    What a client sees when its write was forwarded to an etcd leader that just died: the write waits for the
+    server's request timeout, while its lease keepalives reach the new leader and keep the session valid.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.stuck = False
+        self._unstuck = anyio.Event()
+
+    def stick(self) -> None:
+        self.stuck = True
+
+    def unstick(self) -> None:
+        self.stuck = False
+        self._unstuck.set()
+        self._unstuck = anyio.Event()
+
+    async def range(self, request: Range) -> RangeResult:
+        return await self.inner.range(request)
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        while self.stuck:
+            await self._unstuck.wait()
+        return await self.inner.txn(compare, success, failure)
+
+    async def grant(self, ttl: int) -> Lease:
+        return await self.inner.grant(ttl)
+
+    async def refresh(self, lease_id: int) -> int:
+        return await self.inner.refresh(lease_id)
+
+    async def revoke(self, lease_id: int) -> None:
+        await self.inner.revoke(lease_id)
+
+    def watch(
+        self, key: bytes, *, prefix: bool = False, start_revision: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
+        return self.inner.watch(key, prefix=prefix, start_revision=start_revision)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

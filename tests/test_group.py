@@ -209,3 +209,33 @@ async def test_join_needs_an_open_session_and_writes_nothing_otherwise(harness: 
         with pytest.raises(SessionClosedError):
             async with Group(session, name).join("late"):
                 pass
+
+
+async def test_leave_stuck_past_the_deadline_still_deletes_while_the_session_lives(harness: Harness) -> None:
+    """Regression: leaving gave up at the session's deadline as it was when the leave began, although
+    keepalives had moved it on: the member stayed listed for as long as the session lived (found on a
+    3-member etcd cluster, where a write caught by a leader's death waits for etcd's request timeout)."""
+    from .helpers import StuckWrites
+
+    name = harness.namespace.decode() + "stuck-leave"
+    async with harness.client() as inner, Session(StuckWrites(inner), ttl=3) as session:
+        writes = session.backend
+        assert isinstance(writes, StuckWrites)
+        left = anyio.Event()
+
+        async def member(joined: anyio.Event) -> None:
+            async with Group(session, name).join("m"):
+                joined.set()
+                writes.stick()  # the leave's delete hangs
+            left.set()
+
+        async with anyio.create_task_group() as tg:
+            joined = anyio.Event()
+            tg.start_soon(member, joined)
+            await joined.wait()
+            deadline_at_leave = session.deadline
+            await anyio.sleep(deadline_at_leave - anyio.current_time() + 1)
+            assert not session.lost, "keepalives go through: the session is valid"
+            assert not left.is_set(), "the member key is still there: leaving must not have given up"
+            writes.unstick()
+        assert (await Group(session, name).members()).members == {}

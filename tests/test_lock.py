@@ -26,7 +26,7 @@ from coordkit import (
 )
 from coordkit.testing import Harness
 
-from .helpers import queue_length, sessions, wait_queue
+from .helpers import StuckWrites, queue_length, sessions, wait_queue
 
 pytestmark = pytest.mark.anyio
 
@@ -388,3 +388,35 @@ async def test_lost_error_names_the_session(harness: Harness) -> None:
                 await anyio.sleep_forever()
         assert caught.value.session is session
         harness.heal(client)
+
+
+async def test_release_stuck_past_the_deadline_still_deletes_while_the_session_lives(harness: Harness) -> None:
+    """Regression: a release whose delete outlasted the session's deadline *as it was when the release began*
+    gave up, although keepalives had moved the deadline on. It returned with the key still in the store: the
+    lock stayed held (by nobody) for as long as the session lived, and the next acquire in that session reused
+    the key and its token. Seen on a 3-member etcd cluster: a write sent to a follower just as the leader was
+    killed waits for etcd's request timeout (~5 s) while keepalives reach the new leader.
+    """
+    name = harness.namespace.decode() + "stuck-release"
+    async with harness.client() as inner, Session(StuckWrites(inner), ttl=3) as session:
+        writes = session.backend
+        assert isinstance(writes, StuckWrites)
+        lock = Lock(session, name)
+        first = await lock.acquire()
+        released = anyio.Event()
+
+        async def release() -> None:
+            await lock.release()
+            released.set()
+
+        async with anyio.create_task_group() as tg:
+            writes.stick()
+            deadline_at_release = session.deadline
+            tg.start_soon(release)
+            await anyio.sleep(deadline_at_release - anyio.current_time() + 1)
+            assert not session.lost, "keepalives go through: the session is valid"
+            assert not released.is_set(), "the key is still there: the release must not have given up"
+            writes.unstick()
+        assert await queue_length(inner, name) == 0
+        async with lock as again:
+            assert again.token > first.token

@@ -36,6 +36,8 @@ from .._types import (
     RangeResult,
     TxnResult,
     WatchBatch,
+    check_lease_id,
+    check_start_revision,
     check_ttl,
     check_txn,
 )
@@ -70,6 +72,12 @@ def _load_adapter() -> ModuleType:
 def _parse_endpoint(url: str) -> str:
     if not isinstance(url, str):
         raise TypeError(f"an etcd endpoint is a URL string, not {type(url).__name__}")
+    if "@" in url:  # user info may hold a password: refuse it without echoing any of it
+        raise ValueError(
+            f"etcd endpoint '...@{url.rpartition('@')[2]}' must not contain user info: pass username= and password="
+        )
+    if not url.strip().isprintable() or any(ch.isspace() for ch in url.strip()):  # urlsplit drops tabs silently
+        raise ValueError(f"etcd endpoint {url!r} has spaces or unprintable characters")
     try:
         parts = urlsplit(url.strip())
         port = parts.port
@@ -79,6 +87,8 @@ def _parse_endpoint(url: str) -> str:
         raise ValueError(f"etcd endpoint {url!r} must start with http:// or https://")
     if not parts.hostname or parts.username or parts.password:
         raise ValueError(f"etcd endpoint {url!r} needs a host (and no user info)")
+    if port == 0:
+        raise ValueError(f"etcd endpoint {url!r}: port 0 cannot be connected to")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"etcd endpoint {url!r} must not have a path, query or fragment")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
@@ -223,7 +233,9 @@ class EtcdBackend:
             with ``anyio.fail_after``).
 
     Raises:
-        ValueError: a bad endpoint URL or scheme, inconsistent credentials or TLS options, unreadable TLS files.
+        ValueError: a bad endpoint URL or scheme (a URL without a port means etcd's 2379), inconsistent
+            credentials or TLS options, unreadable TLS files.
+        TypeError: endpoints that are not URL strings, a request_timeout that is not a number.
         ImportError: the ``etcd`` extra is not installed (``pip install 'coordkit[etcd]'``).
     """
 
@@ -241,12 +253,16 @@ class EtcdBackend:
         key_file: str | None = None,
         request_timeout: float = 5.0,
     ) -> None:
+        if isinstance(endpoints, bytes | bytearray) or not isinstance(endpoints, str | Sequence):
+            raise TypeError(f"endpoints are a URL string or a sequence of them, not {type(endpoints).__name__}")
         urls = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not urls:
             raise ValueError("EtcdBackend needs at least one endpoint")
         self.endpoints = tuple(_parse_endpoint(url) for url in urls)
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
+        if not isinstance(request_timeout, int | float) or isinstance(request_timeout, bool):
+            raise TypeError(f"request_timeout is a number of seconds, not {type(request_timeout).__name__}")
         if not request_timeout > 0:
             raise ValueError(f"request_timeout must be positive, not {request_timeout!r}")
         tls_files = ca_file is not None or cert_file is not None or key_file is not None
@@ -354,7 +370,9 @@ class EtcdBackend:
         Raises:
             LeaseExpiredError: the lease is gone (expired or revoked).
             UnavailableError: no endpoint answered.
+            TypeError, ValueError: (before anything is sent) not an int64 lease id.
         """
+        check_lease_id(lease_id)
         self._check_open()
         reply = await self._client.call("/lease/keepalive", {"ID": str(lease_id)}, idempotent=True, lease_id=lease_id)
         ttl = int(reply.get("TTL", 0))
@@ -367,7 +385,9 @@ class EtcdBackend:
 
         Raises:
             UnavailableError: no endpoint answered.
+            TypeError, ValueError: (before anything is sent) not an int64 lease id.
         """
+        check_lease_id(lease_id)
         self._check_open()
         with contextlib.suppress(LeaseExpiredError):  # already gone: revoking is idempotent
             await self._client.call("/lease/revoke", {"ID": str(lease_id)}, idempotent=True, lease_id=lease_id)
@@ -388,8 +408,7 @@ class EtcdBackend:
         """
         if not isinstance(key, bytes):
             raise TypeError(f"keys are bytes, not {type(key).__name__}")
-        if not isinstance(start_revision, int) or isinstance(start_revision, bool) or start_revision < 0:
-            raise ValueError(f"start_revision must be an int >= 0, not {start_revision!r}")
+        check_start_revision(start_revision)
         return self._watch(key, prefix, start_revision)
 
     @asynccontextmanager

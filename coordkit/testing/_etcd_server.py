@@ -3,9 +3,9 @@
 Guarantees: the server listens only on 127.0.0.1, on free ports (never etcd's defaults 2379/2380), in a
 temporary data directory; it is stopped by its PID (the one process this object started) and never by name.
 A stopped server restarts on the same ports with the same data (so a test can break open streams by
-restarting it). Optional TLS (a CA and a server certificate for 127.0.0.1, made with the ``openssl`` command
-line; optionally client certificates for mTLS) and user/password auth (``root`` with a password, simple tokens
-with a configurable TTL).
+restarting it). Optional TLS (a fresh CA and a server certificate for 127.0.0.1, made in process with
+``trustme``; optionally a client certificate for mTLS) and user/password auth (``root`` with a password,
+simple tokens with a configurable TTL).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class EtcdServer:
     client built while the server is down).
 
     Args:
-        tls: serve https with a certificate for 127.0.0.1 signed by a fresh CA (`ca_file`).
+        tls: serve https with a certificate for 127.0.0.1 signed by a fresh CA (`ca_file`), made with the
+            ``trustme`` package (a test dependency: ``pip install trustme``).
         client_cert_auth: also require client certificates (mTLS): `client_cert_file` /
             `client_key_file` are signed by the same CA. Implies ``tls``.
         auth: create user ``root`` with `password` and enable authentication.
@@ -71,7 +72,8 @@ class EtcdServer:
         startup_timeout: seconds to wait for the server to answer after each start.
 
     Raises:
-        RuntimeError: etcd or openssl is missing, or the server did not come up (the message has its log).
+        RuntimeError: etcd is missing, trustme is missing for ``tls``/``client_cert_auth``, or the server did
+            not come up (the message has its log).
     """
 
     def __init__(
@@ -327,45 +329,28 @@ class EtcdServer:
         return result
 
     def _make_certificates(self) -> None:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            raise RuntimeError("tls=True needs the openssl command line tool on PATH")
+        try:
+            import trustme  # imported here: only TLS servers need it, and it is a test dependency
+        except ImportError as exc:
+            raise RuntimeError(
+                "EtcdServer(tls=True) makes its certificates with trustme: pip install trustme (or 'coordkit[test]')"
+            ) from exc
         tls_dir = self._dir / "tls"
         tls_dir.mkdir()
-
-        def run(*args: str) -> None:
-            done = subprocess.run([openssl, *args], cwd=tls_dir, capture_output=True, timeout=60, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"openssl {args[0]} failed: {done.stderr.decode(errors='replace')}")
-
-        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        run(
-            "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "7",
-            "-subj", "/CN=coordkit test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        )  # fmt: skip
-
-        def issue(name: str, subject: str, extensions: str) -> None:
-            (tls_dir / f"{name}.ext").write_text(
-                "basicConstraints=CA:FALSE\n"
-                "keyUsage=critical,digitalSignature,keyEncipherment\n"
-                "subjectKeyIdentifier=hash\n"
-                "authorityKeyIdentifier=keyid,issuer\n" + extensions
-            )
-            run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
-            run(
-                "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "7", "-extfile", f"{name}.ext",
-            )  # fmt: skip
-
-        # etcd's gateway dials the server itself with this certificate, so it is valid for clients too.
-        san = "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
-        issue("server", "/CN=127.0.0.1", san)
+        ca = trustme.CA(organization_name="coordkit test CA")
+        ca.cert_pem.write_to_path(tls_dir / "ca.crt")
+        # trustme's leaf certificates are valid for serverAuth and clientAuth: etcd's gateway dials the server
+        # itself with the server certificate, so it must be valid as a client certificate too. Neither
+        # certificate has a CommonName: with auth enabled, etcd takes a client certificate's CN as the user name
+        # (and 3.5's gateway refuses such certificates).
+        server = ca.issue_cert("127.0.0.1", "localhost", organization_name="coordkit test server")
+        server.cert_chain_pems[0].write_to_path(tls_dir / "server.crt")
+        server.private_key_pem.write_to_path(tls_dir / "server.key")
         self.ca_file = str(tls_dir / "ca.crt")
         self._server_cert = (str(tls_dir / "server.crt"), str(tls_dir / "server.key"))
         if self._client_cert_auth:
-            # No CommonName: etcd 3.5's gateway refuses client certificates with one when auth is enabled.
-            issue("client", "/O=coordkit test client", "extendedKeyUsage=clientAuth\n")
+            client = ca.issue_cert("coordkit-test-client", organization_name="coordkit test client")
+            client.cert_chain_pems[0].write_to_path(tls_dir / "client.crt")
+            client.private_key_pem.write_to_path(tls_dir / "client.key")
             self.client_cert_file = str(tls_dir / "client.crt")
             self.client_key_file = str(tls_dir / "client.key")
