@@ -95,11 +95,20 @@ async def wait_exit(process: anyio.abc.Process, timeout: float = 30) -> int:
 
 
 def alive(pid: int) -> bool:
+    """The process runs (a zombie, dead but not yet reaped by whoever inherited it, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+    return state != "Z"
+
+
+async def wait_dead(pid: int, timeout: float = 10) -> None:
+    with anyio.fail_after(timeout):
+        for _ in itertools.count():
+            if not alive(pid):
+                return
+            await anyio.sleep(0.02)
 
 
 # -- lock -------------------------------------------------------------------------------------------------------
@@ -175,6 +184,19 @@ async def test_stopped_holder_gets_its_grace_and_keeps_the_lock_meanwhile(
         assert etcd_server.run_etcdctl("get", f"{name}/", "--prefix", "--keys-only").strip(), "released too early"
         assert await wait_exit(holder) == 128 + signal.SIGTERM
     assert not etcd_server.run_etcdctl("get", f"{name}/", "--prefix", "--keys-only").strip(), "not released"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+async def test_command_dies_with_a_killed_coordkit(env: dict[str, str], etcd_server: EtcdServer) -> None:
+    name = unique("orphan")
+    # kill -9 of coordkit cannot stop anything itself: the guardian must take the command's whole group down.
+    command = ["sh", "-c", "sleep 60 & echo $$ $!; wait"]
+    async with background(env, "lock", name, "--", *command) as holder:
+        shell, child = map(int, (await read_line(holder.stdout, bytearray())).split())
+        holder.kill()
+        await wait_exit(holder)
+        await wait_dead(shell)
+        await wait_dead(child)
 
 
 # -- elect ------------------------------------------------------------------------------------------------------
