@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from coordkit import Delete, Put, Range, Snapshot, Watch, WatchBatch, wait_deleted
+from coordkit import Delete, MemoryBackend, Put, Range, Snapshot, Watch, WatchBatch, wait_deleted
 from coordkit.testing import Harness
 
 pytestmark = pytest.mark.anyio
@@ -99,3 +99,32 @@ async def test_watch_argument_errors(harness: Harness) -> None:
         watch = Watch(b, b"k")
         with pytest.raises(RuntimeError):
             aiter(watch)
+
+
+@pytest.mark.parametrize("kind", ["memory"])  # makes a watch lag on purpose: latency is a MemoryBackend fault
+async def test_wait_deleted_starts_over_when_its_stream_falls_behind_a_compaction(harness: Harness) -> None:
+    """A watch that falls behind a compaction fails with CompactedError (etcd cancels a slow watcher so too):
+    wait_deleted looks again from now instead of raising, and still sees the deletion (found by test_chaos)."""
+    key, other = harness.namespace + b"waited", harness.namespace + b"other"
+    async with harness.client() as waiter, harness.client() as writer:
+        assert isinstance(waiter, MemoryBackend)
+        created = (await writer.txn([], [Put(key, b"")])).revision
+        await writer.txn([], [Put(other, b"0")])  # the store moves on: the waiter reads the key after its notice
+        deleted = anyio.Event()
+
+        async def wait() -> None:
+            await wait_deleted(waiter, key, revision=created)
+            deleted.set()
+
+        async with anyio.create_task_group() as tg:
+            waiter.faults.set_latency(1)
+            tg.start_soon(wait)
+            await anyio.sleep(1.5)  # registered at 1 s, its read of the key answers at 2 s
+            for value in (b"1", b"2"):
+                latest = (await writer.txn([], [Put(other, value)])).revision
+            await harness.compact(latest)  # the stream resumes after the read, behind this
+            await anyio.sleep(2)
+            assert not deleted.is_set()
+            await writer.txn([], [Delete(key)])
+            with anyio.fail_after(10):
+                await deleted.wait()
