@@ -108,6 +108,7 @@ class ClusterMember:
             "--initial-cluster-state=new",
             f"--heartbeat-interval={c.heartbeat_interval}",
             f"--election-timeout={c.election_timeout}",
+            "--experimental-watch-progress-notify-interval=1s",  # clients may detect silent streams quickly
             "--log-level=warn",
         ]
         if c.unsafe_no_fsync:

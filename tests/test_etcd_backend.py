@@ -27,7 +27,10 @@ from coordkit._errors import (
 )
 from coordkit._etcd import EtcdBackend
 from coordkit._types import Compare, Delete, EventType, Put, Range, WatchBatch
+from coordkit._watch import Snapshot, Watch
 from coordkit.testing._etcd_server import EtcdServer
+
+from .proxy import TcpProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -407,3 +410,47 @@ async def test_closed_backend_refuses_calls(server: EtcdServer) -> None:
     with pytest.raises(UnavailableError, match="closed"):
         await backend.range(Range(b"k"))
     await backend.aclose()  # idempotent
+
+
+# -- silent watch streams -------------------------------------------------------------------------------------
+
+
+async def test_a_silent_watch_stream_is_reopened_on_a_live_endpoint() -> None:
+    """A stream whose connection is blackholed (open, but nothing gets through) is detected and reopened.
+
+    Progress notifications keep an idle but healthy stream from counting as silent; a blackholed one is
+    reopened after ``watch_idle_timeout``, on the next endpoint once its own does not answer, from where it was.
+    """
+    with EtcdServer(watch_progress_interval=0.2) as srv:
+        async with (
+            TcpProxy("127.0.0.1", srv.client_port) as proxy,
+            EtcdBackend([proxy.endpoint, srv.endpoint], request_timeout=1, watch_idle_timeout=1) as client,
+            EtcdBackend(srv.endpoint) as direct,
+            Watch(client, b"silent/", prefix=True) as watch,
+        ):
+            send, received = anyio.create_memory_object_stream[Snapshot | WatchBatch](10)
+
+            async def follow() -> None:
+                async for item in watch:
+                    await send.send(item)
+
+            async with send, received, anyio.create_task_group() as tg:
+                tg.start_soon(follow)  # reading the stream all along: an idle stream is waited on, not paused
+                assert isinstance(await received.receive(), Snapshot)
+                await anyio.sleep(3)  # three idle timeouts without a change: progress notifications keep it open
+                assert watch.statistics().reconnects == 0
+                proxy.blackhole()
+                written = (await direct.txn([], [Put(b"silent/a", b"1")])).revision
+                with anyio.fail_after(30):
+                    batch = await received.receive()
+                assert isinstance(batch, WatchBatch) and batch.revision == written
+                assert watch.statistics().reconnects >= 1
+                tg.cancel_scope.cancel()
+
+
+def test_watch_idle_timeout_is_checked() -> None:
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="watch_idle_timeout"):
+            EtcdBackend("http://127.0.0.1:2379", watch_idle_timeout=bad)
+    with pytest.raises(TypeError, match="watch_idle_timeout"):
+        EtcdBackend("http://127.0.0.1:2379", watch_idle_timeout="5")  # type: ignore[arg-type]

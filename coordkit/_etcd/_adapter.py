@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import re
 import ssl
 from collections import deque
@@ -218,16 +219,20 @@ def _cancel_error(result: JSON) -> Exception:
 class WatchStream:
     """One open watch: the gateway's response stream, read line by line."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, endpoint: str) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, endpoint: str, idle_timeout: float | None) -> None:
         self._resp = resp
         self._lines = _JsonLines(resp)
+        self._idle_timeout = math.inf if idle_timeout is None else idle_timeout
         self._pending: deque[JSON] = deque()
         self.endpoint = endpoint
         #: the store revision when etcd registered the watch (from its "created" message)
         self.created_revision = 0
 
     async def _next_result(self) -> JSON:
-        data = await self._lines.next()
+        with anyio.move_on_after(self._idle_timeout) as idle:  # a read cancelled while waiting loses nothing
+            data = await self._lines.next()
+        if idle.cancelled_caught:
+            raise TimeoutError(f"the watch stream was silent for {self._idle_timeout:g} s")
         error = data.get("error")
         if error is not None:
             message = error.get("message") if isinstance(error, dict) else error
@@ -286,6 +291,7 @@ class GatewayClient(etcd3.AioClient):  # type: ignore[misc]  # etcd3-py has no t
         username: str | None,
         password: str | None,
         request_timeout: float,
+        watch_idle_timeout: float | None,
     ) -> None:
         self._endpoints = tuple(endpoints)
         self._current = 0
@@ -299,6 +305,7 @@ class GatewayClient(etcd3.AioClient):  # type: ignore[misc]  # etcd3-py has no t
         self._auth_token: str | None = None  # etcd3-py's own ``token`` stays None: we send ours per request
         self._auth_lock = anyio.Lock()
         self._timeout = request_timeout
+        self._watch_idle_timeout = watch_idle_timeout
         # one pass over every endpoint, plus one more try of the first (a restarting single server)
         self._attempts = len(self._endpoints) + 1
         self._unary: aiohttp.ClientSession | None = None
@@ -478,7 +485,7 @@ class GatewayClient(etcd3.AioClient):  # type: ignore[misc]  # etcd3-py has no t
                     if resp.status != 200:
                         _decode_reply(resp.status, await resp.read())
                         raise MalformedReplyError(f"watch answered HTTP {resp.status}")
-                    stream = WatchStream(resp, endpoint)
+                    stream = WatchStream(resp, endpoint, self._watch_idle_timeout)
                     first = await stream._next_result()
                     if (
                         first.get("canceled")

