@@ -47,6 +47,8 @@ async def worker(
                         await anyio.sleep(0.05)  # the work
                     completed.append((item, name))
                     print(f"{name}: completed {item} (attempt {task.attempt})")
+                    if task.attempt > 1:
+                        print(f"{name}: {item} was offered again after the kill and is now done")
                     if len(completed) == ITEMS:
                         done.set()
 
