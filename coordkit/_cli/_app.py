@@ -38,7 +38,6 @@ from ._child import CommandError
 from ._output import error
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 EXIT_CONFLICT = 3
 EXIT_NOT_FOUND = 4
 EXIT_UNAVAILABLE = 69

@@ -21,8 +21,8 @@ import anyio
 from anyio.abc import Process
 
 #: Shell conventions for a command that could not be started.
-EXIT_NOT_EXECUTABLE = 126
-EXIT_NOT_FOUND = 127
+EXIT_COMMAND_NOT_EXECUTABLE = 126
+EXIT_COMMAND_NOT_FOUND = 127
 
 
 class CommandError(Exception):
@@ -114,8 +114,8 @@ def _check_runnable(program: str) -> None:
     found = shutil.which(program)
     if found is None:
         if os.sep in program and os.path.exists(program):
-            raise CommandError(f"command not executable: {program}", EXIT_NOT_EXECUTABLE)
-        raise CommandError(f"command not found: {program}", EXIT_NOT_FOUND)
+            raise CommandError(f"command not executable: {program}", EXIT_COMMAND_NOT_EXECUTABLE)
+        raise CommandError(f"command not found: {program}", EXIT_COMMAND_NOT_FOUND)
 
 
 async def _start(argv: Sequence[str], capture: bool, env: Mapping[str, str] | None) -> Process:
@@ -130,9 +130,9 @@ async def _start(argv: Sequence[str], capture: bool, env: Mapping[str, str] | No
             start_new_session=True,
         )
     except FileNotFoundError as exc:
-        raise CommandError(f"command not found: {argv[0]}", EXIT_NOT_FOUND) from exc
+        raise CommandError(f"command not found: {argv[0]}", EXIT_COMMAND_NOT_FOUND) from exc
     except PermissionError as exc:
-        raise CommandError(f"command not executable: {argv[0]}", EXIT_NOT_EXECUTABLE) from exc
+        raise CommandError(f"command not executable: {argv[0]}", EXIT_COMMAND_NOT_EXECUTABLE) from exc
 
 
 async def _stop(process: Process, grace_end: float, kill_by: Callable[[], float] | None) -> None:
