@@ -25,7 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn, ParamSpec
+from typing import Any, NoReturn
 
 import anyio
 import click
@@ -46,8 +46,6 @@ EXIT_NO_PERMISSION = 77
 EXIT_TIMEOUT = 124
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-P = ParamSpec("P")
 
 
 class Failure(CoordkitError):
@@ -202,31 +200,26 @@ def check_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
-def ttl_option(command: Callable[P, None]) -> Callable[P, None]:
-    """``--ttl``: the session's lease TTL."""
-    return click.option(
-        "--ttl",
-        type=click.IntRange(min=1),
-        default=10,
-        show_default=True,
-        help="session lease TTL in seconds: how long a crashed holder keeps what it held",
-    )(command)
+#: ``--ttl``: the session's lease TTL.
+ttl_option = click.option(
+    "--ttl",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="session lease TTL in seconds: how long a crashed holder keeps what it held",
+)
 
+#: ``--grace``: seconds between SIGTERM and SIGKILL when the wrapped command must stop.
+grace_option = click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="seconds between SIGTERM and SIGKILL when coordkit is stopped (a lost lease: SIGKILL by its end)",
+)
 
-def grace_option(command: Callable[P, None]) -> Callable[P, None]:
-    """``--grace``: seconds between SIGTERM and SIGKILL when the wrapped command must stop."""
-    return click.option(
-        "--grace",
-        type=click.FloatRange(min=0),
-        default=10.0,
-        show_default=True,
-        help="seconds between SIGTERM and SIGKILL when coordkit is stopped (a lost lease: SIGKILL by its end)",
-    )(command)
-
-
-def json_option(command: Callable[P, None]) -> Callable[P, None]:
-    """``--json``: machine output."""
-    return click.option("--json", "as_json", is_flag=True, help="JSON output (one document per line)")(command)
+#: ``--json``: machine output.
+json_option = click.option("--json", "as_json", is_flag=True, help="JSON output (one document per line)")
 
 
 class Stopped(Exception):
