@@ -3,27 +3,36 @@
 Guarantees: a view shows a state the store really had, at ``view.revision``, and never goes back to an older
 one; it sees every change in order, with no gap or repeat across reconnects, and a full resync after
 compaction (reported as such); a published value that does not decode is reported and the previous good value
-kept, so a bad publish never crashes a consumer. Publishing is a compare-and-swap on the key's revision, so two
-publishers cannot silently overwrite each other. All the views of one prefix on one backend in a process share
-one watch of the store.
+kept, so a bad publish never crashes a consumer. Every key under the prefix is shown, whatever its bytes: a key
+that is not UTF-8 appears under the text ``bytes.decode("utf-8", "surrogateescape")`` gives it (each byte that is
+not UTF-8 becomes one lone surrogate, U+DC80 to U+DCFF, as ``os.fsdecode`` does), so distinct keys stay distinct and
+``key.encode("utf-8", "surrogateescape")`` gives back the stored bytes. Publishing is a compare-and-swap on the key's
+revision, so two publishers cannot silently overwrite each other. All the views of one prefix on one backend in a
+process share one watch of the store.
+
+A view that cannot follow the store any more fails loudly, never silently stale: transient failures (unavailable,
+a malformed reply) are retried with backoff; a refusal (`AuthenticationError`: credentials or permission revoked)
+cancels the body of ``async with ConfigView(...)``, which raises it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Generic, TypeVar, final, overload
 
 import anyio
-import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import _telemetry
 from ._backend import Backend
 from ._codec import JSON, Codec
+from ._errors import CoordkitError
 from ._feed import Subscription, subscribe
+from ._supervisor import keep_following, supervised
 from ._types import Compare, Delete, EventType, KeyValue, Op, Put
 from ._watch import Snapshot
 
@@ -82,6 +91,9 @@ class ConfigView(Generic[T]):
     ``view.snapshot()`` returns them all; ``view.revision`` is the store revision they reflect;
     ``view.changes()`` iterates changes as they arrive; ``await view.wait_for(predicate)`` waits for a state.
 
+    Keys are the text after the prefix; a key that is not UTF-8 is shown with its undecodable bytes as lone
+    surrogates (``surrogateescape``), so every stored key has exactly one entry.
+
     Args:
         backend: the store.
         prefix: the key prefix to follow (text; ``""`` follows every key).
@@ -91,6 +103,8 @@ class ConfigView(Generic[T]):
     Raises:
         TypeError, ValueError: (at once) the prefix is not UTF-8 text.
         RuntimeError: (from ``async with``) the view was entered before; create another one.
+        AuthenticationError: (from ``async with``, after cancelling its body; also from `changes` and `wait_for`)
+            the store refused to let the view follow the prefix any more. Transient failures are retried.
     """
 
     @overload
@@ -102,7 +116,7 @@ class ConfigView(Generic[T]):
     def __init__(self, backend: Backend, prefix: str, *, codec: Codec[Any] = JSON) -> None:
         self.backend = backend
         self.prefix = prefix
-        self._prefix = _encode_key(prefix, "prefix")
+        self._prefix = _encode_key(prefix, "prefix", escaped=False)
         self._codec: Codec[T] = codec
         self._values: dict[str, T] = {}
         self._mod_revisions: dict[str, int] = {}
@@ -111,7 +125,8 @@ class ConfigView(Generic[T]):
         self._subscription: Subscription | None = None
         self._changed = anyio.Event()
         self._listeners: set[MemoryObjectSendStream[ConfigChange[T]]] = set()
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+        self._failure: CoordkitError | None = None
 
     @property
     def revision(self) -> int:
@@ -146,11 +161,17 @@ class ConfigView(Generic[T]):
         return MappingProxyType(dict(self._values))
 
     async def wait_for(self, predicate: Callable[[Mapping[str, T]], bool]) -> Mapping[str, T]:
-        """Wait until ``predicate(snapshot)`` holds; return that snapshot. Bound it with ``anyio.fail_after``."""
+        """Wait until ``predicate(snapshot)`` holds; return that snapshot. Bound it with ``anyio.fail_after``.
+
+        Raises:
+            AuthenticationError: the view stopped following the store (see the class docstring).
+        """
         while True:
             snapshot = self.snapshot()
             if predicate(snapshot):
                 return snapshot
+            if self._failure is not None:
+                raise self._failure
             await self._changed.wait()
 
     def changes(self) -> AsyncGenerator[ConfigChange[T], None]:
@@ -169,28 +190,41 @@ class ConfigView(Generic[T]):
         finally:
             self._listeners.discard(send)
             send.close()
+        if self._failure is not None:  # the stream ended because the view stopped following: say why
+            raise self._failure
 
     async def __aenter__(self) -> ConfigView[T]:
         if self._subscription is not None:
             raise RuntimeError(f"ConfigView {self.prefix!r} can be entered once; create another view")
-        self._subscription = subscription = await subscribe(self.backend, self._prefix)
-        for kv in subscription.state.values():
-            self._apply_put(kv, subscription.revision, resync=False, report=False)
-        self._revision = subscription.revision
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._follow)
+        async with AsyncExitStack() as stack:
+            self._subscription = subscription = await subscribe(self.backend, self._prefix)
+            stack.push_async_callback(subscription.aclose)
+            stack.callback(self._close_listeners)  # after the follower stopped: iterators end (or raise why)
+            for kv in subscription.state.values():
+                self._apply_put(kv, subscription.revision, resync=False, report=False)
+            self._revision = subscription.revision
+            supervisor = await stack.enter_async_context(supervised(f"ConfigView {self.prefix!r}"))
+            supervisor.start_soon(self._follow_until_refused)
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._task_group is not None and self._subscription is not None
-        self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(None, None, None)
+    ) -> bool | None:
+        assert self._stack is not None
+        return await self._stack.__aexit__(exc_type, exc, tb)
+
+    def _close_listeners(self) -> None:
         for listener in self._listeners:
             listener.close()
-        await self._subscription.aclose()
+        self._changed.set()  # wait_for() wakes and raises the failure, if any
+
+    async def _follow_until_refused(self) -> None:
+        try:
+            await keep_following(self._follow, span="coordkit.config.follow", backend=self.backend.name)
+        except CoordkitError as exc:
+            self._failure = exc
+            raise
 
     async def _follow(self) -> None:
         assert self._subscription is not None
@@ -209,7 +243,8 @@ class ConfigView(Generic[T]):
             self._changed = anyio.Event()
 
     def _relative(self, key: bytes) -> str:
-        return key[len(self._prefix) :].decode(errors="replace")
+        # Faithful for any bytes (see the module docstring): distinct keys never collapse into one entry.
+        return key[len(self._prefix) :].decode("utf-8", "surrogateescape")
 
     def _apply_put(self, kv: KeyValue, revision: int, *, resync: bool, report: bool) -> None:
         key = self._relative(kv.key)
@@ -251,11 +286,13 @@ class ConfigView(Generic[T]):
             listener.send_nowait(change)
 
 
-def _encode_key(key: str, what: str) -> bytes:
+def _encode_key(key: str, what: str, *, escaped: bool = True) -> bytes:
+    """A key's bytes. With ``escaped``, the text a view shows for a key that is not UTF-8 (with lone surrogates
+    U+DC80..U+DCFF) gives back that key's bytes; other lone surrogates have no encoding and are refused."""
     if not isinstance(key, str):
         raise TypeError(f"a {what} is str, not {type(key).__name__}")
     try:
-        return key.encode()
+        return key.encode("utf-8", "surrogateescape" if escaped else "strict")
     except UnicodeEncodeError as exc:
         raise ValueError(f"a {what} must be valid UTF-8 text: {key!r}") from exc
 

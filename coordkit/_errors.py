@@ -20,6 +20,11 @@ raises the built-in ``ValueError`` / ``TypeError`` instead, and cancellation is 
 
 Native errors of a backend's transport are mapped into this tree at one boundary per backend, and the native
 exception is kept as ``__cause__``.
+
+Background tasks (a session's keepalive, a view's follower, a scheduler's workers) sort every failure with
+`is_permanent`: a permanent one (the lease is gone, the credentials or the permission were refused) ends what the
+task serves at once; anything else (unavailable, a timeout, a malformed reply, an error of another type) is
+retried, for a session until its validity deadline.
 """
 
 from __future__ import annotations
@@ -102,3 +107,12 @@ def error_text(exc: BaseException, *, limit: int = 4096) -> str:
     """
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= limit else text[: limit - 14] + " ... (cut off)"
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when retrying cannot help: the lease is gone, or the store refused the credentials or the permission.
+
+    Everything else a background task meets (unavailability, timeouts, 5xx answers, malformed replies, errors of
+    other types from a third-party backend) may pass, so it is retried: for a session, until its deadline.
+    """
+    return isinstance(exc, LeaseExpiredError | AuthenticationError)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -23,14 +24,14 @@ from types import TracebackType
 from typing import Any, Literal, final
 
 import anyio
-import anyio.abc
 import anyio.lowlevel
 
 from ._config import ConfigChange, ConfigView, publish
-from ._errors import BackendError, LeaseExpiredError, OwnershipLostError, UnavailableError, error_text
+from ._errors import LeaseExpiredError, OwnershipLostError, error_text, is_permanent
 from ._queue import name_prefix
 from ._retry import retry_call
 from ._session import Session, require_session, retry_while_valid
+from ._supervisor import Supervisor, keep_following, supervised
 from ._types import Compare, Delete, EventType, Op, Put, Range
 from ._watch import Snapshot, Watch
 
@@ -175,7 +176,9 @@ class Scheduler:
 
     ``scheduler.register("report", send_report)`` names the coroutine functions this worker can run, then
     ``async with scheduler:`` works until the block ends. The block is guarded by the session: if it is lost,
-    the worker stops, the body is cancelled and ``OwnershipLostError`` is raised. Add, change or remove jobs
+    the worker stops, the body is cancelled and ``OwnershipLostError`` is raised. If the store refuses the
+    worker (`AuthenticationError`: credentials or permission revoked), the body is cancelled and that error is
+    raised; transient failures (unavailable, malformed replies) are retried. Add, change or remove jobs
     with `put_job` / `remove_job` from anywhere: every worker picks the change up at once. `kill` cancels a
     job's running instance on whichever worker runs it; `history` lists its runs.
 
@@ -227,8 +230,8 @@ class Scheduler:
         self._targets: dict[str, Callable[..., Awaitable[None]]] = {}
         self._tickers: dict[str, tuple[JobSpec, anyio.CancelScope]] = {}
         self._running: dict[str, anyio.CancelScope] = {}
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._guard: Any = None
+        self._stack: AsyncExitStack | None = None
+        self._supervisor: Supervisor | None = None
 
     @property
     def worker(self) -> str:
@@ -268,48 +271,31 @@ class Scheduler:
     async def __aenter__(self) -> Scheduler:
         # The worker's whole life is a guarded block: if the session is lost, its work and the body of
         # ``async with scheduler`` are cancelled, and the exit raises OwnershipLostError (never silently idle).
-        if self._guard is not None:
+        # Inside it, the supervisor: a background task refused by the store cancels the body too, and the exit
+        # raises that refusal (typed, once, whichever task met it first).
+        if self._stack is not None:
             raise RuntimeError(f"Scheduler {self.prefix!r} is already running (entered twice)")
-        guard = self.session.guarded(OwnershipLostError, what=f"scheduler {self.prefix!r}")
-        await guard.__aenter__()
-        self._guard = guard
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        ready = anyio.Event()
-        self._task_group.start_soon(self._follow_jobs, ready)
-        self._task_group.start_soon(self._follow_kills)
-        self._task_group.start_soon(self._detect_lost)
-        try:
-            await ready.wait()
-        except BaseException as exc:  # a background task failed before we were ready: close properly
-            self._task_group.cancel_scope.cancel()
-            try:
-                await self._task_group.__aexit__(type(exc), exc, exc.__traceback__)
-            except BaseExceptionGroup as group:
-                # The store refused the followers (no permission on the prefix, a TLS or credentials problem):
-                # raise its error itself, typed, rather than a group of one copy per follower.
-                if all(isinstance(error, BackendError) for error in group.exceptions):
-                    raise group.exceptions[0] from None
-                raise
-            finally:
-                self._guard = None
-                await guard.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.session.guarded(OwnershipLostError, what=f"scheduler {self.prefix!r}"))
+            stack.callback(self._tickers.clear)  # stopped: it may be entered again (and schedules afresh)
+            self._supervisor = await stack.enter_async_context(supervised(f"scheduler {self.prefix!r}"))
+            ready = anyio.Event()
+            self._supervisor.start_soon(self._keep_following, partial(self._follow_jobs, ready))
+            self._supervisor.start_soon(self._keep_following, self._follow_kills)
+            self._supervisor.start_soon(self._keep_following, self._detect_lost)
+            await ready.wait()  # cancelled (and the failure raised by the stack) if a follower is refused first
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._task_group is not None and self._guard is not None
-        guard, self._guard = self._guard, None  # stopped: it may be entered again (and schedules afresh)
-        self._tickers.clear()
-        self._task_group.cancel_scope.cancel()
-        try:
-            await self._task_group.__aexit__(exc_type, exc, tb)
-        except BaseException as raised:  # e.g. the guard's cancellation: the guard turns it into its error
-            await guard.__aexit__(type(raised), raised, raised.__traceback__)
-            raise
-        await guard.__aexit__(exc_type, exc, tb)
+    ) -> bool | None:
+        assert self._stack is not None
+        stack, self._stack = self._stack, None
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    async def _keep_following(self, follow: Callable[[], Awaitable[None]]) -> None:
+        await keep_following(follow, span="coordkit.scheduler.follow", backend=self.session.backend.name)
 
     def _runs(self, job: str) -> bytes:
         return self._prefix + b"runs/" + job.encode() + b"/"
@@ -344,8 +330,8 @@ class Scheduler:
             return
         scope = anyio.CancelScope()
         self._tickers[name] = (spec, scope)
-        assert self._task_group is not None
-        self._task_group.start_soon(self._tick, spec, scope)
+        assert self._supervisor is not None
+        self._supervisor.start_soon(self._tick, spec, scope)
 
     async def _tick(self, spec: JobSpec, scope: anyio.CancelScope) -> None:
         with scope:
@@ -364,8 +350,8 @@ class Scheduler:
                         continue
                     # "late": this one runs; every tick missed after it is skipped
                     last = spec.previous_tick(self._now())
-                assert self._task_group is not None
-                self._task_group.start_soon(self._run, spec, tick)  # not under the ticker: a spec change lets it finish
+                assert self._supervisor is not None
+                self._supervisor.start_soon(self._run, spec, tick)  # not under the ticker: a spec change lets it finish
                 await anyio.lowlevel.checkpoint()
 
     async def _run(self, spec: JobSpec, tick: datetime) -> None:
@@ -394,8 +380,13 @@ class Scheduler:
                 claim = await session.backend.txn(
                     [Compare.create(record_key, "==", 0), Compare.create(last_key, "==", 0)], writes
                 )
-        except (UnavailableError, LeaseExpiredError):
-            return  # cannot claim now (store unreachable, or our session is gone): another worker will
+        except LeaseExpiredError as exc:  # the running marker is bound to our lease: the session is gone
+            session._report_lease_gone(exc)  # its guard stops this worker, with OwnershipLostError
+            return
+        except Exception as exc:
+            if is_permanent(exc):
+                raise  # refused: the supervisor stops the worker with this error
+            return  # cannot claim now (unavailable, a malformed reply): another worker will
         if not claim.succeeded:
             return
         outcome: Outcome = "ok"
@@ -434,7 +425,8 @@ class Scheduler:
                 if isinstance(item, Snapshot):
                     continue  # requests already there were for instances running before we looked
                 for event in item.events:
-                    scope = self._running.get(event.kv.key[len(killer) :].decode())
+                    name = event.kv.key[len(killer) :].decode(errors="replace")  # no job has a non-UTF-8 name
+                    scope = self._running.get(name)
                     if event.type is EventType.PUT and scope is not None:
                         scope.cancel()
 
@@ -449,15 +441,19 @@ class Scheduler:
                 for event in item.events:
                     if event.type is EventType.DELETE:
                         job, _, tick_id = event.kv.key[len(running) :].partition(b"/")
-                        record_key = self._runs(job.decode()) + tick_id
+                        record_key = self._prefix + b"runs/" + job + b"/" + tick_id
                         await retry_call(partial(self._record_lost, record_key))
 
     async def _record_lost(self, record_key: bytes) -> None:
         current = await self.session.backend.range(Range(record_key))
         if not current.kvs:
             return
-        record = json.loads(current.kvs[0].value)
-        if record["outcome"] == "running":  # compare-and-swap: however many workers saw it, one records it
+        try:
+            record = json.loads(current.kvs[0].value)
+            running = record["outcome"] == "running"
+        except (ValueError, TypeError, KeyError):
+            return  # not a record of ours (written by something else): nothing to mark
+        if running:  # compare-and-swap: however many workers saw it, one records it
             lost = json.dumps({**record, "outcome": "lost"}, separators=(",", ":")).encode()
             await self.session.backend.txn(
                 [Compare.mod(record_key, "==", current.kvs[0].mod_revision)], [Put(record_key, lost)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import final
@@ -25,7 +25,8 @@ from ._errors import (
     LeaseExpiredError,
     OwnershipLostError,
     SessionClosedError,
-    UnavailableError,
+    error_text,
+    is_permanent,
 )
 from ._retry import Backoff, retry_call
 from ._types import Lease, check_ttl
@@ -92,6 +93,7 @@ class Session:
         self._open = False
         self._lost_event: anyio.Event | None = None
         self._lost_reason = ""
+        self._lost_cause: BaseException | None = None  # the refusal or last failure that lost it, for __cause__
         self._guards: set[anyio.CancelScope] = set()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._keepalives = 0
@@ -181,7 +183,7 @@ class Session:
             entered = self._lost_event is not None
             raise SessionClosedError(f"{about}the session has {'exited' if entered else 'not been entered'}")
         if self.lost:
-            raise lost_error(f"{about}session lost: {self._lost_reason}", session=self)
+            raise lost_error(f"{about}session lost: {self._lost_reason}", session=self) from self._lost_cause
         with anyio.CancelScope() as scope:
             self._guards.add(scope)
             try:
@@ -189,17 +191,23 @@ class Session:
             finally:
                 self._guards.discard(scope)
         if scope.cancelled_caught:
-            raise lost_error(f"{about}session lost: {self._lost_reason}", session=self)
+            raise lost_error(f"{about}session lost: {self._lost_reason}", session=self) from self._lost_cause
 
     def _cancel_guards(self) -> None:
         for scope in self._guards:
             scope.cancel()
 
-    def _mark_lost(self, reason: str) -> None:
+    def _report_lease_gone(self, exc: LeaseExpiredError) -> None:
+        """For recipes: a write bound to this session's lease was refused because the store no longer has the
+        lease. The session is lost now rather than at its next keepalive."""
+        self._mark_lost("the server reports the lease expired", exc)
+
+    def _mark_lost(self, reason: str, cause: BaseException | None = None) -> None:
         if self.lost:
             return
         assert self._lost_event is not None
         self._lost_reason = reason
+        self._lost_cause = cause
         self._lost_event.set()
         self._cancel_guards()
         _telemetry.sessions_lost.add(1, self._attrs())
@@ -236,34 +244,48 @@ class Session:
         assert self._task_group is not None
         self._task_group.cancel_scope.cancel()
         await self._task_group.__aexit__(None, None, None)
-        # The lease expires by itself within its TTL if the revoke cannot get through: nothing more to do.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self._ttl), suppress(UnavailableError):
-            await self.backend.revoke(self._lease_id)
+        # The lease expires by itself within its TTL if the revoke cannot get through (unreachable, or refused:
+        # credentials revoked meanwhile): nothing more to do, and nothing to raise over the body's own outcome.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._ttl):
+            try:
+                await self.backend.revoke(self._lease_id)
+            except Exception as exc:
+                _telemetry.record_failure("coordkit.session.revoke", self._attrs(), exc)
 
     async def _keep_alive(self, last_sent: float) -> None:
+        """Refresh the lease until the session exits; every way this can fail ends in `_mark_lost`, never raises."""
         backoff = Backoff()
         next_beat = last_sent + self._ttl / 3
+        last_failure: Exception | None = None
         while True:
             await anyio.sleep_until(min(next_beat, self._deadline))
             if anyio.current_time() >= self._deadline:
-                self._mark_lost("lease validity deadline passed without a keepalive")
+                why = f" (last failure: {error_text(last_failure, limit=500)})" if last_failure else ""
+                self._mark_lost(f"lease validity deadline passed without a keepalive{why}", last_failure)
                 return
             sent = anyio.current_time()
             ttl: int | None = None
             try:
                 with anyio.move_on_at(self._deadline):
                     ttl = await self.backend.refresh(self._lease_id)
-            except LeaseExpiredError:
-                self._mark_lost("the server reports the lease expired")
+                    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1:
+                        raise TypeError(f"refresh answered {ttl!r}, not a TTL in seconds")  # a malformed reply
+            except LeaseExpiredError as exc:
+                self._mark_lost("the server reports the lease expired", exc)
                 return
-            except UnavailableError as exc:
+            except Exception as exc:
                 self._keepalive_failures += 1
                 _telemetry.record_failure("coordkit.session.keepalive", self._attrs(), exc)
+                if is_permanent(exc):  # refused (credentials, permission): retrying until the deadline cannot help
+                    self._mark_lost(f"the server refused the keepalive: {error_text(exc, limit=500)}", exc)
+                    return
+                last_failure = exc  # transient: unavailable, a timeout, a malformed reply; retried until the deadline
                 next_beat = anyio.current_time() + backoff.next_delay()
                 continue
             if ttl is None:  # no answer before the deadline: the loop's first check declares the loss
                 self._keepalive_failures += 1
                 continue
+            last_failure = None
             latency = anyio.current_time() - sent
             self._keepalives += 1
             # Measured from the send time: the server restarted the TTL no earlier than that.

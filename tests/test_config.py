@@ -9,7 +9,7 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from coordkit import ConfigChange, ConfigView, EtcdBackend, Put, publish, publish_many
+from coordkit import ConfigChange, ConfigView, Delete, EtcdBackend, Put, Range, publish, publish_many
 from coordkit.testing import EtcdServer, Harness
 
 pytestmark = pytest.mark.anyio
@@ -115,6 +115,31 @@ async def test_bad_value_keeps_previous_good_one(harness: Harness) -> None:
             await publish(admin, prefix + "limit", 20, expected_revision=None)
             change = await changes.next()
             assert change.error is None and change.value == 20 and "limit" not in view.errors
+            tg.cancel_scope.cancel()
+
+
+async def test_keys_that_are_not_utf8_are_shown_faithfully(harness: Harness) -> None:
+    """Keys written from outside with bytes that are not UTF-8: one entry each, never merged, never lost."""
+    prefix = harness.namespace.decode() + "bytes/"
+    raw = prefix.encode()
+    a, b = raw + b"\xff", raw + b"\xfe"  # both used to show as "\ufffd" and collapsed into one entry
+    async with harness.client() as outside, harness.client() as service:
+        await outside.txn([], [Put(a, b"1"), Put(b, b"2"), Put(raw + b"caf\xc3\xa9", b"3")])
+        async with ConfigView(service, prefix) as view, anyio.create_task_group() as tg:
+            assert dict(view.snapshot()) == {"\udcff": 1, "\udcfe": 2, "café": 3}  # noqa: F601 (ruff misreads surrogates)
+            changes = Changes(view)
+            tg.start_soon(changes.run)
+            await changes.ready.wait()
+            revision = (await outside.txn([], [Delete(a)])).revision
+            change = await changes.next()
+            assert (change.key, change.deleted, change.revision) == ("\udcff", True, revision)
+            assert dict(view.snapshot()) == {"\udcfe": 2, "café": 3}, "deleting one key leaves the other"
+            # The key a view shows gives the stored bytes back: a publisher can compare-and-swap it.
+            assert view.key_revision("\udcfe") > 0
+            assert await publish(service, prefix + "\udcfe", 20, expected_revision=view.key_revision("\udcfe"))
+            assert (await outside.range(Range(b))).kvs[0].value == b"20"
+            change = await changes.next()
+            assert (change.key, change.value, change.previous) == ("\udcfe", 20, 2)
             tg.cancel_scope.cancel()
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import Protocol, final
 
 import anyio
@@ -97,12 +97,17 @@ def _memory(client: Backend) -> MemoryBackend:
     return client
 
 
+#: The calls `FaultyBackend.inject` can make fail.
+CALLS = frozenset(("range", "txn", "grant", "refresh", "revoke", "watch"))
+
+
 @final
 class FaultyBackend:
-    """Wraps any backend and injects client-side faults: a partition, hanging keepalives, broken watch streams.
+    """Wraps any backend and injects client-side faults: a partition, hanging keepalives, broken watch streams,
+    errors of any class.
 
     For backends with no fault hooks of their own (a real etcd): what the wrapped client sees is what a lost
-    network would show it. Calls held by a fault wait, cancellably, until `heal`.
+    network, or a store that refuses it, would show it. Calls held by a fault wait, cancellably, until `heal`.
     """
 
     def __init__(self, inner: Backend) -> None:
@@ -113,6 +118,7 @@ class FaultyBackend:
         self._healed = anyio.Event()
         self._watch_scopes: set[anyio.CancelScope] = set()
         self._watch_epoch = 0  # streams opened before the latest break_watches() are broken
+        self._injected: dict[str, tuple[Callable[[], BaseException], int | None]] = {}
 
     async def __aenter__(self) -> FaultyBackend:
         return self
@@ -135,33 +141,64 @@ class FaultyBackend:
         for scope in self._watch_scopes:
             scope.cancel()
 
+    def inject(self, error: Callable[[], BaseException], *, into: Iterable[str], count: int | None = None) -> None:
+        """Make calls fail with ``error()`` (a new exception each time) before they reach the store.
+
+        Args:
+            error: makes the exception to raise: any class, a coordkit error or not (a third-party backend's
+                own, a malformed reply).
+            into: the calls to fail, from `CALLS`: "range", "txn", "grant", "refresh", "revoke", "watch" (a
+                watch fails when opened; open streams break, so their reopening fails).
+            count: fail this many calls of each kind, then let them through; None: every call until `heal`.
+        """
+        kinds = set(into)
+        if not kinds <= CALLS:
+            raise ValueError(f"calls to fail are among {sorted(CALLS)}, not {sorted(kinds - CALLS)}")
+        if count is not None and count < 1:
+            raise ValueError("count must be >= 1 (or None: until heal)")
+        for kind in kinds:
+            self._injected[kind] = (error, count)
+        if "watch" in kinds:
+            self.break_watches()
+
     def heal(self) -> None:
+        """End every fault: partitions, suspended keepalives, injected errors."""
         self._partitioned = self._keepalives_suspended = False
+        self._injected.clear()
         self._healed.set()
         self._healed = anyio.Event()
 
-    async def _gate(self, *, keepalive: bool = False) -> None:
+    async def _gate(self, kind: str, *, keepalive: bool = False) -> None:
         while self._partitioned or (keepalive and self._keepalives_suspended):
             await self._healed.wait()
+        injected = self._injected.get(kind)
+        if injected is not None:
+            error, count = injected
+            if count is not None:
+                if count > 1:
+                    self._injected[kind] = (error, count - 1)
+                else:
+                    del self._injected[kind]
+            raise error()
 
     async def range(self, request: Range) -> RangeResult:
-        await self._gate()
+        await self._gate("range")
         return await self.inner.range(request)
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
-        await self._gate()
+        await self._gate("txn")
         return await self.inner.txn(compare, success, failure)
 
     async def grant(self, ttl: int) -> Lease:
-        await self._gate()
+        await self._gate("grant")
         return await self.inner.grant(ttl)
 
     async def refresh(self, lease_id: int) -> int:
-        await self._gate(keepalive=True)
+        await self._gate("refresh", keepalive=True)
         return await self.inner.refresh(lease_id)
 
     async def revoke(self, lease_id: int) -> None:
-        await self._gate()
+        await self._gate("revoke")
         await self.inner.revoke(lease_id)
 
     def watch(
@@ -173,11 +210,11 @@ class FaultyBackend:
     async def _watch(
         self, inner: AbstractAsyncContextManager[AsyncIterator[WatchBatch]]
     ) -> AsyncIterator[AsyncIterator[WatchBatch]]:
-        await self._gate()
-        async with inner as batches:
-            yield self._breakable(batches)
+        await self._gate("watch")
+        async with inner as batches, aclosing(self._breakable(batches)) as breakable:
+            yield breakable
 
-    async def _breakable(self, batches: AsyncIterator[WatchBatch]) -> AsyncIterator[WatchBatch]:
+    async def _breakable(self, batches: AsyncIterator[WatchBatch]) -> AsyncGenerator[WatchBatch, None]:
         epoch = self._watch_epoch
         iterator = aiter(batches)
         while True:
