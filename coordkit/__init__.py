@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from ._backend import Backend as Backend
+from ._barrier import (
+    Barrier as Barrier,
+    BarrierLostError as BarrierLostError,
+    DoubleBarrier as DoubleBarrier,
+    TooManyParticipantsError as TooManyParticipantsError,
+)
 from ._codec import JSON as JSON, Codec as Codec, JsonCodec as JsonCodec
 from ._config import (
     ConfigChange as ConfigChange,
@@ -11,9 +17,11 @@ from ._config import (
     publish as publish,
     publish_many as publish_many,
 )
+from ._counter import Counter as Counter, CounterValue as CounterValue, CounterValueError as CounterValueError
 from ._election import (
     Election as Election,
     Leader as Leader,
+    LeaderLatch as LeaderLatch,
     Leadership as Leadership,
     LeadershipLostError as LeadershipLostError,
     run_while_leader as run_while_leader,
@@ -42,6 +50,7 @@ from ._lock import Lock as Lock, LockLostError as LockLostError
 from ._memory import MemoryBackend as MemoryBackend, MemoryFaults as MemoryFaults, MemoryStore as MemoryStore
 from ._once import ComputationLostError as ComputationLostError, invalidate_once as invalidate_once, once as once
 from ._queue import Held as Held, LockStatistics as LockStatistics
+from ._rwlock import ReadWriteLock as ReadWriteLock, ReadWriteLockLostError as ReadWriteLockLostError
 from ._scheduler import (
     JobSpec as JobSpec,
     RunContext as RunContext,
@@ -87,6 +96,8 @@ __all__ = (
     "AuthenticationError",
     "Backend",
     "BackendError",
+    "Barrier",
+    "BarrierLostError",
     "ClaimLostError",
     "Codec",
     "CompactedError",
@@ -97,9 +108,13 @@ __all__ = (
     "ConfigStatistics",
     "ConfigView",
     "CoordkitError",
+    "Counter",
+    "CounterValue",
+    "CounterValueError",
     "DeadLetter",
     "Delete",
     "DeleteResult",
+    "DoubleBarrier",
     "Election",
     "EtcdBackend",
     "Event",
@@ -113,6 +128,7 @@ __all__ = (
     "JsonCodec",
     "KeyValue",
     "Leader",
+    "LeaderLatch",
     "Leadership",
     "LeadershipLostError",
     "Lease",
@@ -139,6 +155,8 @@ __all__ = (
     "QueueDepth",
     "Range",
     "RangeResult",
+    "ReadWriteLock",
+    "ReadWriteLockLostError",
     "RequestTooLargeError",
     "run_while_leader",
     "RunContext",
@@ -150,6 +168,7 @@ __all__ = (
     "SessionStatistics",
     "Snapshot",
     "Task",
+    "TooManyParticipantsError",
     "TxnResult",
     "UnavailableError",
     "wait_deleted",

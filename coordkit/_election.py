@@ -9,12 +9,15 @@ campaign in the same election.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
 from typing import final
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import _telemetry
 from ._backend import Backend
@@ -22,6 +25,7 @@ from ._errors import NotOwnerError, OwnershipLostError, UnavailableError
 from ._queue import Held, Mutex, name_prefix
 from ._retry import Backoff
 from ._session import Session, require_session
+from ._supervisor import supervised
 from ._types import Compare, KeyValue, Put, Range, check_ttl
 from ._watch import Watch, apply
 
@@ -167,6 +171,16 @@ class Election:
         result = await self.session.backend.range(Range(self._prefix, prefix=True, sort_by="create", limit=1))
         return _leader(result.kvs[0]) if result.kvs else None
 
+    def latch(self, value: bytes = b"") -> LeaderLatch:
+        """Campaign in the background and know at any moment whether this candidate leads (``async with`` it).
+
+        Raises:
+            TypeError: ``value`` is not bytes.
+        """
+        if not isinstance(value, bytes):
+            raise TypeError(f"values are bytes, not {type(value).__name__}")
+        return LeaderLatch(self, value)
+
     def observe(self) -> AsyncGenerator[Leader | None, None]:
         """Every change of leader, starting with the current one: a new leader, a new proclamation, or None.
 
@@ -175,6 +189,116 @@ class Election:
         watch at once, wrap it in ``contextlib.aclosing``.
         """
         return observe_leader(self.session.backend, self._prefix)
+
+
+@final
+class LeaderLatch:
+    """A candidate that campaigns in the background, for code that asks "do I lead?" (Curator's LeaderLatch).
+
+    ``async with election.latch(b"host-a") as latch:`` returns at once and campaigns from a task of its own;
+    `is_leader` says whether this candidate leads now, `wait_leader` waits until it does, and ``async for leading
+    in latch.changes()`` yields True when it becomes leader and False when it stops (the first item is the state
+    when iteration starts). Leaving the block resigns. Leadership is not a guarded block here: code whose effects
+    must stop with leadership should run inside ``async with election.campaign()`` instead, or fence its writes
+    with `guard`.
+
+    If the session is lost, the latch says False, then its body is cancelled and ``LeadershipLostError`` raised
+    from ``async with`` (a lost session cannot campaign again); a refusal by the store is raised the same way.
+    """
+
+    def __init__(self, election: Election, value: bytes) -> None:
+        self._election = election
+        self._value = value
+        self._leadership: Leadership | None = None
+        self._changed = anyio.Event()
+        self._listeners: set[MemoryObjectSendStream[bool]] = set()
+        self._stack: AsyncExitStack | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this candidate leads now (as of the last change this process saw)."""
+        return self._leadership is not None
+
+    @property
+    def term(self) -> int | None:
+        """The fencing token of the current leadership, or None when not leading."""
+        return None if self._leadership is None else self._leadership.term
+
+    def guard(self) -> Compare:
+        """The compare that makes a transaction succeed only while this leadership lasts.
+
+        Raises:
+            NotOwnerError: not leading now.
+        """
+        if self._leadership is None:
+            raise NotOwnerError(f"election {self._election.name!r}: this latch does not lead")
+        return self._leadership.guard()
+
+    async def wait_leader(self) -> None:
+        """Return once this candidate leads (at once if it does). Bound it with ``anyio.fail_after``."""
+        while self._leadership is None:
+            await self._changed.wait()
+
+    def changes(self) -> AsyncGenerator[bool, None]:
+        """True when this candidate becomes leader, False when it stops; the current state first.
+
+        Every transition from this call on is delivered, however fast they follow each other. Stop early with
+        ``contextlib.aclosing``.
+        """
+        send, receive = anyio.create_memory_object_stream[bool](math.inf)
+        send.send_nowait(self.is_leader)
+        self._listeners.add(send)  # registered now: no transition between this call and the iteration is missed
+        return self._changes(send, receive)
+
+    async def _changes(
+        self, send: MemoryObjectSendStream[bool], receive: MemoryObjectReceiveStream[bool]
+    ) -> AsyncGenerator[bool, None]:
+        try:
+            async with receive:
+                async for leading in receive:
+                    yield leading
+        finally:
+            self._listeners.discard(send)
+            send.close()
+
+    def _set(self, leadership: Leadership | None) -> None:
+        if (leadership is None) == (self._leadership is None):
+            return
+        self._leadership = leadership
+        for listener in self._listeners:
+            listener.send_nowait(leadership is not None)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _campaign(self) -> None:
+        try:
+            async with self._election.campaign(self._value) as leadership:
+                self._set(leadership)
+                await anyio.sleep_forever()
+        finally:
+            self._set(None)
+
+    async def __aenter__(self) -> LeaderLatch:
+        if self._stack is not None:
+            raise RuntimeError(f"this latch of election {self._election.name!r} is already entered")
+        async with AsyncExitStack() as stack:
+            supervisor = await stack.enter_async_context(supervised(f"leader latch {self._election.name!r}"))
+            supervisor.start_soon(self._campaign)
+            stack.callback(self._close_listeners)  # first thing on exit: iterators of changes() end
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
 
 
 def _leader(kv: KeyValue) -> Leader:

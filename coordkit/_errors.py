@@ -15,7 +15,9 @@ raises the built-in ``ValueError`` / ``TypeError`` instead, and cancellation is 
     ├── SessionClosedError           the session is not open (not entered yet, or already exited)
     ├── OwnershipLostError           a guarded block ended because its session was lost (.session)
     │   (recipes subclass it: LockLostError, LeadershipLostError, ...)
-    └── NotOwnerError                an operation needs ownership the caller does not have
+    ├── NotOwnerError                an operation needs ownership the caller does not have
+    ├── TooManyParticipantsError     a double barrier already has its count of participants inside
+    └── CounterValueError            a counter's key holds no decimal integer (written by something else)
 ```
 
 Native errors of a backend's transport are mapped into this tree at one boundary per backend, and the native

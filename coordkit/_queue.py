@@ -132,6 +132,19 @@ class Contender(ABC):
     def _check_queue(self, owners: RangeResult) -> None:
         """Validate what the acquire transaction saw of the queue (raise ValueError on a conflict)."""
 
+    @property
+    def _key_prefix(self) -> bytes:
+        """Where this contender's key goes (``<name>/`` for Lock and Semaphore; a read/write lock splits it)."""
+        return self._prefix
+
+    def _owners_range(self) -> Range:
+        """What the acquire transaction reads, after creating our key, to learn whether we own the name at once."""
+        return Range(self._prefix, prefix=True, sort_by="create", limit=self._owners)
+
+    def _owns(self, revision: int, owners: RangeResult) -> bool:
+        """Whether our key, created at ``revision``, owns the name, given what `_owners_range` read."""
+        return any(kv.create_revision == revision for kv in owners.kvs)
+
     @abstractmethod
     async def _wait_turn(self, key: bytes, revision: int) -> None:
         """Return when our key, created at ``revision``, is among the owners and still exists.
@@ -289,14 +302,14 @@ class Contender(ABC):
     async def _acquire(self, *, wait: bool, started: float) -> Held | None:
         """Join the queue and (with ``wait``) wait for our turn. Returns None when not waiting and not first."""
         session = self.session
-        key = _reserve(session, self._prefix)
+        key = _reserve(session, self._key_prefix)
         revision = 0
         try:
             with _telemetry.span(self._span, self._attrs()) as span:
                 async with session.guarded(self._lost_error, what=self._what):
                     # One round trip when uncontended: create our key unless it exists (a request retried after
                     # an ambiguous failure finds it), and read the current owners at the same revision.
-                    owners = Range(self._prefix, prefix=True, sort_by="create", limit=self._owners)
+                    owners = self._owners_range()
                     result = await session.backend.txn(
                         [Compare.create(key, "==", 0)],
                         [Put(key, self._value(), session.lease_id), owners],
@@ -306,7 +319,7 @@ class Contender(ABC):
                     assert isinstance(mine, RangeResult | PutResult) and isinstance(current, RangeResult)
                     revision = result.revision if result.succeeded else _created(mine)
                     self._check_queue(current)
-                    if all(kv.create_revision != revision for kv in current.kvs):
+                    if not self._owns(revision, current):
                         if not wait:
                             span.set_attribute("coordkit.acquired", False)
                             await _delete(session, key, revision)
@@ -351,6 +364,12 @@ def _reserve(session: Session, prefix: bytes) -> bytes:
     return key
 
 
+def contends(session: Session, prefix: bytes) -> bool:
+    """Whether the calling task holds or waits for a key under ``prefix`` in ``session``."""
+    task = anyio.get_current_task().id
+    return any(owner == task and key.startswith(prefix) for key, owner in _reserved.get(session, {}).items())
+
+
 def _free(session: Session, key: bytes) -> None:
     _reserved.get(session, {}).pop(key, None)
 
@@ -375,12 +394,18 @@ class Mutex(Contender):
     def _check_queue(self, owners: RangeResult) -> None:
         pass
 
+    @property
+    def _blockers(self) -> bytes:
+        """The prefix of the keys that must be gone before ours owns the name: all of them, for a mutex."""
+        return self._prefix
+
     async def _wait_turn(self, key: bytes, revision: int) -> None:
         backend = self.session.backend
-        # Our nearest predecessor is the newest key created before ours (Go's waitDeletes). Read it together with
-        # our own key, so that learning "it is our turn" and "our key still exists" costs one round trip.
+        # Our nearest predecessor is the newest blocking key created before ours (Go's waitDeletes). Read it
+        # together with our own key, so that learning "it is our turn" and "our key still exists" costs one round
+        # trip.
         predecessor = Range(
-            self._prefix, prefix=True, sort_by="create", descending=True, limit=1, max_create_revision=revision - 1
+            self._blockers, prefix=True, sort_by="create", descending=True, limit=1, max_create_revision=revision - 1
         )
         while True:
             result = await backend.txn([], [predecessor, Range(key)])

@@ -66,10 +66,14 @@ class Kind(Enum):
     LEADER = "leader"
     COMPUTER = "once computer"
     MEMBER = "member"
+    READ = "read lock"
+    WRITE = "write lock"
 
 
 #: Kinds whose successive holders must have strictly increasing tokens.
-ORDERED_KINDS = frozenset({Kind.LOCK, Kind.LEADER})
+ORDERED_KINDS = frozenset({Kind.LOCK, Kind.LEADER, Kind.WRITE})
+#: Shared holds: any number at once, but never beside a hold of the exclusive kind of the same resource.
+SHARED_KINDS = {Kind.READ: Kind.WRITE}
 
 
 @dataclass(slots=True)
@@ -126,6 +130,16 @@ class Trace:
     seen: list[tuple[Stamp, int, State]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class BarrierWait:
+    """A `Barrier.wait()` that returned: it must have seen the barrier down at some revision in between."""
+
+    key: bytes
+    waiter: str
+    first_revision: int  # the store's revision when the wait began
+    last_revision: int  # ... and when it returned
+
+
 @dataclass(frozen=True, slots=True)
 class OnceResult:
     """A once() call that returned a value."""
@@ -138,8 +152,8 @@ class OnceResult:
 
 @dataclass(frozen=True, slots=True)
 class Violation:
-    """A broken guarantee; ``rule`` names it: exclusion, lease, token, counter, cas, leader, view, once, leak or
-    liveness (the last is found by the schedule itself: work still running long after the faults healed)."""
+    """A broken guarantee; ``rule`` names it: exclusion, lease, token, counter, cas, leader, view, once, barrier,
+    leak or liveness (the last is found by the schedule itself: work still running long after the faults healed)."""
 
     rule: str
     detail: str
@@ -167,6 +181,7 @@ class History:
         self.publishes: dict[str, Counts] = defaultdict(Counts)  # CAS publishes per config key
         self.traces: list[Trace] = []
         self.once_results: list[OnceResult] = []
+        self.barrier_waits: list[BarrierWait] = []
         self.survivors: set[str] = set()  # observers still following the store at the end
         self.released: list[bytes] = []  # key prefixes every owner must have left by the end
         self.final_revision = 0
@@ -264,6 +279,12 @@ class Oracle:
         (followed,) = (prefix for prefix in self._timelines if key_prefix.startswith(prefix))
         return [kv for key, kv in self.state_at(followed, revision).items() if key.startswith(key_prefix)]
 
+    def revisions_touching(self, key_prefix: bytes, first: int, last: int) -> list[int]:
+        """The revisions in ``first..last`` at which the followed prefix holding ``key_prefix`` changed."""
+        (followed,) = (prefix for prefix in self._timelines if key_prefix.startswith(prefix))
+        revisions = self._timelines[followed][0]
+        return [revision for revision in revisions if first <= revision <= last]
+
     def states(self, prefix: bytes) -> list[dict[bytes, KeyValue]]:
         """Every state of ``prefix``, in revision order."""
         return self._timelines[prefix][1]
@@ -302,6 +323,8 @@ def check(history: History, oracle: Oracle) -> list[Violation]:
         *check_publishes(history, oracle),
         *check_traces(history, oracle),
         *check_once(history, oracle),
+        *check_read_write(history),
+        *check_barriers(history, oracle),
         *(
             Violation("leak", f"{kv.key!r} (lease {kv.lease:x}) is left after all work stopped and faults healed")
             for kv in leaked(history, oracle, history.final_revision)
@@ -347,6 +370,51 @@ def _overlaps(history: History, holds: Sequence[Hold]) -> Iterator[Violation]:
         if len(inside) > hold.limit:
             others = "; ".join(str(holds[other]) for other in inside[:-1])
             yield Violation("exclusion", f"{hold} entered while {len(inside) - 1} held it: {others}")
+
+
+def check_read_write(history: History) -> list[Violation]:
+    """A shared hold (a read lock) never overlaps an exclusive one (a write lock) of the same resource."""
+    found: list[Violation] = []
+    for shared_kind, exclusive_kind in SHARED_KINDS.items():
+        by_resource: dict[str, list[Hold]] = defaultdict(list)
+        for hold in history.holds:
+            if hold.kind in (shared_kind, exclusive_kind):
+                by_resource[hold.resource].append(hold)
+        for holds in by_resource.values():
+            points: list[tuple[int, bool, int]] = []
+            for index, hold in enumerate(holds):
+                until = history.valid_until(hold)
+                if until is not None and until <= hold.start:
+                    continue
+                points.append((hold.start.seq, True, index))
+                points.append((until.seq if until is not None else 1 << 62, False, index))
+            inside: list[int] = []
+            for _, entering, index in sorted(points):
+                if not entering:
+                    inside.remove(index)
+                    continue
+                hold = holds[index]
+                clash = [holds[i] for i in inside if exclusive_kind in (hold.kind, holds[i].kind)]
+                if clash:
+                    found.append(Violation("exclusion", f"{hold} entered while {'; '.join(map(str, clash))}"))
+                inside.append(index)
+    return found
+
+
+def check_barriers(history: History, oracle: Oracle) -> list[Violation]:
+    """A barrier wait returned only if the barrier was down at some revision while it waited."""
+    found: list[Violation] = []
+    for wait in history.barrier_waits:
+        revisions = [wait.first_revision, *oracle.revisions_touching(wait.key, wait.first_revision, wait.last_revision)]
+        if all(oracle.keys_at(wait.key, revision) for revision in revisions):
+            found.append(
+                Violation(
+                    "barrier",
+                    f"{wait.waiter} passed {wait.key!r}, held at every revision "
+                    f"{wait.first_revision}..{wait.last_revision}",
+                )
+            )
+    return found
 
 
 def check_tokens(history: History) -> list[Violation]:

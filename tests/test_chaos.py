@@ -37,6 +37,7 @@ import trio._core._run
 from trio.testing import MockClock
 
 from coordkit import (
+    Barrier,
     Compare,
     ConfigView,
     Delete,
@@ -52,6 +53,7 @@ from coordkit import (
     OwnershipLostError,
     Put,
     Range,
+    ReadWriteLock,
     Semaphore,
     Session,
     UnavailableError,
@@ -62,6 +64,7 @@ from coordkit import (
 
 from .history import (
     ORDERED_KINDS,
+    BarrierWait,
     Counts,
     History,
     Hold,
@@ -169,10 +172,13 @@ class Schedule:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.store = MemoryStore(seed=plan.seed)
-        self.oracle = Oracle(self.store, [b"ctr/", b"cfg/", b"elect/", b"grp/", b"once/", b"lock/", b"sem/", b"cron/"])
+        prefixes = [b"ctr/", b"cfg/", b"elect/", b"grp/", b"once/", b"lock/", b"sem/", b"cron/", b"rw/", b"bar/"]
+        self.oracle = Oracle(self.store, prefixes)
         self.history = History()
         self.history.released = [
             b"lock/",
+            b"rw/",
+            b"bar/",
             b"sem/",
             b"elect/",
             b"cron/",
@@ -271,10 +277,12 @@ class Schedule:
             self._publish,
             self._peek,
             self._cron,
+            self._read_write,
+            self._barrier,
         ]
         session = process.live_session
         while not self.stopping and not session.lost:
-            operation = rng.choices(operations, weights=(3, 2, 2, 2, 2, 1, 1))[0]
+            operation = rng.choices(operations, weights=(3, 2, 2, 2, 2, 1, 1, 2, 1))[0]
             with anyio.CancelScope() as scope, anyio.move_on_after(rng.uniform(0.5, 5.0)):
                 process.work.append(scope)
                 try:
@@ -331,6 +339,50 @@ class Schedule:
                 await anyio.sleep(rng.uniform(0, 1))
             finally:
                 self._end(hold, session)
+
+    async def _read_write(self, process: Process, rng: random.Random) -> None:
+        session = process.live_session
+        lock = ReadWriteLock(session, "rw")
+        if rng.random() < 0.4:
+            async with lock.write() as held:
+                hold = self.history.begin(Kind.WRITE, "rw", process.name, session.lease_id, held.token)
+                try:
+                    await self._increment(process, rng, b"ctr/rw", held.guard(), held.token)
+                    await anyio.sleep(rng.uniform(0, 0.3))
+                finally:
+                    self._end(hold, session)
+        else:
+            async with lock.read() as held:
+                hold = self.history.begin(Kind.READ, "rw", process.name, session.lease_id, held.token, limit=1 << 30)
+                try:
+                    await anyio.sleep(rng.uniform(0, 0.5))
+                finally:
+                    self._end(hold, session)
+
+    async def _barrier(self, process: Process, rng: random.Random) -> None:
+        """Raise the barrier for a while (bound to the session: it falls with it), or wait for it to be down."""
+        session = process.live_session
+        barrier = Barrier(process.backend, "bar/gate")
+        if rng.random() < 0.3:
+            if await barrier.hold(session=session):
+                try:
+                    await anyio.sleep(rng.uniform(0, 1.5))
+                finally:
+                    await self._release_barrier(barrier, session)
+            return
+        first = self.store.revision
+        await barrier.wait()
+        self.history.barrier_waits.append(BarrierWait(b"bar/gate", process.name, first, self.store.revision))
+        self.stats["barrier waits passed"] += 1
+
+    async def _release_barrier(self, barrier: Barrier, session: Session) -> None:
+        """Release, shielded, while the session is valid (once it is not, the barrier falls with its lease)."""
+        with anyio.CancelScope(shield=True):
+            while not session.lost and anyio.current_time() < session.deadline:
+                with anyio.move_on_after(1), suppress(*EXPECTED):
+                    await barrier.release()
+                    return
+                await anyio.sleep(0.1)
 
     async def _lead(self, process: Process, rng: random.Random) -> None:
         session = process.live_session
@@ -735,6 +787,34 @@ def test_checker_reports_overlapping_holders_outlived_leases_and_leaks() -> None
     history.final_revision = oracle.revision
     violations = check(history, oracle)
     assert rules(violations) == {"exclusion": 3, "lease": 1, "leak": 1}, violations
+
+
+def test_checker_reports_readers_beside_writers_and_barriers_passed_while_held() -> None:
+    def rw(kind: Kind, holder: str, token: int, start: int, end: int) -> Hold:
+        return Hold(kind, "rw", holder, token, token, 1 << 30 if kind is Kind.READ else 1, at(start), at(end))
+
+    history = History()
+    history.holds += [
+        rw(Kind.READ, "a", 2, 1, 10),
+        rw(Kind.READ, "b", 3, 2, 9),  # readers share: fine
+        rw(Kind.WRITE, "c", 4, 11, 20),
+        rw(Kind.READ, "d", 5, 15, 25),  # a reader beside the writer
+        rw(Kind.WRITE, "e", 6, 24, 30),  # a writer beside the reader
+        rw(Kind.WRITE, "f", 7, 31, 40),
+    ]
+    store = MemoryStore()
+    oracle = Oracle(store, [b"bar/"])
+    store.txn([], [Put(b"bar/gate", b"")], [])  # revision 2: held
+    store.txn([], [Put(b"bar/other", b"")], [])  # revision 3
+    store.txn([], [Delete(b"bar/gate")], [])  # revision 4: down
+    oracle.catch_up()
+    history.barrier_waits += [
+        BarrierWait(b"bar/gate", "w1", 2, 3),  # passed while it was held throughout
+        BarrierWait(b"bar/gate", "w2", 2, 4),  # passed after it fell: fine
+        BarrierWait(b"bar/gate", "w3", 1, 1),  # not held when it began: fine
+    ]
+    violations = check(history, oracle)
+    assert rules(violations) == {"exclusion": 2, "barrier": 1}, violations
 
 
 def test_checker_reports_tokens_that_do_not_increase() -> None:

@@ -254,3 +254,57 @@ async def test_run_while_leader_propagates_the_jobs_own_errors(harness: Harness)
         with pytest.raises(UnavailableError, match="database"):
             await run_while_leader(client, name, job)
     assert runs == 1, "a job's own error is not a lost leadership: no re-campaign"
+
+
+async def test_leader_latch_reports_becoming_and_stopping_leader(harness: Harness) -> None:
+    name = harness.namespace.decode() + "latch"
+    first_saw: list[bool] = []
+    first_terms: list[int] = []
+    resign = anyio.Event()
+
+    async def first_candidate(session: Session, leading: anyio.Event) -> None:
+        async with Election(session, name).latch(b"a") as first:
+            with anyio.fail_after(10):
+                await first.wait_leader()
+            assert first.is_leader and first.term is not None
+            first_terms.append(first.term)
+            result = await session.backend.txn([first.guard()], [Put(harness.namespace + b"fenced", b"a")])
+            assert result.succeeded, "the latch's guard fences writes like a leadership's"
+            async with aclosing(first.changes()) as changes:
+                first_saw.append(await anext(changes))
+                leading.set()
+                await resign.wait()
+        first_saw.append(first.is_leader)  # resigned with its block
+
+    async with sessions(harness, 2) as (a, b), anyio.create_task_group() as tg:
+        leading = anyio.Event()
+        tg.start_soon(first_candidate, a, leading)
+        await leading.wait()
+        async with Election(b, name).latch(b"b") as second, aclosing(second.changes()) as changes:
+            assert await anext(changes) is False, "the current state first"
+            assert not second.is_leader
+            with pytest.raises(NotOwnerError):
+                second.guard()
+            resign.set()
+            with anyio.fail_after(10):
+                assert await anext(changes) is True, "the next candidate becomes leader once the first resigns"
+            assert second.is_leader and second.term is not None and second.term > first_terms[0]
+            leader = await Election(b, name).leader()
+            assert leader is not None and leader.value == b"b"
+    assert first_saw == [True, False]
+
+
+async def test_leader_latch_ends_typed_when_its_session_is_lost(harness: Harness) -> None:
+    name = harness.namespace.decode() + "latch-lost"
+    async with harness.client() as client, Session(client, ttl=2) as session:
+        seen: list[bool] = []
+        with pytest.raises(LeadershipLostError):
+            async with Election(session, name).latch() as latch:
+                await latch.wait_leader()
+                async with aclosing(latch.changes()) as changes:
+                    seen.append(await anext(changes))
+                    harness.suspend_keepalives(client)
+                    seen.append(await anext(changes))  # False, then the block is cancelled
+                    await anyio.sleep(60)
+        assert seen == [True, False] and not latch.is_leader
+        harness.heal(client)

@@ -16,6 +16,9 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 EXPECTED = {
     "demo.py": ["saw c leave within its TTL"],
     "locks.py": ["is refused", "counter = 9:", "never more than 2 inside"],
+    "readers_writers.py": ["readers read at once; 6 writes, each made alone"],
+    "phases.py": ["counter = 130:", "its session was lost inside the phase", "phases lined up"],
+    "leader_latch.py": ["b: follower", "c took over from the frozen b"],
     "leader_only_cron.py": ["8 ticks, each run once", "job cancelled (leadership lost)"],
     "build_index_once.py": ["built 1 time(s)", "late-worker: got index built by"],
     "cluster_monitor.py": ["monitor saw worker-3 leave", "updated: worker-1"],
