@@ -10,6 +10,9 @@ The conventions the pages follow (``test_conventions`` holds them to it):
 - In a shown output, ``...`` stands for any text within one line (a lease id, a time that varies). Everything
   else must match exactly, line for line (trailing spaces aside), so a shown error message is checked too.
 
+- Blocks titled with a file name (```` ```python title="app.py" ````) are files of one project per page, written
+  side by side; when one is a test module (``test_*.py``), pytest runs them and every test in them must pass.
+
 How they run: each program in a fresh interpreter, as a reader would run it. Programs on MemoryBackend run on
 trio under ``MockClock(autojump_threshold=0)`` (``anyio.run`` is replaced by one that adds it, unless the
 program passes its own ``backend_options``): virtual time, so a program that waits out TTLs finishes at once
@@ -81,6 +84,7 @@ anyio.run = run
 runpy.run_path(sys.argv[1], run_name="__main__")
 """
 
+TITLE = re.compile(r'\btitle="(?P<name>[\w.]+)"')
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)(?P<attrs>.*)$")
 OUTPUT_INTRO = re.compile(r"^(Output|It prints)\b.*:$")
 
@@ -90,6 +94,7 @@ class Block:
     page: Path
     line: int  # of the opening fence, 1-based
     lang: str
+    attrs: str  # what follows the language on the fence line, e.g. title="app.py"
     text: str
     intro: str  # the paragraph just before the block, joined into one line
 
@@ -124,7 +129,7 @@ def blocks(page: Path) -> list[Block]:
         while lines[end].strip() != "```":
             end += 1
         body = "\n".join(line[indent:] for line in lines[i + 1 : end]) + "\n"
-        found.append(Block(page, i + 1, fence["lang"], body, " ".join(paragraph)))
+        found.append(Block(page, i + 1, fence["lang"], fence["attrs"].strip(), body, " ".join(paragraph)))
         paragraph, ended = [], True
         i = end + 1
     return found
@@ -253,3 +258,44 @@ def test_quickstart_on_etcd(tmp_path: Path) -> None:
 
 def is_watch_line(line: str) -> bool:
     return line.startswith(("snapshot ", "PUT ", "DELETE "))
+
+
+def titled_files() -> dict[Path, dict[str, str]]:
+    """The files that pages show under a title, by page."""
+    found: dict[Path, dict[str, str]] = {}
+    for page in PAGES:
+        for block in blocks(page):
+            title = TITLE.search(block.attrs)
+            if title is not None:
+                files = found.setdefault(page, {})
+                assert title["name"] not in files, f"{block.where}: {title['name']} shown twice"
+                files[title["name"]] = block.text
+    return found
+
+
+TITLED = {page: files for page, files in titled_files().items() if any(name.startswith("test_") for name in files)}
+
+
+def test_titled_files_are_found() -> None:
+    assert [page.name for page in TITLED] == ["testing.md"]  # a lost title or page fails here
+
+
+@pytest.mark.parametrize("page", list(TITLED), ids=[str(page.relative_to(ROOT)) for page in TITLED])
+def test_titled_tests_pass(page: Path, tmp_path: Path) -> None:
+    """A page's test modules pass, with the files they import from the same page."""
+    files = TITLED[page]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    tests = sum(len(re.findall(r"^(?:async )?def test_", text, re.MULTILINE)) for text in files.values())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(rf"^{tests} passed in ", done.stdout, re.MULTILINE), done.stdout
