@@ -5,19 +5,20 @@ The conventions the pages follow (``test_conventions`` holds them to it):
 - A **complete program** is a ```` ```python ```` block that defines ``async def main`` and calls
   ``anyio.run(main`` on a line of its own at top level (column 0). Every other block is a fragment, and is not run.
 - Its **shown output** is the next fenced block, if it is a ```` ```text ```` block and the one paragraph between
-  the two starts with "Output" or "It prints" and ends with ":" ("Output:", "Output (lease ids vary):"). A
+  the two starts with "Output" or "It prints" and ends with ":" ("Output:", "Output (`...` is a lease id):"). A
   block introduced that way must follow a complete program: no shown output goes unchecked.
-- In a shown output, ``...`` stands for any text within one line (a lease id, a time that varies). Everything
+- In a shown output, ``...`` stands for any text within one line (a lease id, a worker that varies). Everything
   else must match exactly, line for line (trailing spaces aside), so a shown error message is checked too.
-
 - Blocks titled with a file name (```` ```python title="app.py" ````) are files of one project per page, written
   side by side; when one is a test module (``test_*.py``), pytest runs them and every test in them must pass.
 
-How they run: each program in a fresh interpreter, as a reader would run it. Programs on MemoryBackend run on
-trio under ``MockClock(autojump_threshold=0)`` (``anyio.run`` is replaced by one that adds it, unless the
-program passes its own ``backend_options``): virtual time, so a program that waits out TTLs finishes at once
-and prints the same times on every run. A program that builds an ``EtcdBackend`` runs on asyncio in real time
-against the suite's etcd server, whose endpoint replaces ``http://127.0.0.1:2379`` in its source.
+How they run: each program in a fresh interpreter, as a reader would run it, with ``anyio.run`` replaced by one
+that runs it on virtual time unless the program chose its own clock (``backend_options``, as the scheduler's
+programs do with trio's ``MockClock``): on asyncio, ``anyio.run``'s default, whose FIFO scheduling makes
+concurrent tasks print in the order a reader sees, but on a loop whose clock jumps to the next timer whenever
+nothing is ready. Sleeps and TTLs then take no real time, and a program prints the same times on every run. A
+program that builds an ``EtcdBackend`` runs on asyncio in real time against the suite's etcd server, whose
+endpoint replaces ``http://127.0.0.1:2379`` in its source.
 """
 
 from __future__ import annotations
@@ -41,9 +42,7 @@ ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 
-# Runs the program at argv[1] with anyio.run on virtual time, unless the program chose its own clock: asyncio (what
-# anyio.run uses by default, with its FIFO scheduling: concurrent tasks print in the order a reader sees) on a loop
-# whose clock jumps to the next timer whenever nothing is ready, so that sleeps and TTLs take no real time.
+# Runs the program at argv[1] with anyio.run on virtual time (see the module docstring).
 VIRTUAL_TIME = """
 import asyncio, runpy, selectors, sys
 import anyio
@@ -204,6 +203,11 @@ def test_matches() -> None:
     assert not matches("error: session lost\n", "error: session lost!\n")
 
 
+def env() -> dict[str, str]:
+    """The environment of a program: this checkout's coordkit first on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def run(source: str, tmp_path: Path, etcd: EtcdServer | None = None) -> str:
     """Run a program as a reader would (see the module docstring) and return what it printed."""
     script = tmp_path / "program.py"
@@ -214,8 +218,7 @@ def run(source: str, tmp_path: Path, etcd: EtcdServer | None = None) -> str:
     else:
         script.write_text(source)
         args = [sys.executable, "-c", VIRTUAL_TIME, str(script)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path, env=env)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path, env=env())
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -238,8 +241,8 @@ def test_program(program: Program, tmp_path: Path, request: pytest.FixtureReques
 
 
 def test_quickstart_on_etcd(tmp_path: Path) -> None:
-    """The quickstart's promise: with an EtcdBackend instead, "nothing else changes" and, on a fresh etcd, "the
-    output is the same"."""
+    """The quickstart's promise: with an EtcdBackend instead "nothing else changes", and on a fresh etcd "it prints
+    the same lines", the watch's perhaps in another place among the others."""
     (program,) = [program for program in PROGRAMS if program.block.page.name == "quickstart.md"]
     source = program.block.text
     assert source.count("MemoryBackend()") == 1 and source.count(" MemoryBackend,") == 1
@@ -277,7 +280,8 @@ TITLED = {page: files for page, files in titled_files().items() if any(name.star
 
 
 def test_titled_files_are_found() -> None:
-    assert [page.name for page in TITLED] == ["testing.md"]  # a lost title or page fails here
+    """The pages with titled test modules are the ones expected (a lost title or page fails here)."""
+    assert [page.name for page in TITLED] == ["testing.md"]
 
 
 @pytest.mark.parametrize("page", list(TITLED), ids=[str(page.relative_to(ROOT)) for page in TITLED])
@@ -287,15 +291,15 @@ def test_titled_tests_pass(page: Path, tmp_path: Path) -> None:
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     tests = sum(len(re.findall(r"^(?:async )?def test_", text, re.MULTILINE)) for text in files.values())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # With anyio's plugin only, as the page says (it comes with anyio): other plugins cost time and change nothing.
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", str(tmp_path)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "anyio.pytest_plugin", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
         cwd=tmp_path,
-        env=env,
+        env={**env(), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(rf"^{tests} passed in ", done.stdout, re.MULTILINE), done.stdout
