@@ -1,0 +1,379 @@
+"""Watches under broken streams, concurrent writers and compaction, judged by coordkit.testing's watch validators.
+
+One reader client follows a prefix three ways at once: a raw `Backend.watch` resumed by start revision after every
+break, coordkit's reliable `Watch`, and a `ConfigView` (its shared feed). Writers meanwhile put keys, write several
+keys in one transaction, delete prefixes and let leases expire or revoke them, also outside the prefix; a breaker
+breaks the reader's watch streams (`Harness.break_watches`: MemoryBackend's fault hook, FaultyBackend on etcd);
+some schedules also compact, after the ground truth has caught up. The ground truth is a second watch on a client
+without faults, from before the first write. Then every stream is checked: no gap, no duplicate, every revision in
+one batch, resumed where asked, and a compaction that passed a lagging watch announced (CompactedError on the raw
+watch, ``Snapshot(resync=True)`` from `Watch`, ``resync=True`` changes from the view), never a silent skip.
+
+``COORDKIT_WATCH_BREAKS`` (default 1200) is the number of breaks spread over the memory schedules,
+``COORDKIT_WATCH_BREAKS_ETCD`` (default 200) the number on etcd; ``nox -s chaos`` raises both.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+
+from coordkit import (
+    Backend,
+    CompactedError,
+    ConfigChange,
+    ConfigView,
+    Delete,
+    Event,
+    EventType,
+    KeyValue,
+    Put,
+    Range,
+    Snapshot,
+    UnavailableError,
+    Watch,
+    WatchBatch,
+)
+from coordkit.testing import Harness, check_resumable, check_watch, check_watch_items
+
+pytestmark = [pytest.mark.anyio, pytest.mark.chaos]
+
+MEMORY_BREAKS = int(os.environ.get("COORDKIT_WATCH_BREAKS", "1200"))
+ETCD_BREAKS = int(os.environ.get("COORDKIT_WATCH_BREAKS_ETCD", "200"))
+MEMORY_SCHEDULES = 4  # test items the memory breaks are spread over; odd seeds also compact
+
+
+class Progress:
+    """The highest revision a follower has delivered, and a way to wait for one."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self._changed = anyio.Event()
+
+    def advance(self, revision: int) -> None:
+        self.revision = max(self.revision, revision)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def reach(self, revision: int) -> None:
+        while self.revision < revision:
+            await self._changed.wait()
+
+
+@dataclass
+class Piece:
+    """What one raw watch stream delivered before it broke."""
+
+    start: int
+    batches: list[WatchBatch] = field(default_factory=list)
+    compacted: int = 0  # the compact revision its CompactedError announced
+
+
+@dataclass
+class Run:
+    prefix: str
+    initial: Snapshot  # the prefix before the followers started; the reference follows from its revision + 1
+    reference: list[WatchBatch] = field(default_factory=list)
+    pieces: list[Piece] = field(default_factory=list)
+    items: list[Snapshot | WatchBatch] = field(default_factory=list)
+    view_start: tuple[dict[str, Any], int] = ({}, 0)
+    changes: list[ConfigChange[Any]] = field(default_factory=list)
+    breaks: int = 0  # break_watches calls
+    compactions: int = 0
+    raw_breaks: int = 0
+    raw_compacted: int = 0
+    watch_reconnects: int = 0
+    watch_resyncs: int = 0
+    view_reconnects: int = 0
+    final: dict[bytes, KeyValue] = field(default_factory=dict)
+    final_view: dict[str, Any] = field(default_factory=dict)
+
+
+async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: float, gap: float, pace: float) -> Run:
+    """Followers on one client, writers on another, ``breaks`` breaks about every ``gap`` seconds.
+
+    After a break the store is compacted with probability ``compact``. With probability ``pace`` a break first
+    waits until every follower has caught up with a fresh write (so that it hits open streams); the others may
+    hit a follower that is still reconnecting or behind.
+    """
+    rng = random.Random(seed)
+    ns = harness.namespace + b"wb/"
+    async with harness.client() as writer, harness.client() as reader, harness.client() as truth:
+        await writer.txn([], [Put(ns + b"k0", b"0"), Put(ns + b"d/0", b"0")])
+        first = await truth.range(Range(ns, prefix=True))
+        run = Run(ns.decode(), Snapshot(first.kvs, first.revision))
+        progress = {name: Progress() for name in ("truth", "raw", "watch", "view")}
+        async with anyio.create_task_group() as followers:
+            followers.start_soon(follow_truth, truth, ns, run, progress["truth"])
+            followers.start_soon(follow_raw, reader, ns, run, progress["raw"])
+            followers.start_soon(follow_watch, reader, ns, run, progress["watch"])
+            view_ready = anyio.Event()
+            followers.start_soon(follow_view, reader, ns, run, progress["view"], view_ready)
+            await view_ready.wait()
+            async with anyio.create_task_group() as work:
+                stop = anyio.Event()
+                leases: list[int] = []
+                for w in range(2):
+                    rng_w = random.Random(seed * 10 + w)
+                    work.start_soon(write, writer, ns, harness.namespace, rng_w, stop, gap, leases)
+                for n in range(breaks):
+                    if rng.random() < pace:
+                        # Let every follower reconnect and catch up first, so that this break lands on open streams.
+                        marker = (await writer.txn([], [Put(ns + b"marker", b"%d" % n)])).revision
+                        with anyio.fail_after(30):
+                            for name in ("raw", "watch", "view"):
+                                await progress[name].reach(marker)
+                    await anyio.sleep(rng.uniform(0, 2 * gap))
+                    harness.break_watches(reader)
+                    run.breaks += 1
+                    if rng.random() < compact:
+                        # The ground truth must have everything up to the compaction (it runs without faults).
+                        marker = (await writer.txn([], [Put(ns + b"marker", b"-1")])).revision
+                        with anyio.fail_after(30):
+                            await progress["truth"].reach(marker)
+                        await harness.compact(marker)
+                        run.compactions += 1
+                stop.set()
+            for lease_id in leases:  # nothing may change after the last write: no lease may expire later
+                await writer.revoke(lease_id)
+            last = (await writer.txn([], [Put(ns + b"marker", b"1")])).revision
+            with anyio.fail_after(60):
+                for p in progress.values():
+                    await p.reach(last)
+            followers.cancel_scope.cancel()
+        final = await writer.range(Range(ns, prefix=True))
+        assert final.revision == last
+        run.final = {kv.key: kv for kv in final.kvs}
+        return run
+
+
+async def follow_truth(backend: Backend, ns: bytes, run: Run, progress: Progress) -> None:
+    async with backend.watch(ns, prefix=True, start_revision=run.initial.revision + 1) as batches:
+        async for batch in batches:
+            run.reference.append(batch)
+            progress.advance(batch.revision)
+
+
+async def follow_raw(backend: Backend, ns: bytes, run: Run, progress: Progress) -> None:
+    """A raw watch resumed by start revision: after a break from the next revision, after a compaction from it."""
+    start = run.initial.revision + 1
+    while True:
+        piece = Piece(start)
+        run.pieces.append(piece)
+        try:
+            async with backend.watch(ns, prefix=True, start_revision=start) as batches:
+                async for batch in batches:
+                    piece.batches.append(batch)
+                    start = batch.revision + 1
+                    progress.advance(batch.revision)
+            raise AssertionError("a watch stream ended by itself")
+        except UnavailableError:
+            run.raw_breaks += 1
+        except CompactedError as exc:
+            run.raw_compacted += 1
+            piece.compacted = exc.compact_revision
+            assert exc.compact_revision > start, "a compaction announced to a watch that was not behind it"
+            start = exc.compact_revision
+        await anyio.lowlevel.checkpoint()
+
+
+async def follow_watch(backend: Backend, ns: bytes, run: Run, progress: Progress) -> None:
+    watch = Watch(backend, ns, prefix=True)
+    try:
+        async with watch:
+            async for item in watch:
+                run.items.append(item)
+                progress.advance(item.revision)
+    finally:
+        stats = watch.statistics()
+        run.watch_reconnects, run.watch_resyncs = stats.reconnects, stats.resyncs
+
+
+async def follow_view(backend: Backend, ns: bytes, run: Run, progress: Progress, ready: anyio.Event) -> None:
+    view: ConfigView[Any] = ConfigView(backend, ns.decode())
+    async with view:
+        changes = view.changes()
+        run.view_start = (dict(view.snapshot()), view.revision)
+        ready.set()
+        assert view._subscription is not None
+        feed = view._subscription.feed
+        watches: set[Watch] = set()  # ConfigView does not count its feed's reconnects: its feed's Watches do
+        try:
+            async for change in changes:
+                run.changes.append(change)
+                progress.advance(change.revision)
+                if feed._watch is not None:
+                    watches.add(feed._watch)
+        finally:
+            run.final_view = dict(view.snapshot())
+            run.view_reconnects = sum(w.statistics().reconnects for w in watches)
+
+
+async def write(
+    writer: Backend, ns: bytes, outside: bytes, rng: random.Random, stop: anyio.Event, gap: float, leases: list[int]
+) -> None:
+    """Puts, multi-key transactions, prefix deletes, lease expiries and revokes, and writes outside the prefix."""
+    counter = 0
+    while not stop.is_set():
+        counter += 1
+        value = str(counter).encode()  # JSON, for the view
+        kind = rng.choices(("put", "txn", "delete prefix", "lease", "outside"), (4, 3, 1, 1, 1))[0]
+        if kind == "put":
+            await writer.txn([], [Put(ns + b"k%d" % rng.randrange(6), value)])
+        elif kind == "txn":
+            keys = rng.sample([b"k0", b"k1", b"k2", b"d/1", b"d/2", b"d/3"], rng.randint(2, 4))
+            await writer.txn([], [Put(ns + key, value) for key in keys])
+        elif kind == "delete prefix":
+            await writer.txn([], [Delete(ns + b"d/", prefix=True)])
+        elif kind == "lease":
+            lease = await writer.grant(1 if writer.name == "memory" else 2)
+            leases.append(lease.id)
+            await writer.txn([], [Put(ns + b"l/%d" % i, value, lease.id) for i in range(rng.randint(1, 3))])
+            if rng.random() < 0.5:
+                await writer.revoke(lease.id)  # else it expires by itself: its keys go at one revision
+                leases.remove(lease.id)
+        else:
+            await writer.txn([], [Put(outside + b"other", value)])
+        await anyio.sleep(rng.uniform(0, 2 * gap))
+
+
+# -- checking a run ---------------------------------------------------------------------------------------------
+
+
+def check_run(run: Run) -> None:
+    reference = run.reference
+    revisions = [b.revision for b in reference]
+    # The raw watch: between compactions one stream, resumed after every break; each piece starts where asked.
+    era: list[WatchBatch] = []
+    era_start = run.initial.revision + 1
+    for piece in run.pieces:
+        # (only the reference's first batch at or after the start matters: pass just that, it is much cheaper)
+        first = bisect.bisect_left(revisions, piece.start)
+        check_resumable(piece.batches, reference[first : first + 1], start_revision=piece.start)
+        era.extend(piece.batches)
+        if piece.compacted:
+            check_watch(era, reference, start_revision=era_start)
+            era, era_start = [], piece.compacted
+    check_watch(era, reference, start_revision=era_start)
+    # The reliable Watch: a snapshot, then every change; a skip only through an announced resync.
+    check_watch_items(run.items, reference, initial=run.initial)
+    assert sum(isinstance(i, Snapshot) and i.resync for i in run.items) == run.watch_resyncs
+    if not run.compactions:
+        assert run.watch_resyncs == 0 and run.raw_compacted == 0
+    # The view: its changes, read as a stream of (key, decoded value) events, the same way.
+    check_view(run)
+    assert run.final_view == {k.decode().removeprefix(run.prefix): json.loads(kv.value) for k, kv in run.final.items()}
+
+
+def _project(key: str, value: object, revision: int, *, deleted: bool) -> Event:
+    """An event reduced to what a ConfigView reports: the relative key and the decoded value."""
+    kv = KeyValue(key.encode(), b"" if deleted else repr(value).encode(), 0, revision, 0)
+    return Event(EventType.DELETE if deleted else EventType.PUT, kv)
+
+
+def check_view(run: Run) -> None:
+    prefix = run.prefix
+
+    def relative(key: bytes) -> str:
+        return key.decode().removeprefix(prefix)
+
+    projected = [
+        WatchBatch(
+            b.revision,
+            tuple(
+                _project(
+                    relative(e.kv.key),
+                    json.loads(e.kv.value or b"null"),
+                    b.revision,
+                    deleted=e.type is EventType.DELETE,
+                )
+                for e in b.events
+            ),
+        )
+        for b in run.reference
+    ]
+    state, revision = run.view_start
+    state = dict(state)
+    assert state == store_state(run, revision)
+    era: list[WatchBatch] = []
+    era_start = revision + 1
+    changes = run.changes
+    i = 0
+    while i < len(changes):
+        j = i
+        while j < len(changes) and (changes[j].revision, changes[j].resync) == (changes[i].revision, changes[i].resync):
+            j += 1
+        group = changes[i:j]
+        for c in group:
+            if c.deleted:
+                state.pop(c.key, None)
+            else:
+                state[c.key] = c.value
+        if group[0].resync:
+            # Changes found by a resync: the view's state must then be the store's at that revision.
+            check_watch(era, projected, start_revision=era_start)
+            expected = store_state(run, group[0].revision)
+            if j < len(changes):
+                assert state == expected, f"after the resync at {group[0].revision} the view is not the store"
+            else:  # the run stopped as soon as this group's first change was read: the rest was not collected
+                assert all(expected.get(c.key) == c.value for c in group), f"resync at {group[0].revision}"
+            era, era_start = [], group[0].revision + 1
+        else:
+            era.append(
+                WatchBatch(
+                    group[0].revision, tuple(_project(c.key, c.value, c.revision, deleted=c.deleted) for c in group)
+                )
+            )
+        i = j
+    check_watch(era, projected, start_revision=era_start)
+
+
+def store_state(run: Run, revision: int) -> dict[str, Any]:
+    state = {kv.key: kv for kv in run.initial.kvs}
+    for batch in run.reference:
+        if batch.revision > revision:
+            break
+        for e in batch.events:
+            if e.type is EventType.PUT:
+                state[e.kv.key] = e.kv
+            else:
+                state.pop(e.kv.key, None)
+    prefix = run.prefix
+    return {k.decode().removeprefix(prefix): json.loads(kv.value) for k, kv in state.items()}
+
+
+def report(kind: str, run: Run) -> str:
+    return (
+        f"{kind}: {run.breaks} breaks injected, {run.compactions} compactions, {len(run.reference)} revisions; "
+        f"survived: raw watch {run.raw_breaks} (compacted {run.raw_compacted}), Watch {run.watch_reconnects} "
+        f"(resyncs {run.watch_resyncs}), ConfigView feed {run.view_reconnects}"
+    )
+
+
+@pytest.mark.parametrize("kind", ["memory"])
+@pytest.mark.parametrize("seed", range(MEMORY_SCHEDULES))
+async def test_memory_watches_survive_breaks(harness: Harness, seed: int, capsys: pytest.CaptureFixture[str]) -> None:
+    run = await run_schedule(
+        harness, breaks=MEMORY_BREAKS // MEMORY_SCHEDULES, seed=seed, compact=0.05 * (seed % 2), gap=0.1, pace=0.5
+    )
+    check_run(run)
+    assert run.raw_breaks >= run.breaks // 2 and run.watch_reconnects >= run.breaks // 2, report("memory", run)
+    with capsys.disabled():
+        print("\n" + report("memory", run))
+
+
+@pytest.mark.parametrize("kind", ["etcd"])
+async def test_etcd_watches_survive_breaks(harness: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    run = await run_schedule(harness, breaks=ETCD_BREAKS, seed=7, compact=0.03, gap=0.01, pace=0.2)
+    check_run(run)
+    assert run.raw_breaks >= run.breaks // 2 and run.watch_reconnects >= run.breaks // 4, report("etcd", run)
+    with capsys.disabled():
+        print("\n" + report("etcd", run))
