@@ -19,6 +19,7 @@ import bisect
 import json
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,9 @@ class Run:
     view_reconnects: int = 0
     final: dict[bytes, KeyValue] = field(default_factory=dict)
     final_view: dict[str, Any] = field(default_factory=dict)
+    writes: list[tuple[int, list[Put]]] = field(default_factory=list)  # puts under the prefix, by revision
+    leases: list[int] = field(default_factory=list)  # granted and not revoked by the writers
+    stuck: list[str] = field(default_factory=list)  # why the run stopped early, if it did
 
 
 async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: float, gap: float, pace: float) -> Run:
@@ -120,17 +124,15 @@ async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: flo
             await view_ready.wait()
             async with anyio.create_task_group() as work:
                 stop = anyio.Event()
-                leases: list[int] = []
                 for w in range(2):
                     rng_w = random.Random(seed * 10 + w)
-                    work.start_soon(write, writer, ns, harness.namespace, rng_w, stop, gap, leases)
+                    work.start_soon(write, writer, ns, harness.namespace, rng_w, stop, gap, run)
                 for n in range(breaks):
                     if rng.random() < pace:
                         # Let every follower reconnect and catch up first, so that this break lands on open streams.
                         marker = (await writer.txn([], [Put(ns + b"marker", b"%d" % n)])).revision
-                        with anyio.fail_after(30):
-                            for name in ("raw", "watch", "view"):
-                                await progress[name].reach(marker)
+                        if not await caught_up(progress, marker, ("raw", "watch", "view"), run):
+                            break
                     await anyio.sleep(rng.uniform(0, 2 * gap))
                     harness.break_watches(reader)
                     run.breaks += 1
@@ -142,17 +144,29 @@ async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: flo
                         await harness.compact(marker)
                         run.compactions += 1
                 stop.set()
-            for lease_id in leases:  # nothing may change after the last write: no lease may expire later
+            for lease_id in run.leases:  # nothing may change after the last write: no lease may expire later
                 await writer.revoke(lease_id)
             last = (await writer.txn([], [Put(ns + b"marker", b"1")])).revision
-            with anyio.fail_after(60):
-                for p in progress.values():
-                    await p.reach(last)
+            await caught_up(progress, last, progress, run)
             followers.cancel_scope.cancel()
         final = await writer.range(Range(ns, prefix=True))
-        assert final.revision == last
+        assert final.revision == last or run.stuck
         run.final = {kv.key: kv for kv in final.kvs}
         return run
+
+
+async def caught_up(progress: dict[str, Progress], revision: int, names: Iterable[str], run: Run) -> bool:
+    """Wait until the followers ``names`` delivered ``revision``; after 30 s, note which did not in ``run.stuck``.
+
+    A follower that never gets there has lost something: the run stops, so that `check_run` names what.
+    """
+    with anyio.move_on_after(30):
+        for name in names:
+            await progress[name].reach(revision)
+        return True
+    run.stuck = [f"{name} at {progress[name].revision}" for name in names if progress[name].revision < revision]
+    run.stuck.insert(0, f"followers never delivered revision {revision}:")
+    return False
 
 
 async def follow_truth(backend: Backend, ns: bytes, run: Run, progress: Progress) -> None:
@@ -218,30 +232,37 @@ async def follow_view(backend: Backend, ns: bytes, run: Run, progress: Progress,
 
 
 async def write(
-    writer: Backend, ns: bytes, outside: bytes, rng: random.Random, stop: anyio.Event, gap: float, leases: list[int]
+    writer: Backend, ns: bytes, outside: bytes, rng: random.Random, stop: anyio.Event, gap: float, run: Run
 ) -> None:
-    """Puts, multi-key transactions, prefix deletes, lease expiries and revokes, and writes outside the prefix."""
+    """Puts, multi-key transactions, prefix deletes, lease expiries and revokes, and writes outside the prefix.
+
+    Every put under the prefix is recorded with the revision the store answered, to check the ground truth with.
+    """
     counter = 0
     while not stop.is_set():
         counter += 1
         value = str(counter).encode()  # JSON, for the view
         kind = rng.choices(("put", "txn", "delete prefix", "lease", "outside"), (4, 3, 1, 1, 1))[0]
+        puts: list[Put] = []
         if kind == "put":
-            await writer.txn([], [Put(ns + b"k%d" % rng.randrange(6), value)])
+            puts = [Put(ns + b"k%d" % rng.randrange(6), value)]
         elif kind == "txn":
             keys = rng.sample([b"k0", b"k1", b"k2", b"d/1", b"d/2", b"d/3"], rng.randint(2, 4))
-            await writer.txn([], [Put(ns + key, value) for key in keys])
+            puts = [Put(ns + key, value) for key in keys]
         elif kind == "delete prefix":
             await writer.txn([], [Delete(ns + b"d/", prefix=True)])
         elif kind == "lease":
             lease = await writer.grant(1 if writer.name == "memory" else 2)
-            leases.append(lease.id)
-            await writer.txn([], [Put(ns + b"l/%d" % i, value, lease.id) for i in range(rng.randint(1, 3))])
-            if rng.random() < 0.5:
-                await writer.revoke(lease.id)  # else it expires by itself: its keys go at one revision
-                leases.remove(lease.id)
+            run.leases.append(lease.id)
+            puts = [Put(ns + b"l/%d" % i, value, lease.id) for i in range(rng.randint(1, 3))]
         else:
             await writer.txn([], [Put(outside + b"other", value)])
+        if puts:
+            run.writes.append(((await writer.txn([], puts)).revision, puts))
+        if kind == "lease" and rng.random() < 0.5:
+            lease_id = puts[0].lease
+            run.leases.remove(lease_id)
+            await writer.revoke(lease_id)  # else it expires by itself: its keys go at one revision
         await anyio.sleep(rng.uniform(0, 2 * gap))
 
 
@@ -250,6 +271,12 @@ async def write(
 
 def check_run(run: Run) -> None:
     reference = run.reference
+    # The ground truth is a watch too: it must have every put the writers were told was applied.
+    by_revision = {b.revision: b for b in reference}
+    for revision, puts in run.writes:
+        events = by_revision[revision].events if revision in by_revision else ()
+        got = [(e.type, e.kv.key, e.kv.value, e.kv.lease) for e in events]
+        assert got == [(EventType.PUT, p.key, p.value, p.lease) for p in puts], f"revision {revision}: {got}"
     revisions = [b.revision for b in reference]
     # The raw watch: between compactions one stream, resumed after every break; each piece starts where asked.
     era: list[WatchBatch] = []
@@ -270,6 +297,7 @@ def check_run(run: Run) -> None:
         assert run.watch_resyncs == 0 and run.raw_compacted == 0
     # The view: its changes, read as a stream of (key, decoded value) events, the same way.
     check_view(run)
+    assert not run.stuck, " ".join(run.stuck)
     assert run.final_view == {k.decode().removeprefix(run.prefix): json.loads(kv.value) for k, kv in run.final.items()}
 
 
