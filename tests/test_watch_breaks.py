@@ -19,7 +19,8 @@ import bisect
 import json
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,14 +102,28 @@ class Run:
     stuck: list[str] = field(default_factory=list)  # why the run stopped early, if it did
 
 
-async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: float, gap: float, pace: float) -> Run:
-    """Followers on one client, writers on another, ``breaks`` breaks about every ``gap`` seconds.
+@dataclass
+class Scene:
+    """A run in progress: the clients, the prefix, the followers' progress."""
 
-    After a break the store is compacted with probability ``compact``. With probability ``pace`` a break first
-    waits until every follower has caught up with a fresh write (so that it hits open streams); the others may
-    hit a follower that is still reconnecting or behind.
-    """
-    rng = random.Random(seed)
+    run: Run
+    writer: Backend
+    reader: Backend  # every follower under test reads through this client: faults go here
+    ns: bytes
+    progress: dict[str, Progress]
+
+    async def compact(self, harness: Harness) -> None:
+        """Compact the store at a fresh write, once the ground truth (which runs without faults) has it."""
+        marker = (await self.writer.txn([], [Put(self.ns + b"marker", b"-1")])).revision
+        with anyio.fail_after(30):
+            await self.progress["truth"].reach(marker)
+        await harness.compact(marker)
+        self.run.compactions += 1
+
+
+@asynccontextmanager
+async def followed(harness: Harness) -> AsyncIterator[Scene]:
+    """The ground truth and the three followers run for the duration of the block, then catch up and stop."""
     ns = harness.namespace + b"wb/"
     async with harness.client() as writer, harness.client() as reader, harness.client() as truth:
         await writer.txn([], [Put(ns + b"k0", b"0"), Put(ns + b"d/0", b"0")])
@@ -122,28 +137,7 @@ async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: flo
             view_ready = anyio.Event()
             followers.start_soon(follow_view, reader, ns, run, progress["view"], view_ready)
             await view_ready.wait()
-            async with anyio.create_task_group() as work:
-                stop = anyio.Event()
-                for w in range(2):
-                    rng_w = random.Random(seed * 10 + w)
-                    work.start_soon(write, writer, ns, harness.namespace, rng_w, stop, gap, run)
-                for n in range(breaks):
-                    if rng.random() < pace:
-                        # Let every follower reconnect and catch up first, so that this break lands on open streams.
-                        marker = (await writer.txn([], [Put(ns + b"marker", b"%d" % n)])).revision
-                        if not await caught_up(progress, marker, ("raw", "watch", "view"), run):
-                            break
-                    await anyio.sleep(rng.uniform(0, 2 * gap))
-                    harness.break_watches(reader)
-                    run.breaks += 1
-                    if rng.random() < compact:
-                        # The ground truth must have everything up to the compaction (it runs without faults).
-                        marker = (await writer.txn([], [Put(ns + b"marker", b"-1")])).revision
-                        with anyio.fail_after(30):
-                            await progress["truth"].reach(marker)
-                        await harness.compact(marker)
-                        run.compactions += 1
-                stop.set()
+            yield Scene(run, writer, reader, ns, progress)
             for lease_id in run.leases:  # nothing may change after the last write: no lease may expire later
                 await writer.revoke(lease_id)
             last = (await writer.txn([], [Put(ns + b"marker", b"1")])).revision
@@ -152,7 +146,35 @@ async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: flo
         final = await writer.range(Range(ns, prefix=True))
         assert final.revision == last or run.stuck
         run.final = {kv.key: kv for kv in final.kvs}
-        return run
+
+
+async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: float, gap: float, pace: float) -> Run:
+    """Followers on one client, writers on another, ``breaks`` breaks about every ``gap`` seconds.
+
+    After a break the store is compacted with probability ``compact``. With probability ``pace`` a break first
+    waits until every follower has caught up with a fresh write (so that it hits open streams); the others may
+    hit a follower that is still reconnecting or behind.
+    """
+    rng = random.Random(seed)
+    async with followed(harness) as scene:
+        run, writer, ns = scene.run, scene.writer, scene.ns
+        async with anyio.create_task_group() as work:
+            stop = anyio.Event()
+            for w in range(2):
+                work.start_soon(write, writer, ns, harness.namespace, random.Random(seed * 10 + w), stop, gap, run)
+            for n in range(breaks):
+                if rng.random() < pace:
+                    # Let every follower reconnect and catch up first, so that this break lands on open streams.
+                    marker = (await writer.txn([], [Put(ns + b"marker", b"%d" % n)])).revision
+                    if not await caught_up(scene.progress, marker, ("raw", "watch", "view"), run):
+                        break
+                await anyio.sleep(rng.uniform(0, 2 * gap))
+                harness.break_watches(scene.reader)
+                run.breaks += 1
+                if rng.random() < compact:
+                    await scene.compact(harness)
+            stop.set()
+    return run
 
 
 async def caught_up(progress: dict[str, Progress], revision: int, names: Iterable[str], run: Run) -> bool:
@@ -384,6 +406,28 @@ def report(kind: str, run: Run) -> str:
         f"survived: raw watch {run.raw_breaks} (compacted {run.raw_compacted}), Watch {run.watch_reconnects} "
         f"(resyncs {run.watch_resyncs}), ConfigView feed {run.view_reconnects}"
     )
+
+
+async def test_compaction_behind_a_watch_is_announced(harness: Harness) -> None:
+    """The reader is cut off while the store changes and is compacted past it, three times: on its return the raw
+    watch gets CompactedError, Watch a ``Snapshot(resync=True)`` and the view ``resync=True`` changes, each showing
+    the store's state; nothing is skipped silently (check_run)."""
+    async with followed(harness) as scene:
+        run, writer, ns = scene.run, scene.writer, scene.ns
+        for n in range(3):
+            caught = (await writer.txn([], [Put(ns + b"k1", b"%d" % n)])).revision
+            assert await caught_up(scene.progress, caught, scene.progress, run), run.stuck
+            harness.partition(scene.reader)
+            await writer.txn([], [Put(ns + b"d/1", b"1"), Put(ns + b"d/2", b"2"), Put(ns + b"k2", b"3")])
+            await writer.txn([], [Delete(ns + b"d/", prefix=True)])
+            lease = await writer.grant(5)
+            await writer.txn([], [Put(ns + b"l/1", b"4", lease.id), Put(ns + b"l/2", b"5", lease.id)])
+            await harness.expire_lease(lease.id)
+            await scene.compact(harness)
+            harness.heal(scene.reader)
+    check_run(run)
+    assert (run.compactions, run.raw_compacted, run.watch_resyncs) == (3, 3, 3), report(run.prefix, run)
+    assert len({c.revision for c in run.changes if c.resync}) == 3, "the view announced each resync"
 
 
 @pytest.mark.parametrize("kind", ["memory"])
