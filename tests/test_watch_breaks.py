@@ -95,6 +95,8 @@ class Run:
     watch_reconnects: int = 0
     watch_resyncs: int = 0
     view_reconnects: int = 0
+    view_streams: int = 0  # watches the view's feed opened (more than one: reopened after a reader left mid-read)
+    flickers: int = 0  # short-lived views that shared the feed
     final: dict[bytes, KeyValue] = field(default_factory=dict)
     final_view: dict[str, Any] = field(default_factory=dict)
     writes: list[tuple[int, list[Put]]] = field(default_factory=list)  # puts under the prefix, by revision
@@ -111,6 +113,7 @@ class Scene:
     reader: Backend  # every follower under test reads through this client: faults go here
     ns: bytes
     progress: dict[str, Progress]
+    release: anyio.Event = field(default_factory=anyio.Event)  # the first view of the prefix leaves
 
     async def compact(self, harness: Harness) -> None:
         """Compact the store at a fresh write, once the ground truth (which runs without faults) has it."""
@@ -134,10 +137,15 @@ async def followed(harness: Harness) -> AsyncIterator[Scene]:
             followers.start_soon(follow_truth, truth, ns, run, progress["truth"])
             followers.start_soon(follow_raw, reader, ns, run, progress["raw"])
             followers.start_soon(follow_watch, reader, ns, run, progress["watch"])
+            # A first view of the prefix reads the store for every later one (the shared feed): when it leaves,
+            # mid-read, the feed must reopen its watch for the followed view without a gap.
+            scene = Scene(run, writer, reader, ns, progress)
+            await followers.start(hold_view, scene)
             view_ready = anyio.Event()
             followers.start_soon(follow_view, reader, ns, run, progress["view"], view_ready)
             await view_ready.wait()
-            yield Scene(run, writer, reader, ns, progress)
+            yield scene
+            scene.release.set()
             for lease_id in run.leases:  # nothing may change after the last write: no lease may expire later
                 await writer.revoke(lease_id)
             last = (await writer.txn([], [Put(ns + b"marker", b"1")])).revision
@@ -162,6 +170,7 @@ async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: flo
             stop = anyio.Event()
             for w in range(2):
                 work.start_soon(write, writer, ns, harness.namespace, random.Random(seed * 10 + w), stop, gap, run)
+            work.start_soon(flicker, scene, random.Random(seed), stop, gap)
             for n in range(breaks):
                 if rng.random() < pace:
                     # Let every follower reconnect and catch up first, so that this break lands on open streams.
@@ -171,10 +180,28 @@ async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: flo
                 await anyio.sleep(rng.uniform(0, 2 * gap))
                 harness.break_watches(scene.reader)
                 run.breaks += 1
+                if n == breaks // 2:
+                    scene.release.set()
                 if rng.random() < compact:
                     await scene.compact(harness)
             stop.set()
     return run
+
+
+async def hold_view(scene: Scene, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async with ConfigView(scene.reader, scene.ns.decode()):
+        task_status.started()
+        await scene.release.wait()
+
+
+async def flicker(scene: Scene, rng: random.Random, stop: anyio.Event, gap: float) -> None:
+    """Short-lived views of the same prefix on the reader: they share the followed view's feed, and when one leaves
+    while it is the one reading the store for both, the feed reopens its watch (which must lose nothing)."""
+    while not stop.is_set():
+        async with ConfigView(scene.reader, scene.ns.decode()):
+            await anyio.sleep(rng.uniform(0, 4 * gap))
+        scene.run.flickers += 1
+        await anyio.lowlevel.checkpoint()
 
 
 async def caught_up(progress: dict[str, Progress], revision: int, names: Iterable[str], run: Run) -> bool:
@@ -251,6 +278,7 @@ async def follow_view(backend: Backend, ns: bytes, run: Run, progress: Progress,
         finally:
             run.final_view = dict(view.snapshot())
             run.view_reconnects = sum(w.statistics().reconnects for w in watches)
+            run.view_streams = view.statistics().watch_streams
 
 
 async def write(
@@ -404,7 +432,8 @@ def report(kind: str, run: Run) -> str:
     return (
         f"{kind}: {run.breaks} breaks injected, {run.compactions} compactions, {len(run.reference)} revisions; "
         f"survived: raw watch {run.raw_breaks} (compacted {run.raw_compacted}), Watch {run.watch_reconnects} "
-        f"(resyncs {run.watch_resyncs}), ConfigView feed {run.view_reconnects}"
+        f"(resyncs {run.watch_resyncs}), ConfigView feed {run.view_reconnects} (streams opened {run.view_streams}, "
+        f"{run.flickers} views came and went)"
     )
 
 
@@ -425,6 +454,7 @@ async def test_compaction_behind_a_watch_is_announced(harness: Harness) -> None:
             await harness.expire_lease(lease.id)
             await scene.compact(harness)
             harness.heal(scene.reader)
+            scene.release.set()
     check_run(run)
     assert (run.compactions, run.raw_compacted, run.watch_resyncs) == (3, 3, 3), report(run.prefix, run)
     assert len({c.revision for c in run.changes if c.resync}) == 3, "the view announced each resync"
