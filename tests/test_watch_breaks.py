@@ -9,8 +9,9 @@ without faults, from before the first write. Then every stream is checked: no ga
 one batch, resumed where asked, and a compaction that passed a lagging watch announced (CompactedError on the raw
 watch, ``Snapshot(resync=True)`` from `Watch`, ``resync=True`` changes from the view), never a silent skip.
 
-``COORDKIT_WATCH_BREAKS`` (default 1200) is the number of breaks spread over the memory schedules,
-``COORDKIT_WATCH_BREAKS_ETCD`` (default 200) the number on etcd; ``nox -s chaos`` raises both.
+``COORDKIT_WATCH_BREAKS`` (default 1200) is the number of breaks spread over the memory schedules (about 300
+each), ``COORDKIT_WATCH_BREAKS_ETCD`` (default 200) the number on etcd (200 per schedule); ``nox -s chaos``
+raises both, to 40,000 and 2,000.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.chaos]
 
 MEMORY_BREAKS = int(os.environ.get("COORDKIT_WATCH_BREAKS", "1200"))
 ETCD_BREAKS = int(os.environ.get("COORDKIT_WATCH_BREAKS_ETCD", "200"))
-MEMORY_SCHEDULES = 4  # test items the memory breaks are spread over; odd seeds also compact
+MEMORY_SCHEDULES = max(4, MEMORY_BREAKS // 300)  # test items the memory breaks are spread over; odd seeds compact
+ETCD_SCHEDULES = max(1, ETCD_BREAKS // 200)
 
 
 class Progress:
@@ -473,8 +475,10 @@ async def test_memory_watches_survive_breaks(harness: Harness, seed: int, capsys
 
 
 @pytest.mark.parametrize("kind", ["etcd"])
-async def test_etcd_watches_survive_breaks(harness: Harness, capsys: pytest.CaptureFixture[str]) -> None:
-    run = await run_schedule(harness, breaks=ETCD_BREAKS, seed=7, compact=0.03, gap=0.01, pace=0.2)
+@pytest.mark.parametrize("seed", range(ETCD_SCHEDULES))
+async def test_etcd_watches_survive_breaks(harness: Harness, seed: int, capsys: pytest.CaptureFixture[str]) -> None:
+    breaks = ETCD_BREAKS // ETCD_SCHEDULES
+    run = await run_schedule(harness, breaks=breaks, seed=seed, compact=0.03, gap=0.01, pace=0.2)
     check_run(run)
     assert run.raw_breaks >= run.breaks // 2 and run.watch_reconnects >= run.breaks // 4, report("etcd", run)
     with capsys.disabled():
