@@ -82,8 +82,10 @@ def check_atomic(stream: Sequence[WatchBatch], reference: Sequence[WatchBatch] |
 
 
 def check_reliable(stream: Sequence[WatchBatch], reference: Sequence[WatchBatch]) -> None:
-    """Nothing is skipped: every reference batch between the first and the last delivered revision was delivered,
-    each delivered batch is exactly the store's, and no delivered revision is unknown to the store.
+    """Nothing is skipped, nothing is made up: the stream is the store's history between its ends.
+
+    Every reference batch between the first and the last delivered revision was delivered, each delivered batch
+    has only the store's events of its revision, and no delivered revision is unknown to the store.
 
     Args:
         reference: every batch of the store that touched the watched key or prefix, covering at least the
@@ -91,6 +93,7 @@ def check_reliable(stream: Sequence[WatchBatch], reference: Sequence[WatchBatch]
 
     Raises:
         WatchViolation: ``check="reliable"``.
+        ValueError: the reference's revisions do not strictly increase (so every ``check_*`` taking one).
     """
     _raise_first(_reliable(stream, _Reference(reference)))
 
@@ -107,8 +110,9 @@ def check_resumable(stream: Sequence[WatchBatch], reference: Sequence[WatchBatch
 
 
 def check_watch(stream: Sequence[WatchBatch], reference: Sequence[WatchBatch], *, start_revision: int) -> None:
-    """Every check at once (ordered, unique, atomic, reliable, resumable) on a stream watched from
-    ``start_revision``; the violation reported is the one earliest in the stream.
+    """Every check on a raw watch stream: ordered, unique, atomic, reliable, resumable from ``start_revision``.
+
+    The violation reported is the one earliest in the stream, whichever check finds it.
 
     Raises:
         WatchViolation: the first violation.
