@@ -38,6 +38,7 @@ from coordkit import (
     Event,
     EventType,
     KeyValue,
+    MemoryBackend,
     Put,
     Range,
     Snapshot,
@@ -187,6 +188,9 @@ async def run_schedule(harness: Harness, *, breaks: int, seed: int, compact: flo
                 if n == breaks // 2:
                     scene.release.set()
                 if rng.random() < compact:
+                    if isinstance(scene.reader, MemoryBackend):
+                        # a slow link: the reader's followers reconnect late, so a compaction often passes them
+                        scene.reader.faults.set_latency(rng.choice((0, 0, 0.2, 1.0)))
                     await scene.compact(harness)
             stop.set()
     return run
