@@ -38,9 +38,17 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def chaos(session: nox.Session) -> None:
-    """The long reliability runs: 10,000 fault schedules, the 3-member cluster kill/restart rounds (``slow``)."""
+    """The long reliability runs: 10,000 fault schedules, 42,000 broken watch streams, the 3-member cluster
+    kill/restart rounds (``slow``)."""
     session.install("-e", ".[test]")
-    env = {"COORDKIT_CHAOS_SCHEDULES": session.env.get("COORDKIT_CHAOS_SCHEDULES", "10000")}
+    env = {
+        name: session.env.get(name, default)
+        for name, default in (
+            ("COORDKIT_CHAOS_SCHEDULES", "10000"),
+            ("COORDKIT_WATCH_BREAKS", "40000"),  # tests/test_watch_breaks.py, on memory
+            ("COORDKIT_WATCH_BREAKS_ETCD", "2000"),
+        )
+    }
     session.run("pytest", "-m", "chaos or slow", *session.posargs, env=env)
 
 

@@ -1,7 +1,8 @@
 """Test support: the backend conformance suite, harnesses, fault injection and a real etcd server for tests.
 
 Third-party backends prove they keep the protocol by running `CONFORMANCE_CHECKS` against a
-`Harness` of their own, exactly as coordkit runs them against its memory and etcd backends.
+`Harness` of their own, exactly as coordkit runs them against its memory and etcd backends; the watch
+validators (``check_watch`` and friends) judge what a watch delivered against the store's history.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ from ._harness import (
     Harness as Harness,
     MemoryHarness as MemoryHarness,
 )
+from ._watch_checks import (
+    WatchViolation as WatchViolation,
+    check_atomic as check_atomic,
+    check_ordered as check_ordered,
+    check_reliable as check_reliable,
+    check_resumable as check_resumable,
+    check_unique as check_unique,
+    check_watch as check_watch,
+    check_watch_items as check_watch_items,
+)
 
 __all__ = (
     "CONFORMANCE_CHECKS",
@@ -22,5 +33,13 @@ __all__ = (
     "FaultyBackend",
     "Harness",
     "MemoryHarness",
+    "WatchViolation",
+    "check_atomic",
+    "check_ordered",
+    "check_reliable",
+    "check_resumable",
+    "check_unique",
+    "check_watch",
+    "check_watch_items",
     "run_conformance",
 )
