@@ -146,11 +146,14 @@ class Fenced:
 
     cluster: EtcdCluster
     ns: str
+    ttl: int = TTL
     hold_time: float = 0.05
     history: History = field(default_factory=History)
     blocks: list[Block] = field(default_factory=list)
     sessions: list[Tracked] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    #: symptoms of a lease ended on the server before its session's deadline (see `early_expiry`)
+    early: list[tuple[Stamp, str]] = field(default_factory=list)
     losses: Counter[str] = field(default_factory=Counter)
     unavailable: Counter[str] = field(default_factory=Counter)
     applied: list[tuple[Stamp, str, str]] = field(default_factory=list)  # (when, holder, lock) of applied increments
@@ -235,13 +238,13 @@ class Fenced:
             self.losses[f"{holder}: {type(exc).__name__}"] += 1
             lost = exc.session
             if not (isinstance(lost, Session) and lost.lost):
-                self.violations.append(f"{holder}: {exc!r} from a session that is not lost")
+                self.early_expiry(f"{holder}: {exc!r} from a session that is not lost")
         except UnavailableError:
             self.unavailable[f"{holder}: session"] += 1  # no lease could be granted (no quorum here)
 
     @asynccontextmanager
     async def session(self, backend: EtcdBackend, holder: str) -> AsyncIterator[Session]:
-        async with Session(backend, ttl=TTL) as session:
+        async with Session(backend, ttl=self.ttl) as session:
             tracked = Tracked(holder, session)
             self.sessions.append(tracked)
             try:
@@ -254,10 +257,10 @@ class Fenced:
     ) -> Block | None:
         """One ``async with lock`` block: two fenced increments (or one, then wait for the loss with
         ``until_lost``). Returns the block, or None when the lock was not acquired (the error is recorded)."""
-        self.phase[holder] = f"waiting for {lock.name} in session {session.lease_id:x}"
+        self._phase(holder, f"waiting for {lock.name} in session {session.lease_id:x}")
         try:
             async with lock as held:
-                self.phase[holder] = f"holding {lock.name}, token {held.token}"
+                self._phase(holder, f"holding {lock.name}, token {held.token}")
                 block = self._open[holder] = self._begin(holder, session, lock, held)
                 try:
                     await self.increment(holder, session, lock.name, held)
@@ -273,7 +276,7 @@ class Fenced:
                 finally:
                     self.history.end(block.hold, lease_alive=True)  # (not observable on etcd; overlaps are)
             self._open.pop(holder, None)
-            self.phase[holder] = "released"
+            self._phase(holder, "released")
             return block
         except (OwnershipLostError, UnavailableError) as exc:
             failed = self._open.pop(holder, None)
@@ -283,6 +286,10 @@ class Fenced:
                 self.unavailable[f"{holder}: lock"] += 1
                 return failed
             raise
+
+    def _phase(self, holder: str, what: str) -> None:
+        if holder in self.phase:  # one of our workers (not a holder a test runs itself)
+            self.phase[holder] = what
 
     def _begin(self, holder: str, session: Session, lock: Lock, held: Held) -> Block:
         hold = self.history.begin(Kind.LOCK, lock.name, holder, session.lease_id, held.token)
@@ -311,8 +318,8 @@ class Fenced:
         increment.outcome = Outcome.REFUSED
         # Our key is gone, so our lease is: the session must know already, and cancels us at once.
         if not session.lost:
-            self.violations.append(f"{holder}: a fenced write refused while its session counts itself valid")
-        with anyio.move_on_after(TTL + 1):
+            self.early_expiry(f"{holder}: a fenced write refused while its session counts itself valid")
+        with anyio.move_on_after(self.ttl + 1):
             await anyio.sleep_forever()
         self.violations.append(f"{holder}: a fenced write refused, and the block was not cancelled")
 
@@ -324,6 +331,15 @@ class Fenced:
                     return stamp.time - after.time
             await self._changed.wait()
 
+    def early_expiry(self, symptom: str) -> None:
+        """Record a symptom of a lease ended on the server before its session's deadline.
+
+        The session's guarantee rests on etcd's: a lease lives at least its TTL after the server received the
+        last keepalive. Break that, and two holders can overlap, a waiter's key can vanish while its session is
+        valid, a holder's fenced write can be refused while its session counts itself valid.
+        """
+        self.early.append((self.history.stamp(), symptom))
+
     async def check_no_silent_loss(self) -> None:
         """Every session in use and not reported lost still has its lease on the server."""
         active = [t for t in self.sessions if t.active and not t.session.lost]
@@ -331,17 +347,38 @@ class Fenced:
         for tracked, ttl in zip(active, ttls, strict=True):
             # read first, judge after: a lease gone at the read was gone before, so the session must know now
             if ttl is not None and ttl < 0 and tracked.active and not tracked.session.lost:
-                self.violations.append(f"{tracked.holder}: lease {tracked.session.lease_id:x} gone, session not lost")
+                self.early_expiry(f"{tracked.holder}: lease {tracked.session.lease_id:x} gone, session not lost")
 
-    async def verify(self) -> dict[str, object]:
-        """Check the history (call after leaving). Returns counts for the report."""
-        found = [*check_holds(self.history), *check_tokens(self.history)]
+    async def verify(self, *, etcd_revokes_early_after: Stamp | None = None) -> dict[str, object]:
+        """Check the history (call after leaving). Returns counts for the report.
+
+        Args:
+            etcd_revokes_early_after: from this point on, the store is known to end leases early (etcd#15247: a
+                resumed stuck leader revokes live leases): symptoms of that after it, and overlapping blocks the
+                later of which entered after it, are reported in the counts instead of failing the check, provided
+                the store was caught doing it (a symptom recorded by `early_expiry`). Fenced writes must stay
+                exact, whatever the store does to leases.
+        """
+        found = check_tokens(self.history)
         for counter, start in self.counters.values():
             applied = await self.applied_puts(counter, start + 1)
             found.extend(_check_counter(counter, [i for i in self.history.increments if i.counter == counter], applied))
         for block in self.blocks:
             found.extend(self._check_block(block))
         found.extend(Violation("live", violation) for violation in self.violations)
+        excused: list[str] = []
+        caught = etcd_revokes_early_after is not None and any(etcd_revokes_early_after < at for at, _ in self.early)
+        for at, symptom in self.early:
+            if caught and etcd_revokes_early_after is not None and etcd_revokes_early_after < at:
+                excused.append(symptom)
+            else:
+                found.append(Violation("lease", f"{symptom} at {at}"))
+        for entered, holding in overlaps(self.history.holds):
+            if caught and etcd_revokes_early_after is not None and etcd_revokes_early_after < entered.start:
+                excused.append(f"{entered} entered while {holding} held it")
+            else:
+                found.append(Violation("exclusion", f"{entered} entered while {holding} held it"))
+        found.extend(v for v in check_holds(self.history) if v.rule != "exclusion")
         assert not found, "\n".join(map(str, found))
         return {
             "lock blocks": len(self.blocks),
@@ -350,6 +387,7 @@ class Fenced:
             "sessions": len(self.sessions),
             "sessions lost": dict(self.losses),
             "unavailable": dict(self.unavailable),
+            "leases ended early by the store (etcd#15247), client-side effects": excused or "none",
         }
 
     def _check_block(self, block: Block) -> Iterator[Violation]:
@@ -386,6 +424,21 @@ class Fenced:
         raise AssertionError("unreachable: the watch ended")
 
 
+def overlaps(holds: list[Hold]) -> list[tuple[Hold, Hold]]:
+    """Pairs (entered, holding) of blocks of one lock where one entered while the other was inside."""
+    found: list[tuple[Hold, Hold]] = []
+    by_lock: dict[str, list[Hold]] = {}
+    for hold in holds:
+        by_lock.setdefault(hold.resource, []).append(hold)
+    for same in by_lock.values():
+        same.sort(key=lambda hold: hold.start)
+        for index, entered in enumerate(same):
+            found.extend(
+                (entered, before) for before in same[:index] if before.end is None or entered.start < before.end
+            )
+    return found
+
+
 async def wait_keys(backend: EtcdBackend, prefix: str, count: int) -> None:
     """Wait until ``count`` keys are under ``prefix`` (holders and waiters queued), polling an external store."""
     with anyio.fail_after(30):
@@ -393,6 +446,17 @@ async def wait_keys(backend: EtcdBackend, prefix: str, count: int) -> None:
             if len((await backend.range(Range(prefix.encode(), prefix=True))).kvs) >= count:
                 return
             await anyio.sleep(0.02)  # (the store is another process: nothing to wait on but its answers)
+
+
+def revokes_live_leases_on_resume(version: str) -> bool:
+    """Whether this etcd has etcd-io/etcd#15247: a leader stuck longer than a TTL (SIGSTOP, a disk stall) wakes up
+    with its lease timers expired and revokes the leases, through the new leader, although their clients kept them
+    alive there. Fixed in 3.5.13 and 3.4.30 (etcd-io/etcd#16822)."""
+    try:
+        numbers = tuple(int(part) for part in version.split(".")[:3])
+    except ValueError:
+        return True  # unknown: assume the worst, the check still needs the store caught doing it
+    return numbers < (3, 4, 30) or (3, 5) <= numbers < (3, 5, 13)
 
 
 def report(title: str, rows: dict[str, object]) -> None:
@@ -417,6 +481,7 @@ async def test_stuck_leader_holding_the_leases(cluster: EtcdCluster, ns: str) ->
         fenced.start("stuck", cluster.members[leader].endpoint, first_hold=held)  # its only endpoint: the leader
         with anyio.fail_after(30):
             await held.wait()
+        others = ["failover", *(f"on m{index}" for index in followers)]
         fenced.start("failover", cluster.endpoints_from(leader))  # starts on the leader, may move on
         for index in followers:
             fenced.start(f"on m{index}", cluster.endpoints_from(index))
@@ -429,7 +494,9 @@ async def test_stuck_leader_holding_the_leases(cluster: EtcdCluster, ns: str) ->
             times["new leader elected"] = now() - paused.time
             with anyio.move_on_after(60):
                 times["next fenced write"] = await fenced.wait_applied(paused)
-            assert "next fenced write" in times, fenced.state()
+                for other in others:  # each of the others, the one that started on the stuck member included
+                    times[f"{other}'s next fenced write"] = await fenced.wait_applied(paused, holder=other)
+            assert len(times) == 2 + len(others), fenced.state()
             first = fenced.blocks[0]
             assert first.holder == "stuck" and first.cancelled and isinstance(first.error, LockLostError)
             assert stuck_session.lost
@@ -442,9 +509,10 @@ async def test_stuck_leader_holding_the_leases(cluster: EtcdCluster, ns: str) ->
             times["stuck client's next fenced write after SIGCONT"] = await fenced.wait_applied(resumed, holder="stuck")
         await fenced.check_no_silent_loss()
         await anyio.to_thread.run_sync(cluster.wait_healthy)
-    counts = await fenced.verify()
+    affected = revokes_live_leases_on_resume(cluster.version)
+    counts = await fenced.verify(etcd_revokes_early_after=resumed if affected else None)
     report(
-        f"stuck leader m{leader} (new leader m{new_leader}), TTL {TTL} s",
+        f"etcd {cluster.version}: stuck leader m{leader} (new leader m{new_leader}), TTL {TTL} s",
         {**{k: f"{v:.2f} s" for k, v in times.items()}, **counts},
     )
 
@@ -455,18 +523,20 @@ async def test_stuck_leader_holding_the_leases(cluster: EtcdCluster, ns: str) ->
 @dataclass
 class Failover:
     """One measured crash failover: seconds from the crash, and from the last keepalive the server got, to the
-    next holder's acquire; ``leader_moved``: seconds from the crash to the leader change (None: none)."""
+    next holder's acquire; ``leader_moved``: seconds from the crash to the leader change (None: none), and
+    ``from_leader_change`` from the new leader's confirmation to the acquire."""
 
     from_crash: float
     from_last_keepalive: float
     leader_moved: float | None
+    from_leader_change: float | None  # from the status API naming the new leader
 
 
 async def crash_failover(fenced: Fenced, cluster: EtcdCluster, run: int, *, move_leader: bool) -> Failover:
     """A holder whose only path to etcd is a proxy is cut off (a crash, as the server sees it); a waiter on another
     client takes over. With ``move_leader``, leadership moves to another member shortly before the holder's lease
     would have expired."""
-    lock = f"{fenced.ns}failover{run}"
+    lock, ttl = f"{fenced.ns}failover{run}", fenced.ttl
     await fenced.add_counter(lock)
     member = cluster.members[random.randrange(len(cluster.members))]
     crashing, successor = f"crashing {run}", f"successor {run}"
@@ -492,35 +562,41 @@ async def crash_failover(fenced: Fenced, cluster: EtcdCluster, run: int, *, move
             await holding.wait()
             tg.start_soon(take_over)
             await wait_keys(fenced.direct, f"{lock}/", 2)
-            await anyio.sleep(random.uniform(0, TTL / 3))  # any phase of the keepalive cycle
+            await anyio.sleep(random.uniform(0, ttl / 3))  # any phase of the keepalive cycle
             crashed = fenced.history.stamp()
             proxy.blackhole()
             renewals = [proxy.last_request(b"/v3/lease/grant"), proxy.last_request(b"/v3/lease/keepalive")]
             last_keepalive = max(t for t in renewals if t is not None)
-            moved = None
+            moved: tuple[float, float] | None = None
             if move_leader:
                 # shortly before the lease would expire: the new leader restarts it at its full TTL
-                await anyio.sleep(max(0.0, last_keepalive + TTL - 0.8 - now()))
+                await anyio.sleep(max(0.0, last_keepalive + ttl - 0.8 - now()))
                 lead = await anyio.to_thread.run_sync(cluster.wait_leader)
                 target = random.choice([m.index for m in cluster.members if m.index != lead])
-                moved = now() - crashed.time
+                moving = now()
                 await anyio.to_thread.run_sync(cluster.move_leader, target)
+                moved = (moving - crashed.time, now() - crashed.time)
             await fenced.wait_applied(crashed, lock=lock)
             proxy.pass_through()  # the lost session's revoke may get through now (its lease is gone anyway)
     (acquired,) = (b.hold.start.time for b in fenced.blocks if b.holder == successor)
-    return Failover(acquired - crashed.time, acquired - last_keepalive, moved)
+    return Failover(
+        acquired - crashed.time,
+        acquired - last_keepalive,
+        None if moved is None else moved[0],
+        None if moved is None else acquired - crashed.time - moved[1],
+    )
 
 
 def summarize(values: list[float]) -> str:
-    return f"min {min(values):.2f} s, median {statistics.median(values):.2f} s, max {max(values):.2f} s"
+    return f"{min(values):.2f}, {statistics.median(values):.2f}, {max(values):.2f}"
 
 
-async def run_failovers(cluster: EtcdCluster, ns: str, runs: int) -> None:
+async def run_failovers(cluster: EtcdCluster, ns: str, runs: int, ttl: int = TTL) -> None:
     """Fenced workers on every member hold and pass a lock all along; meanwhile ``runs`` crash failovers without a
     leader change and ``runs`` with one (so leadership moves while those workers hold the lock too)."""
     plain: list[Failover] = []
     moved: list[Failover] = []
-    async with Fenced(cluster, ns) as fenced:
+    async with Fenced(cluster, ns, ttl=ttl) as fenced:
         for index in range(3):
             fenced.start(f"worker {index}", cluster.endpoints_from(index))
         start = fenced.history.stamp()
@@ -534,15 +610,24 @@ async def run_failovers(cluster: EtcdCluster, ns: str, runs: int) -> None:
         with anyio.fail_after(30):
             await fenced.wait_applied(progressed, lock=fenced.lock)  # the workers go on after the leader changes
     counts = await fenced.verify()
-    rows: dict[str, object] = {
-        "crash -> next holder, no leader change": summarize([f.from_crash for f in plain]),
-        "  from the last keepalive the server got": summarize([f.from_last_keepalive for f in plain]),
-        "crash -> next holder, leader moved in between": summarize([f.from_crash for f in moved]),
-        "  from the last keepalive the server got ": summarize([f.from_last_keepalive for f in moved]),
-        "  leader moved, after the crash": summarize([f.leader_moved or 0.0 for f in moved]),
-        **counts,
-    }
-    report(f"crash failover, TTL {TTL} s, lease check every {LEASE_CHECK_INTERVAL} s, {runs} runs each", rows)
+    report(
+        f"crash failover, TTL {ttl} s, {runs} run(s) of each kind (seconds: min, median, max)",
+        {
+            "no leader change: crash -> next holder": summarize([f.from_crash for f in plain]),
+            "no leader change: last keepalive the server got -> next holder": summarize(
+                [f.from_last_keepalive for f in plain]
+            ),
+            "leader moved: crash -> next holder": summarize([f.from_crash for f in moved]),
+            "leader moved: last keepalive the server got -> next holder": summarize(
+                [f.from_last_keepalive for f in moved]
+            ),
+            "leader moved: crash -> leader change": summarize([f.leader_moved or 0.0 for f in moved]),
+            "leader moved: new leader confirmed -> next holder": summarize(
+                [f.from_leader_change or 0.0 for f in moved]
+            ),
+            **counts,
+        },
+    )
 
 
 async def test_crash_failover_with_and_without_a_leader_change(cluster: EtcdCluster, ns: str) -> None:
@@ -553,5 +638,7 @@ async def test_crash_failover_with_and_without_a_leader_change(cluster: EtcdClus
 
 @pytest.mark.slow
 async def test_crash_failover_bound_measured(cluster: EtcdCluster, ns: str) -> None:
-    """``COORDKIT_FAILOVER_RUNS`` crash failovers of each kind: min/median/max printed."""
-    await run_failovers(cluster, ns, int(os.environ.get("COORDKIT_FAILOVER_RUNS", "5")))
+    """``COORDKIT_FAILOVER_RUNS`` crash failovers of each kind, TTL ``COORDKIT_FAILOVER_TTL``: min/median/max
+    printed."""
+    runs = int(os.environ.get("COORDKIT_FAILOVER_RUNS", "5"))
+    await run_failovers(cluster, ns, runs, int(os.environ.get("COORDKIT_FAILOVER_TTL", str(TTL))))
