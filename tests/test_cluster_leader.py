@@ -353,11 +353,11 @@ class Fenced:
         """Check the history (call after leaving). Returns counts for the report.
 
         Args:
-            etcd_revokes_early_after: from this point on, the store is known to end leases early (etcd#15247: a
+            etcd_revokes_early_after: from this point on, the store may end leases early (etcd-io/etcd#15247: a
                 resumed stuck leader revokes live leases): symptoms of that after it, and overlapping blocks the
                 later of which entered after it, are reported in the counts instead of failing the check, provided
                 the store was caught doing it (a symptom recorded by `early_expiry`). Fenced writes must stay
-                exact, whatever the store does to leases.
+                exact, whatever the store does to leases; so must everything before that point.
         """
         found = check_tokens(self.history)
         for counter, start in self.counters.values():
@@ -448,17 +448,6 @@ async def wait_keys(backend: EtcdBackend, prefix: str, count: int) -> None:
             await anyio.sleep(0.02)  # (the store is another process: nothing to wait on but its answers)
 
 
-def revokes_live_leases_on_resume(version: str) -> bool:
-    """Whether this etcd has etcd-io/etcd#15247: a leader stuck longer than a TTL (SIGSTOP, a disk stall) wakes up
-    with its lease timers expired and revokes the leases, through the new leader, although their clients kept them
-    alive there. Fixed in 3.5.13 and 3.4.30 (etcd-io/etcd#16822)."""
-    try:
-        numbers = tuple(int(part) for part in version.split(".")[:3])
-    except ValueError:
-        return True  # unknown: assume the worst, the check still needs the store caught doing it
-    return numbers < (3, 4, 30) or (3, 5) <= numbers < (3, 5, 13)
-
-
 def report(title: str, rows: dict[str, object]) -> None:
     print(f"\n== {title}")
     for key, value in rows.items():
@@ -509,8 +498,11 @@ async def test_stuck_leader_holding_the_leases(cluster: EtcdCluster, ns: str) ->
             times["stuck client's next fenced write after SIGCONT"] = await fenced.wait_applied(resumed, holder="stuck")
         await fenced.check_no_silent_loss()
         await anyio.to_thread.run_sync(cluster.wait_healthy)
-    affected = revokes_live_leases_on_resume(cluster.version)
-    counts = await fenced.verify(etcd_revokes_early_after=resumed if affected else None)
+    # etcd-io/etcd#15247: the resumed leader still believes it leads, finds every lease timer expired (it slept
+    # through the keepalives the new leader got) and proposes their revocation, which the new leader commits. etcd
+    # 3.5.13 only mitigates it (etcd-io/etcd#16822 drops those proposals once the member knows it is no longer
+    # leader); 3.5.1 does it in about one run of five here.
+    counts = await fenced.verify(etcd_revokes_early_after=resumed)
     report(
         f"etcd {cluster.version}: stuck leader m{leader} (new leader m{new_leader}), TTL {TTL} s",
         {**{k: f"{v:.2f} s" for k, v in times.items()}, **counts},
