@@ -37,10 +37,12 @@ import itertools
 import os
 import random
 import statistics
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -553,10 +555,32 @@ class Failover:
     from_leader_change: float | None  # from the status API naming the new leader
 
 
-async def crash_failover(fenced: Fenced, cluster: EtcdCluster, run: int, *, move_leader: bool) -> Failover:
-    """A holder whose only path to etcd is a proxy is cut off (a crash, as the server sees it); a waiter on another
-    client takes over. With ``move_leader``, leadership moves to another member shortly before the holder's lease
-    would have expired."""
+#: a client process that holds a lock through ``argv[1]`` until it is killed (run from the repository's root)
+_HOLDER_PROCESS = """
+import sys
+
+import anyio
+
+from coordkit import EtcdBackend, Lock, Session
+
+
+async def main() -> None:
+    endpoint, name, ttl = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    async with EtcdBackend(endpoint) as backend, Session(backend, ttl=ttl) as session, Lock(session, name) as held:
+        print(held.token, flush=True)
+        await anyio.sleep_forever()
+
+
+anyio.run(main)
+"""
+
+
+async def crash_failover(
+    fenced: Fenced, cluster: EtcdCluster, run: int, *, move_leader: bool, kill: bool = False
+) -> Failover:
+    """A holder whose only path to etcd is a proxy crashes: it is cut off by the proxy (in this process), or, with
+    ``kill``, it is a separate process killed with SIGKILL. A waiter on another client takes over. With
+    ``move_leader``, leadership moves to another member shortly before the holder's lease would have expired."""
     lock, ttl = f"{fenced.ns}failover{run}", fenced.ttl
     await fenced.add_counter(lock)
     member = cluster.members[random.randrange(len(cluster.members))]
@@ -565,9 +589,12 @@ async def crash_failover(fenced: Fenced, cluster: EtcdCluster, run: int, *, move
         TcpProxy("127.0.0.1", member.client_port) as proxy,
         fenced.client(proxy.endpoint) as cut_off,
         fenced.client(cluster.endpoints) as other,
+        AsyncExitStack() as stack,
         anyio.create_task_group() as tg,
     ):
         holding = anyio.Event()
+        process: anyio.abc.Process | None = None
+        crashed_token = 0
 
         async def hold_until_cut_off() -> None:
             async with fenced.session(cut_off, crashing) as session:
@@ -579,13 +606,26 @@ async def crash_failover(fenced: Fenced, cluster: EtcdCluster, run: int, *, move
                 await fenced.hold(successor, session, Lock(session, lock))
 
         with anyio.fail_after(60):
-            tg.start_soon(hold_until_cut_off)
-            await holding.wait()
+            if kill:
+                command = [sys.executable, "-c", _HOLDER_PROCESS, proxy.endpoint, lock, str(ttl)]
+                process = await anyio.open_process(command, cwd=Path(__file__).parents[1], stderr=None)
+                stack.push_async_callback(_killed, process)
+                assert process.stdout is not None
+                line = b""
+                while not line.endswith(b"\n"):  # it holds the lock
+                    line += await process.stdout.receive()
+                crashed_token = int(line)
+            else:
+                tg.start_soon(hold_until_cut_off)
+                await holding.wait()
             tg.start_soon(take_over)
             await wait_keys(fenced.direct, f"{lock}/", 2)
             await anyio.sleep(random.uniform(0, ttl / 3))  # any phase of the keepalive cycle
             crashed = fenced.history.stamp()
-            proxy.blackhole()
+            if process is not None:
+                process.kill()  # SIGKILL, by the PID of the process we started
+            else:
+                proxy.blackhole()
             renewals = [proxy.last_request(b"/v3/lease/grant"), proxy.last_request(b"/v3/lease/keepalive")]
             last_keepalive = max(t for t in renewals if t is not None)
             moved: tuple[float, float] | None = None
@@ -599,7 +639,9 @@ async def crash_failover(fenced: Fenced, cluster: EtcdCluster, run: int, *, move
                 moved = (moving - crashed.time, now() - crashed.time)
             await fenced.wait_applied(crashed, lock=lock)
             proxy.pass_through()  # the lost session's revoke may get through now (its lease is gone anyway)
-    (acquired,) = (b.hold.start.time for b in fenced.blocks if b.holder == successor)
+    (block,) = (b for b in fenced.blocks if b.holder == successor)
+    assert block.hold.token > crashed_token  # (the cut-off holder's own block is in the history)
+    acquired = block.hold.start.time
     return Failover(
         acquired - crashed.time,
         acquired - last_keepalive,
@@ -608,47 +650,55 @@ async def crash_failover(fenced: Fenced, cluster: EtcdCluster, run: int, *, move
     )
 
 
+async def _killed(process: anyio.abc.Process) -> None:
+    """Kill ``process`` (if it still runs) and reap it."""
+    if process.returncode is None:
+        process.kill()
+    with anyio.CancelScope(shield=True):
+        await process.aclose()
+
+
 def summarize(values: list[float]) -> str:
     return f"{min(values):.2f}, {statistics.median(values):.2f}, {max(values):.2f}"
 
 
-async def run_failovers(cluster: EtcdCluster, ns: str, runs: int, ttl: int = TTL) -> None:
+async def run_failovers(cluster: EtcdCluster, ns: str, runs: int, ttl: int = TTL, *, kill: bool = False) -> None:
     """Fenced workers on every member hold and pass a lock all along; meanwhile ``runs`` crash failovers without a
-    leader change and ``runs`` with one (so leadership moves while those workers hold the lock too)."""
-    plain: list[Failover] = []
-    moved: list[Failover] = []
+    leader change and ``runs`` with one (so leadership moves while those workers hold the lock too); with ``kill``,
+    as many again with a holder process killed by SIGKILL."""
+    kinds = [("cut off", False, False), ("cut off", True, False)]
+    if kill:
+        kinds += [("kill -9", False, True), ("kill -9", True, True)]
+    measured: dict[tuple[str, bool], list[Failover]] = {(how, moved): [] for how, moved, _ in kinds}
     async with Fenced(cluster, ns, ttl=ttl) as fenced:
         for index in range(3):
             fenced.start(f"worker {index}", cluster.endpoints_from(index))
         start = fenced.history.stamp()
         with anyio.fail_after(30):
             await fenced.wait_applied(start)
-        for run in range(runs):
-            plain.append(await crash_failover(fenced, cluster, 2 * run, move_leader=False))
-            moved.append(await crash_failover(fenced, cluster, 2 * run + 1, move_leader=True))
+        number = itertools.count()
+        for _ in range(runs):
+            for how, move, killed in kinds:
+                failover = await crash_failover(fenced, cluster, next(number), move_leader=move, kill=killed)
+                measured[how, move].append(failover)
             await fenced.check_no_silent_loss()
         progressed = fenced.history.stamp()
         with anyio.fail_after(30):
             await fenced.wait_applied(progressed, lock=fenced.lock)  # the workers go on after the leader changes
     counts = await fenced.verify()
-    report(
-        f"crash failover, TTL {ttl} s, {runs} run(s) of each kind (seconds: min, median, max)",
-        {
-            "no leader change: crash -> next holder": summarize([f.from_crash for f in plain]),
-            "no leader change: last keepalive the server got -> next holder": summarize(
-                [f.from_last_keepalive for f in plain]
-            ),
-            "leader moved: crash -> next holder": summarize([f.from_crash for f in moved]),
-            "leader moved: last keepalive the server got -> next holder": summarize(
-                [f.from_last_keepalive for f in moved]
-            ),
-            "leader moved: crash -> leader change": summarize([f.leader_moved or 0.0 for f in moved]),
-            "leader moved: new leader confirmed -> next holder": summarize(
-                [f.from_leader_change or 0.0 for f in moved]
-            ),
-            **counts,
-        },
-    )
+    rows: dict[str, object] = {}
+    for (how, move), failovers in measured.items():
+        kind = f"{how}, {'leader moved' if move else 'no leader change'}"
+        rows[f"{kind}: crash -> next holder"] = summarize([f.from_crash for f in failovers])
+        rows[f"{kind}: last keepalive the server got -> next holder"] = summarize(
+            [f.from_last_keepalive for f in failovers]
+        )
+        if move:
+            rows[f"{kind}: crash -> leader change"] = summarize([f.leader_moved or 0.0 for f in failovers])
+            rows[f"{kind}: new leader confirmed -> next holder"] = summarize(
+                [f.from_leader_change or 0.0 for f in failovers]
+            )
+    report(f"crash failover, TTL {ttl} s, {runs} run(s) of each kind (seconds: min, median, max)", {**rows, **counts})
 
 
 async def test_crash_failover_with_and_without_a_leader_change(cluster: EtcdCluster, ns: str) -> None:
@@ -659,7 +709,7 @@ async def test_crash_failover_with_and_without_a_leader_change(cluster: EtcdClus
 
 @pytest.mark.slow
 async def test_crash_failover_bound_measured(cluster: EtcdCluster, ns: str) -> None:
-    """``COORDKIT_FAILOVER_RUNS`` crash failovers of each kind, TTL ``COORDKIT_FAILOVER_TTL``: min/median/max
-    printed."""
+    """``COORDKIT_FAILOVER_RUNS`` crash failovers of each kind (a holder cut off, a holder process killed; with and
+    without a leader change), TTL ``COORDKIT_FAILOVER_TTL``: min/median/max printed."""
     runs = int(os.environ.get("COORDKIT_FAILOVER_RUNS", "5"))
-    await run_failovers(cluster, ns, runs, int(os.environ.get("COORDKIT_FAILOVER_TTL", str(TTL))))
+    await run_failovers(cluster, ns, runs, int(os.environ.get("COORDKIT_FAILOVER_TTL", str(TTL))), kill=True)
