@@ -38,7 +38,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def chaos(session: nox.Session) -> None:
-    """The long reliability runs: 10,000 fault schedules, the 3-member cluster kill/restart rounds (``slow``)."""
+    """The long reliability runs: 10,000 fault schedules, the 3-member cluster kill/restart rounds, stuck leaders and
+    the crash-failover measurement (``slow``)."""
     session.install("-e", ".[test]")
     env = {"COORDKIT_CHAOS_SCHEDULES": session.env.get("COORDKIT_CHAOS_SCHEDULES", "10000")}
     session.run("pytest", "-m", "chaos or slow", *session.posargs, env=env)
