@@ -28,7 +28,8 @@ exactly what the server sees of a crashed client), a waiter on another client ta
 
 A short version of each scenario runs by default; the repeated measurement is ``slow``. Environment:
 ``COORDKIT_FAILOVER_RUNS`` (measured runs per kind in the slow test, default 5), ``COORDKIT_FAILOVER_TTL``
-(the lease TTL there, default 3).
+(the lease TTL there, default 3), ``COORDKIT_STUCK_ROUNDS`` (stuck leaders in the slow test, default 5),
+``COORDKIT_CLUSTER_ETCD`` (another etcd binary, as in test_cluster.py).
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def cluster_once() -> Iterator[EtcdCluster]:
-    with EtcdCluster() as cluster:
+    # another etcd build to run against, as in test_cluster.py (e.g. Debian's 3.4: no --unsafe-no-fsync)
+    binary = os.environ.get("COORDKIT_CLUSTER_ETCD")
+    with EtcdCluster(etcd_binary=binary, unsafe_no_fsync=binary is None) as cluster:
         yield cluster
 
 
