@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Sequence
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol, final
+from typing import Protocol, TypeVar, final
 
 import anyio
 import anyio.to_thread
 
 from .._backend import Backend
-from .._errors import UnavailableError
+from .._errors import BackendError, UnavailableError
 from .._memory import MemoryBackend, MemoryStore
 from .._types import Compare, Lease, Op, Range, RangeResult, TxnResult, WatchBatch
 
 _namespaces = itertools.count(1)
+_T = TypeVar("_T")
 
 
 class Harness(Protocol):
@@ -99,7 +101,8 @@ def _memory(client: Backend) -> MemoryBackend:
 
 @final
 class FaultyBackend:
-    """Wraps any backend and injects client-side faults: a partition, hanging keepalives, broken watch streams.
+    """Wraps any backend and injects client-side faults: a partition, hanging keepalives, broken watch streams,
+    lost and delayed replies.
 
     For backends with no fault hooks of their own (a real etcd): what the wrapped client sees is what a lost
     network would show it. Calls held by a fault wait, cancellably, until `heal`.
@@ -113,6 +116,8 @@ class FaultyBackend:
         self._healed = anyio.Event()
         self._watch_scopes: set[anyio.CancelScope] = set()
         self._watch_epoch = 0  # streams opened before the latest break_watches() are broken
+        self._lose_replies = 0
+        self._reply_delay = 0.0
 
     async def __aenter__(self) -> FaultyBackend:
         return self
@@ -135,7 +140,20 @@ class FaultyBackend:
         for scope in self._watch_scopes:
             scope.cancel()
 
+    def lose_replies(self, count: int) -> None:
+        """The next ``count`` calls reach the wrapped backend, then raise UnavailableError (the reply is lost)."""
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be an int >= 0, not {count!r}")
+        self._lose_replies = count
+
+    def delay_replies(self, seconds: float) -> None:
+        """Every call's reply (or error) is handed back ``seconds`` after the wrapped backend gave it (0 ends it)."""
+        if not seconds >= 0 or seconds == math.inf:
+            raise ValueError(f"reply delay must be a finite number of seconds >= 0, not {seconds!r}")
+        self._reply_delay = seconds
+
     def heal(self) -> None:
+        """End a partition and resume suspended keepalives (reply faults stay: set them to 0 to end them)."""
         self._partitioned = self._keepalives_suspended = False
         self._healed.set()
         self._healed = anyio.Event()
@@ -144,25 +162,38 @@ class FaultyBackend:
         while self._partitioned or (keepalive and self._keepalives_suspended):
             await self._healed.wait()
 
+    async def _call(self, call: Callable[[], Awaitable[_T]], *, keepalive: bool = False) -> _T:
+        await self._gate(keepalive=keepalive)
+        try:
+            result = await call()
+        except BackendError:
+            await self._reply()
+            raise
+        await self._reply()
+        return result
+
+    async def _reply(self) -> None:
+        if self._reply_delay:
+            await anyio.sleep(self._reply_delay)
+            await self._gate()
+        if self._lose_replies:
+            self._lose_replies -= 1
+            raise UnavailableError("reply lost (FaultyBackend.lose_replies): the request was sent")
+
     async def range(self, request: Range) -> RangeResult:
-        await self._gate()
-        return await self.inner.range(request)
+        return await self._call(lambda: self.inner.range(request))
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
-        await self._gate()
-        return await self.inner.txn(compare, success, failure)
+        return await self._call(lambda: self.inner.txn(compare, success, failure))
 
     async def grant(self, ttl: int) -> Lease:
-        await self._gate()
-        return await self.inner.grant(ttl)
+        return await self._call(lambda: self.inner.grant(ttl))
 
     async def refresh(self, lease_id: int) -> int:
-        await self._gate(keepalive=True)
-        return await self.inner.refresh(lease_id)
+        return await self._call(lambda: self.inner.refresh(lease_id), keepalive=True)
 
     async def revoke(self, lease_id: int) -> None:
-        await self._gate()
-        await self.inner.revoke(lease_id)
+        await self._call(lambda: self.inner.revoke(lease_id))
 
     def watch(
         self, key: bytes, *, prefix: bool = False, start_revision: int
