@@ -1,0 +1,379 @@
+"""The linearizability checker (coordkit.testing.check_linearizable) on known histories, against a brute-force
+oracle, on generated histories (hypothesis), and on histories recorded from both backends under faults.
+
+Recorded histories print their size and the checker's time (``pytest -s``); nothing about time is asserted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+from coordkit.testing import (
+    UNKNOWN,
+    KvCas,
+    KvDelete,
+    KvGet,
+    KvModel,
+    KvPut,
+    KvReply,
+    Operation,
+    check_linearizable,
+)
+
+K = b"k"
+MODEL = KvModel()
+
+
+def op(client: str, input: Any, output: Any, call: float, ret: float = math.inf) -> Operation:
+    return Operation(client, input, UNKNOWN if ret == math.inf else output, call, ret)
+
+
+def put(key: bytes, value: bytes, revision: int | None = None) -> tuple[KvPut, KvReply]:
+    return KvPut(key, value), KvReply(revision)
+
+
+def get(key: bytes, value: bytes | None, mod: int | None = None, revision: int | None = None) -> tuple[KvGet, KvReply]:
+    return KvGet(key), KvReply(revision, value=value, mod_revision=mod if value is not None else None)
+
+
+def cas(key: bytes, value: bytes, succeeded: bool, *, expect: bytes | None = None, mod: int | None = None) -> Any:
+    return KvCas(key, value, expect, mod), KvReply(None, succeeded=succeeded)
+
+
+def history(*ops: tuple[str, tuple[Any, Any], float, float]) -> list[Operation]:
+    return [op(client, io[0], io[1], call, ret) for client, io, call, ret in ops]
+
+
+# -- known histories -------------------------------------------------------------------------------------------
+
+ILLEGAL = {
+    "stale read after a completed write": history(
+        ("a", put(K, b"1"), 0, 1),
+        ("b", get(K, None), 2, 3),
+    ),
+    "lost update: two CAS from the same value both succeed": history(
+        ("a", put(K, b"0"), 0, 1),
+        ("b", cas(K, b"b", True, expect=b"0"), 2, 5),
+        ("c", cas(K, b"c", True, expect=b"0"), 3, 6),
+    ),
+    "read of a value never written": history(
+        ("a", put(K, b"1"), 0, 1),
+        ("b", get(K, b"2"), 0.5, 3),
+    ),
+    "read going back in time across clients": history(
+        ("a", put(K, b"1"), 0, 1),
+        ("a", put(K, b"2"), 2, 10),
+        ("b", get(K, b"2"), 3, 4),
+        ("c", get(K, b"1"), 5, 6),
+    ),
+    "an ambiguous write seen, then unseen": history(
+        ("a", put(K, b"1"), 0, math.inf),
+        ("b", get(K, b"1"), 5, 6),
+        ("b", get(K, None), 7, 8),
+    ),
+    "revisions going back": history(
+        ("a", put(K, b"1", revision=5), 0, 1),
+        ("b", put(K, b"2", revision=4), 2, 3),
+    ),
+    "a read at a store revision older than a completed write": history(
+        ("a", put(K, b"1", revision=5), 0, 1),
+        ("b", get(b"other", None, revision=3), 1.5, 1.8),  # another key: no constraint across keys
+        ("b", get(K, b"1", mod=5, revision=4), 2, 3),
+    ),
+    "a mod revision that no write produced": history(
+        ("a", put(K, b"1", revision=5), 0, 1),
+        ("b", get(K, b"1", mod=6, revision=6), 2, 3),
+    ),
+    "a CAS on a mod revision that the key no longer has": history(
+        ("a", put(K, b"1", revision=5), 0, 1),
+        ("a", put(K, b"2", revision=6), 2, 3),
+        ("b", cas(K, b"3", True, mod=5), 4, 5),
+    ),
+    "a delete of an absent key that reports a deletion": history(
+        ("a", (KvDelete(K), KvReply(None, deleted=1)), 0, 1),
+    ),
+}
+
+LINEARIZABLE = {
+    "sequential": history(
+        ("a", put(K, b"1", revision=2), 0, 1),
+        ("b", get(K, b"1", mod=2, revision=2), 2, 3),
+        ("a", cas(K, b"2", True, expect=b"1"), 4, 5),
+        ("b", (KvDelete(K), KvReply(None, deleted=1)), 6, 7),
+        ("a", get(K, None), 8, 9),
+    ),
+    "overlapping write seen by one read and not by an earlier-starting one": history(
+        ("a", put(K, b"1"), 0, 10),
+        ("b", get(K, None), 0.5, 1.5),
+        ("c", get(K, b"1"), 1, 2),
+    ),
+    "two concurrent CAS from the same value: one wins": history(
+        ("a", put(K, b"0"), 0, 1),
+        ("b", cas(K, b"b", True, expect=b"0"), 2, 5),
+        ("c", cas(K, b"c", False, expect=b"0"), 3, 6),
+        ("a", get(K, b"b"), 7, 8),
+    ),
+    "an ambiguous write that took effect": history(
+        ("a", put(K, b"1"), 0, math.inf),
+        ("b", get(K, b"1"), 5, 6),
+        ("b", get(K, b"1"), 7, 8),
+    ),
+    "an ambiguous write that never took effect": history(
+        ("a", put(K, b"1"), 0, math.inf),
+        ("b", get(K, None), 5, 6),
+        ("b", get(K, None), 7, 8),
+    ),
+    "an ambiguous write that took effect late": history(
+        ("a", put(K, b"1"), 0, math.inf),
+        ("b", get(K, None), 5, 6),
+        ("b", get(K, b"1"), 7, 8),
+    ),
+    "an ambiguous write whose revision a later read reveals, then a CAS on it": history(
+        ("a", put(K, b"1", revision=4), 0, 1),
+        ("a", put(K, b"2"), 2, math.inf),
+        ("b", get(K, b"2", mod=9, revision=9), 5, 6),
+        ("b", cas(K, b"3", True, mod=9), 7, 8),
+    ),
+    "an ambiguous CAS on the revision of an ambiguous write": history(
+        ("a", put(K, b"1"), 0, math.inf),
+        ("a", cas(K, b"2", True, mod=7), 1, math.inf),
+        ("b", get(K, b"2"), 5, 6),
+    ),
+    "two concurrent writes, the one called last taking effect first": history(
+        ("a", put(K, b"1"), 0, 4),
+        ("b", put(K, b"2"), 1, 3),
+        ("c", get(K, b"1"), 5, 6),
+    ),
+    "ties at the same instant count as concurrent": history(
+        ("a", put(K, b"1"), 1, 1),
+        ("b", get(K, None), 1, 1),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ILLEGAL)
+def test_known_illegal_histories_are_rejected(name: str) -> None:
+    result = check_linearizable(MODEL, ILLEGAL[name])
+    assert result.outcome == "illegal" and not result, result
+    assert result.fragment and result.stuck, result
+    assert "not linearizable" in str(result) and "none of these can come next" in str(result)
+
+
+@pytest.mark.parametrize("name", LINEARIZABLE)
+def test_known_linearizable_histories_are_accepted(name: str) -> None:
+    result = check_linearizable(MODEL, LINEARIZABLE[name])
+    assert result.outcome == "ok" and result.linearizable, result
+
+
+def test_explanation_names_the_failing_fragment() -> None:
+    """The fragment is the shortest failing prefix of the failing key: later operations and other keys are out."""
+    ops = history(
+        ("a", put(b"other", b"x"), 0, 1),
+        ("a", put(K, b"1"), 0, 1),
+        ("b", get(K, None), 2, 3),  # stale: the history fails here
+        ("a", put(K, b"2"), 4, 5),
+        ("b", get(K, b"2"), 6, 7),
+    )
+    result = check_linearizable(MODEL, ops)
+    assert result.outcome == "illegal"
+    assert [o.input for o in result.fragment] == [KvPut(K, b"1"), KvGet(K)], result
+    assert [o.input for o in result.stuck] == [KvGet(K)], result
+    assert "get(b'k') -> absent" in result.explanation, result.explanation
+    assert result.partitions == 2 and result.operations == 5
+
+
+def test_time_budget_gives_unknown() -> None:
+    ops = [op("a", KvPut(K, str(i).encode()), KvReply(None), 2 * i, 2 * i + 1) for i in range(2000)]
+    assert check_linearizable(MODEL, ops, timeout=0).outcome == "unknown"
+    assert check_linearizable(MODEL, ops).outcome == "ok"
+
+
+def test_operations_must_return_after_their_call() -> None:
+    with pytest.raises(ValueError, match="returns after its call"):
+        Operation("a", KvGet(K), KvReply(), 2, 1)
+    with pytest.raises(ValueError, match="exactly one"):
+        KvCas(K, b"v")
+    with pytest.raises(TypeError, match="KvModel checks"):
+        check_linearizable(MODEL, [Operation("a", "get", None, 0, 1)])
+
+
+# -- a brute-force oracle on small random histories ------------------------------------------------------------
+
+
+def brute_force(ops: Sequence[Operation]) -> bool:
+    """Every subset of the ambiguous operations, every order consistent with real time."""
+    definite = [o for o in ops if not o.ambiguous]
+    ambiguous = [o for o in ops if o.ambiguous]
+    for size in range(len(ambiguous) + 1):
+        for chosen in itertools.combinations(ambiguous, size):
+            for order in itertools.permutations([*definite, *chosen]):
+                if any(
+                    later._ret_key() < earlier._call_key()
+                    for i, earlier in enumerate(order)
+                    for later in order[i + 1 :]
+                ):
+                    continue
+                states = {MODEL.init()}
+                for o in order:
+                    output = UNKNOWN if o.ambiguous else o.output
+                    states = {s for before in states for s in MODEL.step(before, o.input, output)}
+                    if not states:
+                        break
+                if states:
+                    return True
+    return False
+
+
+values = st.sampled_from([None, b"a", b"b"])
+revisions = st.one_of(st.none(), st.integers(1, 4))
+small_op = st.tuples(
+    st.sampled_from(["get", "put", "cas", "casmod", "delete"]),
+    st.sampled_from([b"a", b"b"]),  # written or expected value
+    values,  # read value
+    revisions,  # reply revision
+    revisions,  # read mod revision / expected mod revision
+    st.booleans(),  # succeeded / deleted
+    st.integers(0, 8),  # call
+    st.one_of(st.integers(0, 4), st.none()),  # duration (None: ambiguous)
+)
+
+
+def build(raw: tuple[Any, ...]) -> Operation:
+    kind, value, read, revision, mod, flag, call, duration = raw
+    ret = math.inf if duration is None else call + duration
+    input: Any
+    if kind == "get":
+        input, output = KvGet(K), KvReply(revision, value=read, mod_revision=mod if read is not None else None)
+    elif kind == "put":
+        input, output = KvPut(K, value), KvReply(revision)
+    elif kind == "cas":
+        input, output = KvCas(K, value, expect_value=b"b" if value == b"a" else b"a"), KvReply(revision, flag)
+    elif kind == "casmod":
+        input, output = KvCas(K, value, expect_mod_revision=mod or 0), KvReply(revision, flag)
+    else:
+        input, output = KvDelete(K), KvReply(revision, deleted=int(flag))
+    return op("c", input, output, call, ret)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(small_op, min_size=1, max_size=5))
+def test_checker_agrees_with_brute_force(raw: list[tuple[Any, ...]]) -> None:
+    ops = [build(r) for r in raw]
+    assert check_linearizable(MODEL, ops).linearizable == brute_force(ops)
+
+
+# -- generated histories: linearizable by construction, and mutated --------------------------------------------
+
+
+class Reference:
+    """A plain sequential store with etcd's revisions, to generate histories from."""
+
+    def __init__(self) -> None:
+        self.revision = 1
+        self.kvs: dict[bytes, tuple[bytes, int, int]] = {}  # key -> (value, mod_revision, version)
+
+    def apply(self, input: Any) -> KvReply:
+        kv = self.kvs.get(input.key)
+        if isinstance(input, KvGet):
+            if kv is None:
+                return KvReply(self.revision, version=0)
+            return KvReply(self.revision, value=kv[0], mod_revision=kv[1], version=kv[2])
+        if isinstance(input, KvDelete):
+            if kv is None:
+                return KvReply(self.revision, deleted=0)
+            del self.kvs[input.key]
+            self.revision += 1
+            return KvReply(self.revision, deleted=1)
+        if isinstance(input, KvCas):
+            if input.expect_value is not None:
+                held = kv is not None and kv[0] == input.expect_value
+            else:
+                held = (kv[1] if kv else 0) == input.expect_mod_revision
+            if not held:
+                return KvReply(self.revision, succeeded=False)
+        self.revision += 1
+        self.kvs[input.key] = (input.value, self.revision, kv[2] + 1 if kv else 1)
+        return KvReply(self.revision)
+
+
+generated_step = st.tuples(
+    st.sampled_from(["get", "put", "cas", "casmod", "delete"]),
+    st.sampled_from([b"x", b"y", b"z"]),
+    st.sampled_from([b"1", b"2", b"3"]),
+    st.integers(0, 12),  # expected mod revision for casmod
+    st.floats(0, 3),  # how far the call starts before the linearization point
+    st.floats(0, 3),  # how far the return ends after it
+    st.sampled_from(["done", "done", "done", "done", "applied?", "lost?"]),
+)
+
+
+def generate(steps: list[tuple[Any, ...]], *, overlap: bool) -> list[Operation]:
+    """Operation i takes effect at time 10 i, inside its interval; some lose their reply (applied or not)."""
+    store = Reference()
+    ops = []
+    for i, (kind, key, value, mod, before, after, fate) in enumerate(steps):
+        input: Any = {
+            "get": KvGet(key),
+            "put": KvPut(key, value),
+            "cas": KvCas(key, value, expect_value=value),
+            "casmod": KvCas(key, value, expect_mod_revision=mod),
+            "delete": KvDelete(key),
+        }[kind]
+        at = 10.0 * i
+        call, ret = (at - 4 * before, at + 4 * after) if overlap else (at, at + 1)
+        if fate == "lost?":  # the request never reached the store; the caller cannot tell
+            ops.append(Operation(f"c{i % 4}", input, UNKNOWN, call))
+            continue
+        output = store.apply(input)
+        if fate == "applied?":
+            ops.append(Operation(f"c{i % 4}", input, UNKNOWN, call))
+        else:
+            ops.append(Operation(f"c{i % 4}", input, output, call, ret))
+    return ops
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(generated_step, max_size=60), st.booleans())
+def test_generated_histories_are_linearizable(steps: list[tuple[Any, ...]], overlap: bool) -> None:
+    result = check_linearizable(MODEL, generate(steps, overlap=overlap))
+    assert result.outcome == "ok", result
+
+
+def mutate(output: KvReply, input: Any, rng: random.Random) -> KvReply:
+    """A different reply, changed in a field one key's history can refute (a read's store revision alone cannot be:
+    the other keys' writes move it)."""
+    choices: list[KvReply] = []
+    if isinstance(input, KvGet):
+        choices.append(KvReply(output.revision, value=b"never written", mod_revision=output.mod_revision or 1))
+        if output.value is not None:
+            assert output.mod_revision is not None and output.version is not None
+            value, mod, version = output.value, output.mod_revision, output.version
+            choices.append(KvReply(output.revision, value=value, mod_revision=mod - 1, version=version))
+            choices.append(KvReply(output.revision, value=value, mod_revision=mod, version=version + 1))
+    if isinstance(input, KvCas):
+        choices.append(KvReply(output.revision, not output.succeeded))
+    if isinstance(input, KvDelete):
+        choices.append(KvReply(output.revision, deleted=1 - output.deleted))
+    return rng.choice(choices)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(generated_step, min_size=1, max_size=40), st.randoms(use_true_random=False))
+def test_mutated_sequential_histories_are_rejected(steps: list[tuple[Any, ...]], rng: random.Random) -> None:
+    """Without overlap and without ambiguous operations the only linearization is the real-time order: any
+    changed reply makes the history illegal."""
+    ops = generate([(*s[:6], "done") for s in steps], overlap=False)
+    refutable = [i for i, o in enumerate(ops) if not isinstance(o.input, KvPut)]  # a put's reply is its revision
+    assume(refutable)
+    i = rng.choice(refutable)
+    ops[i] = Operation(ops[i].client, ops[i].input, mutate(ops[i].output, ops[i].input, rng), ops[i].call, ops[i].ret)
+    result = check_linearizable(MODEL, ops)
+    assert result.outcome == "illegal", (ops[i], result)
+    assert ops[i] in result.fragment, result
