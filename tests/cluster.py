@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -31,7 +32,7 @@ from typing import Any, final
 
 from coordkit.testing._etcd_server import _distro_bin_dir, _kill_process
 
-__all__ = ("ClusterMember", "EtcdCluster")
+__all__ = ("ClusterMember", "EtcdCluster", "pause_member", "resume_member")
 
 
 def _free_ports(count: int) -> list[int]:
@@ -406,3 +407,19 @@ class EtcdCluster:
                 continue
             return int(reply.get("TTL", 0))  # the gateway omits a zero TTL
         return None
+
+
+def pause_member(cluster: EtcdCluster, index: int) -> None:
+    """SIGSTOP member ``index`` (by its PID): a process frozen mid-flight (a GC pause, a stalled VM), its
+    connections open and silent. `resume_member` continues it; a stopped member is still killed by `close`."""
+    pid = cluster.members[index].pid
+    if pid is None:
+        raise RuntimeError(f"member {index} is not running")
+    os.kill(pid, signal.SIGSTOP)
+
+
+def resume_member(cluster: EtcdCluster, index: int) -> None:
+    """SIGCONT member ``index`` (no-op when it is not running)."""
+    pid = cluster.members[index].pid
+    if pid is not None:
+        os.kill(pid, signal.SIGCONT)

@@ -9,23 +9,47 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
+from coordkit import (
+    Backend,
+    Compare,
+    CompareTarget,
+    EtcdBackend,
+    MemoryBackend,
+    MemoryFaults,
+    Op,
+    Range,
+    RangeResult,
+    TxnResult,
+    UnavailableError,
+)
 from coordkit.testing import (
     UNKNOWN,
+    EtcdServer,
+    FaultyBackend,
+    Harness,
     KvCas,
     KvDelete,
     KvGet,
     KvModel,
     KvPut,
+    KvRecorder,
     KvReply,
+    LinearizabilityResult,
+    MemoryHarness,
     Operation,
     check_linearizable,
 )
+
+from .proxy import TcpProxy
 
 K = b"k"
 MODEL = KvModel()
@@ -377,3 +401,223 @@ def test_mutated_sequential_histories_are_rejected(steps: list[tuple[Any, ...]],
     result = check_linearizable(MODEL, ops)
     assert result.outcome == "illegal", (ops[i], result)
     assert ops[i] in result.fragment, result
+
+
+# -- recorded histories ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """Clients doing get/put/CAS/delete on a few keys; every value is unique, so a read names the write it saw."""
+
+    clients: int = 5
+    operations: int = 60  # per client
+    keys: int = 3
+    timeout: float = 1.0  # per operation: a call still running then is cancelled (recorded as ambiguous)
+    pause: float = 0.02  # mean think time between a client's operations
+    seed: int = 0
+
+
+async def run_workload(recorder: KvRecorder, backends: Sequence[Backend], namespace: bytes, work: Workload) -> None:
+    keys = [namespace + f"key{i}".encode() for i in range(work.keys)]
+
+    async def client(index: int, backend: Backend) -> None:
+        rng = random.Random(f"{work.seed}/{index}")
+        kv = recorder.client(backend, f"c{index}")
+        seen: dict[bytes, KvReply] = {}
+        for n in range(work.operations):
+            key = rng.choice(keys)
+            value = f"c{index}-{n}".encode()
+            kind = rng.choices(["get", "put", "cas", "casmod", "delete"], weights=[4, 2, 2, 2, 1])[0]
+            last = seen.get(key)
+            try:
+                with anyio.fail_after(work.timeout):
+                    if kind == "get" or last is None:
+                        seen[key] = await kv.get(key)
+                    elif kind == "put":
+                        await kv.put(key, value)
+                    elif kind == "cas" and last.value is not None:
+                        await kv.cas(key, value, expect_value=last.value)
+                    elif kind in ("cas", "casmod"):
+                        await kv.cas(key, value, expect_mod_revision=last.mod_revision or 0)
+                    else:
+                        await kv.delete(key)
+            except (UnavailableError, TimeoutError):
+                pass
+            await anyio.sleep(rng.expovariate(1 / work.pause))
+
+    async with anyio.create_task_group() as tg:
+        for index, backend in enumerate(backends):
+            tg.start_soon(client, index, backend)
+
+
+def reply_faults(client: Backend) -> MemoryFaults | FaultyBackend:
+    """Where a harness client's reply faults are: MemoryBackend.faults, or the FaultyBackend around an etcd client."""
+    if isinstance(client, MemoryBackend):
+        return client.faults
+    assert isinstance(client, FaultyBackend)
+    return client
+
+
+async def inject_faults(harness: Harness, clients: Sequence[Backend], rng: random.Random, stop: anyio.Event) -> int:
+    """Lost and delayed replies, partitions and (memory) request latency on random clients until ``stop``."""
+    injected = 0
+    async with anyio.create_task_group() as later:
+        while not stop.is_set():
+            with anyio.move_on_after(rng.uniform(0.05, 0.3)):
+                await stop.wait()
+            client = rng.choice(clients)
+            fault = rng.choice(["lose", "delay", "partition", "latency"])
+            injected += 1
+            if fault == "lose":
+                reply_faults(client).lose_replies(rng.randint(1, 3))
+            elif fault == "delay":
+                reply_faults(client).delay_replies(rng.uniform(0.01, 0.3))
+                later.start_soon(_after, rng.uniform(0.1, 1), reply_faults(client).delay_replies, 0)
+            elif fault == "partition":
+                harness.partition(client)
+                later.start_soon(_after, rng.uniform(0.1, 1.5), harness.heal, client)
+            elif isinstance(client, MemoryBackend):
+                client.faults.set_latency(rng.uniform(0.01, 0.3))
+                later.start_soon(_after, rng.uniform(0.1, 1), client.faults.set_latency, 0)
+        later.cancel_scope.cancel()
+    for client in clients:
+        harness.heal(client)
+        reply_faults(client).lose_replies(0)
+        reply_faults(client).delay_replies(0)
+        if isinstance(client, MemoryBackend):
+            client.faults.set_latency(0)
+    return injected
+
+
+async def _after(delay: float, action: Callable[..., object], *args: object) -> None:
+    await anyio.sleep(delay)
+    action(*args)
+
+
+def report(what: str, recorder: KvRecorder, result: LinearizabilityResult, **extra: object) -> None:
+    clients = len({op.client for op in recorder.history})
+    more = "".join(f", {k} {v}" for k, v in extra.items())
+    print(
+        f"\n{what}: {len(recorder.history)} operations, {clients} clients, {recorder.ambiguous} ambiguous{more}; "
+        f"checker: {result.outcome} in {result.elapsed:.3f} s"
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_recorded_history_under_faults_is_linearizable(harness: Harness, seed: int) -> None:
+    """Concurrent clients under lost and delayed replies, partitions and latency: the store stays linearizable."""
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(harness.client()) for _ in range(5)]
+        recorder = KvRecorder()
+        stop = anyio.Event()
+        work = Workload(seed=seed, timeout=0.5)
+        injected = 0
+
+        async def faults() -> None:
+            nonlocal injected
+            injected = await inject_faults(harness, clients, random.Random(seed), stop)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(faults)
+            await run_workload(recorder, clients, harness.namespace, work)
+            stop.set()
+    result = check_linearizable(MODEL, recorder.history, timeout=60)
+    report(f"{type(harness).__name__} seed {seed}", recorder, result, faults=injected)
+    assert result.outcome == "ok", result
+    assert recorder.ambiguous > 0, "the faults must produce ambiguous operations"
+    assert len(recorder.history) == work.clients * work.operations
+
+
+class StaleReads:
+    """A broken client: serves a key's reads from what it read first (a cache never invalidated by others' writes)."""
+
+    def __init__(self, inner: MemoryBackend) -> None:
+        self.inner = inner
+        self.cache: dict[bytes, RangeResult] = {}
+
+    async def range(self, request: Range) -> RangeResult:
+        if request.key not in self.cache:
+            self.cache[request.key] = await self.inner.range(request)
+        return self.cache[request.key]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class RacyCas:
+    """A broken client: a compare-and-swap read, then written, in two round trips (a lost update waiting to happen)."""
+
+    def __init__(self, inner: MemoryBackend) -> None:
+        self.inner = inner
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        if not compare:
+            return await self.inner.txn(compare, success, failure)
+        (c,) = compare
+        observed = await self.inner.txn([], [Range(c.key)])
+        await anyio.sleep(0.01)
+        (current,) = observed.responses
+        assert isinstance(current, RangeResult)
+        kv = current.kvs[0] if current.kvs else None
+        actual = (kv.value if kv else None) if c.target is CompareTarget.VALUE else (kv.mod_revision if kv else 0)
+        if actual != c.operand:
+            return TxnResult(False, (), observed.revision)
+        return await self.inner.txn([], success)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["memory"])
+@pytest.mark.parametrize("broken", [StaleReads, RacyCas])
+async def test_recorded_history_of_a_broken_client_is_rejected(harness: Harness, broken: type[Any]) -> None:
+    """The whole pipeline can fail: recorded through a client that breaks linearizability, the check fails."""
+    assert isinstance(harness, MemoryHarness)
+    recorder = KvRecorder()
+    clients = [broken(MemoryBackend(store=harness.store)) for _ in range(4)]
+    await run_workload(recorder, clients, harness.namespace, Workload(clients=4, operations=40))
+    result = check_linearizable(MODEL, recorder.history, timeout=60)
+    report(broken.__name__, recorder, result)
+    assert result.outcome == "illegal", result
+    print(result)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["memory"])
+@pytest.mark.parametrize("seed", range(3, 11))
+async def test_more_recorded_histories_on_memory(harness: Harness, seed: int) -> None:
+    """More fault schedules on the virtual clock (cheap), with longer runs."""
+    await test_recorded_history_under_faults_is_linearizable(harness, seed)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["etcd"])
+async def test_history_through_a_blackholing_proxy_is_linearizable(etcd_server: EtcdServer) -> None:
+    """Clients reach a real etcd through a TCP proxy that now and then swallows everything: requests already
+    forwarded are applied while their replies vanish, and the clients' request timeout makes them ambiguous."""
+    recorder = KvRecorder()
+    namespace = f"ck-lin-proxy-{random.randrange(1 << 30)}/".encode()
+    rng = random.Random(7)
+    blackholes = 0
+    async with AsyncExitStack() as stack:
+        proxies = [await stack.enter_async_context(TcpProxy("127.0.0.1", etcd_server.client_port)) for _ in range(2)]
+        clients = [
+            await stack.enter_async_context(EtcdBackend(proxies[i % 2].endpoint, request_timeout=0.3)) for i in range(4)
+        ]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_workload, recorder, clients, namespace, Workload(clients=4, operations=50, pause=0.03))
+            with anyio.move_on_after(20):
+                while len(recorder.history) < 4 * 50:
+                    await anyio.sleep(rng.uniform(0.1, 0.3))
+                    proxy = rng.choice(proxies)
+                    proxy.blackhole()
+                    blackholes += 1
+                    await anyio.sleep(rng.uniform(0.05, 0.5))
+                    proxy.pass_through()
+    result = check_linearizable(MODEL, recorder.history, timeout=60)
+    report("etcd through a blackholing proxy", recorder, result, blackholes=blackholes)
+    assert result.outcome == "ok", result
+    assert recorder.ambiguous > 0, "the blackholes must produce ambiguous operations"
