@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
@@ -49,6 +51,7 @@ from coordkit.testing import (
     check_linearizable,
 )
 
+from .cluster import EtcdCluster, pause_member, resume_member
 from .proxy import TcpProxy
 
 K = b"k"
@@ -418,14 +421,23 @@ class Workload:
     seed: int = 0
 
 
-async def run_workload(recorder: KvRecorder, backends: Sequence[Backend], namespace: bytes, work: Workload) -> None:
+async def run_workload(
+    recorder: KvRecorder,
+    backends: Sequence[Backend],
+    namespace: bytes,
+    work: Workload,
+    until: anyio.Event | None = None,
+) -> None:
+    """Run ``work.operations`` per client (or, with ``until``, until it is set)."""
     keys = [namespace + f"key{i}".encode() for i in range(work.keys)]
 
     async def client(index: int, backend: Backend) -> None:
         rng = random.Random(f"{work.seed}/{index}")
         kv = recorder.client(backend, f"c{index}")
         seen: dict[bytes, KvReply] = {}
-        for n in range(work.operations):
+        for n in itertools.count() if until else range(work.operations):
+            if until is not None and until.is_set():
+                return
             key = rng.choice(keys)
             value = f"c{index}-{n}".encode()
             kind = rng.choices(["get", "put", "cas", "casmod", "delete"], weights=[4, 2, 2, 2, 1])[0]
@@ -496,11 +508,14 @@ async def _after(delay: float, action: Callable[..., object], *args: object) -> 
 
 
 def report(what: str, recorder: KvRecorder, result: LinearizabilityResult, **extra: object) -> None:
-    clients = len({op.client for op in recorder.history})
+    history = recorder.history
+    clients = len({op.client for op in history})
+    read = {op.output.value for op in history if isinstance(op.input, KvGet) and not op.ambiguous}
+    applied = sum(op.ambiguous and getattr(op.input, "value", None) in read for op in history)
     more = "".join(f", {k} {v}" for k, v in extra.items())
     print(
-        f"\n{what}: {len(recorder.history)} operations, {clients} clients, {recorder.ambiguous} ambiguous{more}; "
-        f"checker: {result.outcome} in {result.elapsed:.3f} s"
+        f"\n{what}: {len(history)} operations, {clients} clients, {recorder.ambiguous} ambiguous ({applied} of them "
+        f"seen applied by a read){more}; checker: {result.outcome} in {result.elapsed:.3f} s"
     )
 
 
@@ -621,3 +636,80 @@ async def test_history_through_a_blackholing_proxy_is_linearizable(etcd_server: 
     report("etcd through a blackholing proxy", recorder, result, blackholes=blackholes)
     assert result.outcome == "ok", result
     assert recorder.ambiguous > 0, "the blackholes must produce ambiguous operations"
+
+
+# -- a real 3-member cluster: kill -9 and SIGSTOP/SIGCONT while clients run --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[EtcdCluster]:
+    with EtcdCluster() as started:
+        yield started
+
+
+async def cluster_history(cluster: EtcdCluster, faults: Sequence[str], *, seed: int) -> None:
+    """Five clients (each starting at another member) run while ``faults`` happen one after the other:
+    ``"stop leader"`` (SIGSTOP for 1.5 s, then SIGCONT), ``"kill leader"`` / ``"kill follower"`` (kill -9, restart).
+    The history must be linearizable; a run in which etcd's members diverged is an explicit xfail."""
+    await anyio.to_thread.run_sync(cluster.restore)
+    recorder = KvRecorder()
+    namespace = f"ck-lin-cluster-{seed}-{random.randrange(1 << 30)}/".encode()
+    rng = random.Random(seed)
+    done = anyio.Event()
+    log: list[str] = []
+    started = anyio.current_time()
+    async with AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(EtcdBackend(cluster.endpoints_from(i), request_timeout=1.0))
+            for i in range(5)
+        ]
+        work = Workload(clients=5, timeout=3.0, pause=0.02, seed=seed)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_workload, recorder, clients, namespace, work, done)
+            try:
+                for fault in faults:
+                    await anyio.sleep(rng.uniform(0.3, 0.8))
+                    leader = await anyio.to_thread.run_sync(cluster.wait_leader)
+                    if fault == "stop leader":
+                        pause_member(cluster, leader)
+                        log.append(f"{anyio.current_time() - started:.1f}s SIGSTOP m{leader}")
+                        try:
+                            await anyio.sleep(1.5)
+                        finally:
+                            resume_member(cluster, leader)
+                        log.append(f"{anyio.current_time() - started:.1f}s SIGCONT m{leader}")
+                    else:
+                        victim = leader if fault == "kill leader" else rng.choice(cluster.followers() or [leader])
+                        cluster.kill(victim)
+                        log.append(f"{anyio.current_time() - started:.1f}s kill -9 m{victim} (leader m{leader})")
+                        await anyio.sleep(rng.uniform(0.5, 1.5))
+                        await anyio.to_thread.run_sync(cluster.start_member, victim)
+                        log.append(f"{anyio.current_time() - started:.1f}s m{victim} restarted")
+                await anyio.sleep(0.5)
+            finally:
+                for member in cluster.members:
+                    resume_member(cluster, member.index)
+                done.set()
+    revision, hashes = await anyio.to_thread.run_sync(cluster.kv_hashes)
+    result = check_linearizable(MODEL, recorder.history, timeout=120)
+    report(f"3-member cluster ({', '.join(faults)})", recorder, result, seconds=f"{anyio.current_time() - started:.1f}")
+    print("  " + "; ".join(log))
+    if len(set(hashes.values())) > 1:
+        pytest.xfail(f"etcd {cluster.version} members diverged (hashkv at revision {revision}: {hashes}): not judged")
+    assert result.outcome == "ok", result
+    assert len(recorder.history) > 100
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["etcd"])
+async def test_cluster_history_with_a_stopped_leader_and_a_killed_member(cluster: EtcdCluster) -> None:
+    await cluster_history(cluster, ["stop leader", "kill follower"], seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["etcd"])
+@pytest.mark.parametrize("seed", range(2, 2 + int(os.environ.get("COORDKIT_LIN_CLUSTER_RUNS", "3"))))
+async def test_cluster_histories_under_rounds_of_faults(cluster: EtcdCluster, seed: int) -> None:
+    faults = ["stop leader", "kill leader", "kill follower", "stop leader", "kill leader", "stop leader"]
+    await cluster_history(cluster, faults, seed=seed)
