@@ -318,8 +318,8 @@ class MemoryStore:
 class MemoryFaults:
     """Fault hooks of one `MemoryBackend` client (and of its store), for tests.
 
-    Client faults (partition, suspended keepalives, broken watches, latency, failing calls) hit only this
-    client; store faults (``expire_lease``, ``compact``) hit everyone, as on a real cluster.
+    Client faults (partition, suspended keepalives, broken watches, latency, failing calls, lost and late
+    replies) hit only this client; store faults (``expire_lease``, ``compact``) hit everyone, as on a real cluster.
     """
 
     def __init__(self, store: MemoryStore) -> None:
