@@ -289,7 +289,7 @@ def build(raw: tuple[Any, ...]) -> Operation:
     return op("c", input, output, call, ret)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(small_op, min_size=1, max_size=5))
 def test_checker_agrees_with_brute_force(raw: list[tuple[Any, ...]]) -> None:
     ops = [build(r) for r in raw]
@@ -391,7 +391,7 @@ def mutate(output: KvReply, input: Any, rng: random.Random) -> KvReply:
     return rng.choice(choices)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(generated_step, min_size=1, max_size=40), st.randoms(use_true_random=False))
 def test_mutated_sequential_histories_are_rejected(steps: list[tuple[Any, ...]], rng: random.Random) -> None:
     """Without overlap and without ambiguous operations the only linearization is the real-time order: any
@@ -520,7 +520,7 @@ def report(what: str, recorder: KvRecorder, result: LinearizabilityResult, **ext
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1])
 async def test_recorded_history_under_faults_is_linearizable(harness: Harness, seed: int) -> None:
     """Concurrent clients under lost and delayed replies, partitions and latency: the store stays linearizable."""
     async with AsyncExitStack() as stack:
@@ -602,10 +602,32 @@ async def test_recorded_history_of_a_broken_client_is_rejected(harness: Harness,
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", ["memory"])
-@pytest.mark.parametrize("seed", range(3, 11))
+@pytest.mark.parametrize("seed", range(2, 11))
 async def test_more_recorded_histories_on_memory(harness: Harness, seed: int) -> None:
-    """More fault schedules on the virtual clock (cheap), with longer runs."""
+    """More fault schedules on the virtual clock, where they are cheap."""
     await test_recorded_history_under_faults_is_linearizable(harness, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["memory"])
+async def test_many_long_recorded_histories_on_memory(harness: Harness) -> None:
+    """``COORDKIT_LIN_SCHEDULES`` (default 100) fault schedules of 8 clients x 200 operations on the virtual clock."""
+    for seed in range(100, 100 + int(os.environ.get("COORDKIT_LIN_SCHEDULES", "100"))):
+        assert isinstance(harness, MemoryHarness)
+        harness = MemoryHarness(seed=seed)
+        async with AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(harness.client()) for _ in range(8)]
+            recorder = KvRecorder()
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(inject_faults, harness, clients, random.Random(seed), stop)
+                await run_workload(recorder, clients, harness.namespace, Workload(8, 200, 4, 0.5, 0.02, seed))
+                stop.set()
+        result = check_linearizable(MODEL, recorder.history, timeout=120)
+        if seed % 20 == 0:
+            report(f"memory seed {seed}", recorder, result)
+        assert result.outcome == "ok", (seed, result)
 
 
 @pytest.mark.anyio
@@ -623,9 +645,9 @@ async def test_history_through_a_blackholing_proxy_is_linearizable(etcd_server: 
             await stack.enter_async_context(EtcdBackend(proxies[i % 2].endpoint, request_timeout=0.3)) for i in range(4)
         ]
         async with anyio.create_task_group() as tg:
-            tg.start_soon(run_workload, recorder, clients, namespace, Workload(clients=4, operations=50, pause=0.03))
+            tg.start_soon(run_workload, recorder, clients, namespace, Workload(clients=4, operations=40, pause=0.03))
             with anyio.move_on_after(20):
-                while len(recorder.history) < 4 * 50:
+                while len(recorder.history) < 4 * 40:
                     await anyio.sleep(rng.uniform(0.1, 0.3))
                     proxy = rng.choice(proxies)
                     proxy.blackhole()
