@@ -26,6 +26,8 @@ from coordkit import (
 )
 from coordkit.testing import FaultyBackend, Harness, MemoryHarness
 
+from .helpers import wait_queue
+
 pytestmark = pytest.mark.anyio
 
 
@@ -227,6 +229,35 @@ async def test_lock_acquire_cancelled_while_its_reply_is_late_leaves_no_key(harn
         reply_faults(client).delay_replies(0)
         assert scope.cancelled_caught
         assert await count(observer, name.encode() + b"/") == 0
+
+
+async def test_lock_waiter_keeps_its_place_when_a_reply_is_lost(harness: Harness) -> None:
+    """A waiter's reads are retried: one lost reply does not throw it out of the queue it waited in."""
+    name = harness.namespace.decode() + "lock"
+    async with (
+        harness.client() as client,
+        harness.client() as holder_client,
+        Session(client, ttl=10) as session,
+        Session(holder_client, ttl=10) as holder,
+        anyio.create_task_group() as tg,
+    ):
+        first = Lock(holder, name)
+        await first.acquire()
+        waiting = anyio.Event()
+        tokens: list[int] = []
+
+        async def waiter() -> None:
+            lock = Lock(session, name)
+            waiting.set()
+            async with lock as held:
+                tokens.append(held.token)
+
+        tg.start_soon(waiter)
+        await waiting.wait()
+        await wait_queue(holder_client, name, 2)
+        reply_faults(client).lose_replies(1)
+        await first.release()
+    assert len(tokens) == 1
 
 
 async def test_lock_release_whose_reply_is_lost_is_retried(harness: Harness) -> None:
