@@ -231,6 +231,32 @@ def test_operations_must_return_after_their_call() -> None:
         check_linearizable(MODEL, [Operation("a", "get", None, 0, 1)])
 
 
+def test_revision_order_across_keys() -> None:
+    """What per-key checking cannot see: revisions across keys follow real time, and writes never share one."""
+    fine = history(
+        ("a", put(b"x", b"1", revision=2), 0, 1),
+        ("b", put(b"y", b"1", revision=3), 2, 3),
+        ("c", get(b"x", b"1", mod=2, revision=3), 2.5, 4),  # concurrent with the write of y: may see either
+        ("a", get(b"y", None, revision=2), 0.5, 1.5),  # concurrent with the write of x
+    )
+    assert MODEL.check_revisions(fine) == []
+    backwards = history(
+        ("a", put(b"x", b"1", revision=5), 0, 1),
+        ("b", put(b"y", b"1", revision=4), 2, 3),
+        ("c", get(b"y", b"1", mod=4, revision=4), 4, 5),
+    )
+    problems = MODEL.check_revisions(backwards)
+    assert len(problems) == 2 and "put(b'y', b'1') -> revision 4 started after" in problems[0], problems
+    assert "get(b'y') -> b'1' (mod_revision 4, version None), revision 4 started after" in problems[1], problems
+    assert check_linearizable(MODEL, backwards).linearizable, "each key on its own is fine"
+    shared = history(("a", put(b"x", b"1", revision=5), 0, 1), ("b", put(b"y", b"1", revision=5), 0, 1))
+    assert ["two writes at revision 5" in p for p in MODEL.check_revisions(shared)] == [True]
+    same_revision_read = history(("a", put(b"x", b"1", revision=5), 0, 1), ("b", get(b"y", None, revision=5), 2, 3))
+    assert MODEL.check_revisions(same_revision_read) == []
+    ambiguous = history(("a", put(b"x", b"1"), 0, math.inf), ("b", get(b"y", None, revision=1), 2, 3))
+    assert MODEL.check_revisions(ambiguous) == []
+
+
 # -- a brute-force oracle on small random histories ------------------------------------------------------------
 
 
@@ -541,6 +567,7 @@ async def test_recorded_history_under_faults_is_linearizable(harness: Harness, s
     result = check_linearizable(MODEL, recorder.history, timeout=60)
     report(f"{type(harness).__name__} seed {seed}", recorder, result, faults=injected)
     assert result.outcome == "ok", result
+    assert MODEL.check_revisions(recorder.history) == []
     assert recorder.ambiguous > 0, "the faults must produce ambiguous operations"
     assert len(recorder.history) == work.clients * work.operations
 
@@ -597,6 +624,8 @@ async def test_recorded_history_of_a_broken_client_is_rejected(harness: Harness,
     result = check_linearizable(MODEL, recorder.history, timeout=60)
     report(broken.__name__, recorder, result)
     assert result.outcome == "illegal", result
+    if broken is StaleReads:
+        assert MODEL.check_revisions(recorder.history), "a stale read's revision is out of real-time order too"
     print(result)
 
 
@@ -628,6 +657,7 @@ async def test_many_long_recorded_histories_on_memory(harness: Harness) -> None:
         if seed % 20 == 0:
             report(f"memory seed {seed}", recorder, result)
         assert result.outcome == "ok", (seed, result)
+        assert MODEL.check_revisions(recorder.history) == [], seed
 
 
 @pytest.mark.anyio
@@ -657,6 +687,7 @@ async def test_history_through_a_blackholing_proxy_is_linearizable(etcd_server: 
     result = check_linearizable(MODEL, recorder.history, timeout=60)
     report("etcd through a blackholing proxy", recorder, result, blackholes=blackholes)
     assert result.outcome == "ok", result
+    assert MODEL.check_revisions(recorder.history) == []
     assert recorder.ambiguous > 0, "the blackholes must produce ambiguous operations"
 
 
@@ -719,6 +750,7 @@ async def cluster_history(cluster: EtcdCluster, faults: Sequence[str], *, seed: 
     if len(set(hashes.values())) > 1:
         pytest.xfail(f"etcd {cluster.version} members diverged (hashkv at revision {revision}: {hashes}): not judged")
     assert result.outcome == "ok", result
+    assert MODEL.check_revisions(recorder.history) == []
     assert len(recorder.history) > 100
 
 

@@ -180,6 +180,48 @@ class KvModel:
                 after += _write(state, input.value, output.revision) if held else _read(state, output.revision)
         return after
 
+    def check_revisions(self, history: Sequence[Operation]) -> list[str]:
+        """The cross-key part of etcd's revision order, which checking per key gives up.
+
+        An operation that starts after another returned sees a store revision at least as new, and a newer one if
+        it writes; two writes never share a revision (each operation here is its own transaction). Ambiguous
+        operations and replies without a revision are not checked. Returns the violations, one line each (empty:
+        none). Linear in the history's size, after sorting.
+        """
+        known = [op for op in history if not op.ambiguous and op.output.revision is not None]
+        problems: list[str] = []
+        writers: dict[int, Operation] = {}
+        for op in known:
+            if _writes(op):
+                other = writers.setdefault(op.output.revision, op)
+                if other is not op:
+                    problems.append(
+                        f"two writes at revision {op.output.revision}: {self._line(other)} and {self._line(op)}"
+                    )
+        events = sorted(
+            [(op._call_key(), 1, i) for i, op in enumerate(known)]
+            + [(op._ret_key(), 0, i) for i, op in enumerate(known)]
+        )
+        newest: Operation | None = None  # the returned operation with the highest revision so far
+        before: dict[int, Operation | None] = {}
+        for _, is_call, i in events:
+            op = known[i]
+            if is_call:
+                before[i] = newest
+            elif newest is None or op.output.revision > newest.output.revision:
+                newest = op
+        for i, op in enumerate(known):
+            earlier = before[i]
+            if earlier is None:
+                continue
+            floor = earlier.output.revision
+            if op.output.revision < floor or (_writes(op) and op.output.revision == floor):
+                problems.append(f"{self._line(op)} started after {self._line(earlier)} had returned")
+        return problems
+
+    def _line(self, op: Operation) -> str:
+        return f"[{op.call:.3f}, {op.ret:.3f}] {op.client}: {self.describe_operation(op.input, op.output)}"
+
     def describe_operation(self, input: Any, output: Any) -> str:
         """``put(b'k', b'v') -> revision 7`` and the like."""
         if isinstance(input, KvGet):
@@ -216,6 +258,15 @@ class KvModel:
             return f"absent ({seen})"
         mod = f"{state.mod_revision}" if state.mod_known else f"> {state.mod_revision} (ambiguous write)"
         return f"{state.value!r} (version {state.version}, mod_revision {mod}; {seen})"
+
+
+def _writes(op: Operation) -> bool:
+    """Whether a (definite) operation changed the store: then its reply's revision is its own."""
+    if isinstance(op.input, KvPut):
+        return True
+    if isinstance(op.input, KvCas):
+        return bool(op.output.succeeded)
+    return isinstance(op.input, KvDelete) and op.output.deleted > 0
 
 
 def _read(state: KvState, revision: int | None) -> tuple[KvState, ...]:
