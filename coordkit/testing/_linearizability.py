@@ -4,7 +4,9 @@ in which a sequential model explains every result?
 The search is Wing and Gong's, with the optimisations of Lowe's and of porcupine (Athalye): the history is cut into
 independent partitions (P-compositionality: per key for a key-value store), each partition is searched on its own,
 and every reached configuration (the set of operations linearized so far, as a bitset, and the model state) is
-remembered, so no configuration is explored twice. Operations are call and return events in one time-ordered list;
+remembered, so no configuration is explored twice. One more pruning for ambiguous operations: a configuration is
+skipped when one with the same state, the same definite operations and a subset of its ambiguous ones was seen.
+Operations are call and return events in one time-ordered list;
 an operation whose outcome is unknown (a lost reply, a timeout) returns at +infinity and may or may not have taken
 effect: the search may place it anywhere after its call, or nowhere.
 
@@ -28,6 +30,8 @@ S = TypeVar("S", bound=Hashable)
 
 #: how many operations of a partial linearization and of the stuck set an explanation shows
 _SHOWN = 8
+#: how many of the ambiguous-operation sets seen with one configuration a step compares its own with
+_DOMINANCE_SCAN = 8
 #: check the clock every this many search steps
 _CLOCK_EVERY = 512
 
@@ -276,47 +280,35 @@ def _search(model: Model[Any], ops: Sequence[Operation], deadline: float) -> _Se
 
     definite = [not op.ambiguous for op in ops]
     remaining = sum(definite)
+    optional = sum(1 << i for i, op in enumerate(ops) if op.ambiguous)
     state: frozenset[Any] = frozenset((model.init(),))
     linearized = 0
-    seen: set[tuple[int, frozenset[Any]]] = set()
-    stack: list[tuple[int, frozenset[Any]]] = []
+    # (definite operations linearized, state) -> the sets of ambiguous operations linearized with them so far.
+    # A configuration is explored only if no configuration seen had the same definite part and state with a subset
+    # of its ambiguous operations: whatever can follow this one can follow that one too (an ambiguous operation
+    # may always be left out, and never has to come before anything), so this one cannot succeed where that failed.
+    seen: dict[tuple[int, frozenset[Any]], tuple[set[int], list[int]]] = {}
+    stack: list[tuple[int, frozenset[Any], int]] = []
     longest: list[int] = []
     longest_count = -1
     longest_state = state
     steps = 0
-    entry = nxt[head]
+    # Each scan for the next operation to linearize goes over the calls before the first return twice: the definite
+    # operations first (phase 0), then the ambiguous ones (phase 1). Leaving ambiguous operations out as long as
+    # possible reaches the configurations with fewer of them first, which then dominate the others.
+    entry, phase = nxt[head], 0
     while remaining:
         steps += 1
         if steps % _CLOCK_EVERY == 0 and time.monotonic() > deadline:
             return None
-        if is_call[entry]:
-            i = node_op[entry]
-            op = ops[i]
-            output = UNKNOWN if op.ambiguous else op.output
-            after = frozenset(s for before in state for s in model.step(before, op.input, output))
-            if after:
-                bits = linearized | (1 << i)
-                if (bits, after) not in seen:
-                    seen.add((bits, after))
-                    stack.append((entry, state))
-                    state, linearized = after, bits
-                    unlink(entry)
-                    unlink(match[entry])
-                    if definite[i]:
-                        remaining -= 1
-                    done = len(stack)
-                    if done > longest_count:
-                        longest_count = done
-                        longest = [node_op[node] for node, _ in stack]
-                        longest_state = state
-                    entry = nxt[head]
-                    continue
-            entry = nxt[entry]
-        else:
+        if not is_call[entry]:
+            if phase == 0:
+                entry, phase = nxt[head], 1
+                continue
             # A return reached before its call was linearized: this prefix of choices fails. Undo the last one.
             if not stack:
                 return _Search(False, longest, longest_state)
-            entry, state = stack.pop()
+            entry, state, phase = stack.pop()
             i = node_op[entry]
             linearized &= ~(1 << i)
             relink(match[entry])
@@ -324,7 +316,38 @@ def _search(model: Model[Any], ops: Sequence[Operation], deadline: float) -> _Se
             if definite[i]:
                 remaining += 1
             entry = nxt[entry]
-    order = [node_op[node] for node, _ in stack]
+            continue
+        i = node_op[entry]
+        if definite[i] == (phase == 1):  # not this phase's kind
+            entry = nxt[entry]
+            continue
+        op = ops[i]
+        output = UNKNOWN if op.ambiguous else op.output
+        after = frozenset(s for before in state for s in model.step(before, op.input, output))
+        if after:
+            bits = linearized | (1 << i)
+            chosen = bits & optional
+            exact, first = seen.setdefault((bits & ~optional, after), (set(), []))
+            # Dominated: seen with the same ambiguous operations, or with a subset of them (looked for among the
+            # first few seen, which come with the fewest: a bounded look keeps each step cheap).
+            if chosen not in exact and all(earlier & ~chosen for earlier in first):
+                exact.add(chosen)
+                if len(first) < _DOMINANCE_SCAN:
+                    first.append(chosen)
+                stack.append((entry, state, phase))
+                state, linearized = after, bits
+                unlink(entry)
+                unlink(match[entry])
+                if definite[i]:
+                    remaining -= 1
+                if len(stack) > longest_count:
+                    longest_count = len(stack)
+                    longest = [node_op[node] for node, _, _ in stack]
+                    longest_state = state
+                entry, phase = nxt[head], 0
+                continue
+        entry = nxt[entry]
+    order = [node_op[node] for node, _, _ in stack]
     return _Search(True, order, state)
 
 
