@@ -178,6 +178,11 @@ LINEARIZABLE = {
         ("b", put(K, b"2"), 1, 3),
         ("c", get(K, b"1"), 5, 6),
     ),
+    "two ambiguous writes that both took effect, the later-called one first": history(
+        ("a", cas(K, b"b", True, expect=b"a"), 0, math.inf),
+        ("b", put(K, b"a"), 1, math.inf),
+        ("c", get(K, b"b"), 0, 1),
+    ),
     "ties at the same instant count as concurrent": history(
         ("a", put(K, b"1"), 1, 1),
         ("b", get(K, None), 1, 1),
