@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import final
+from typing import TypeVar, final
 
 import anyio
 import anyio.lowlevel
@@ -55,6 +56,8 @@ MIN_LEASE_TTL = 2
 MAX_TXN_OPS = 128
 #: gRPC refuses any message over etcd's ``--max-request-bytes`` + 512 KiB, reads and watches included.
 MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES + 512 * 1024
+
+_T = TypeVar("_T")
 
 _SORT_KEYS: dict[str, Callable[[KeyValue], bytes | int]] = {
     "key": lambda kv: kv.key,
@@ -315,14 +318,16 @@ class MemoryStore:
 class MemoryFaults:
     """Fault hooks of one `MemoryBackend` client (and of its store), for tests.
 
-    Client faults (partition, suspended keepalives, broken watches, latency, failing calls) hit only this
-    client; store faults (``expire_lease``, ``compact``) hit everyone, as on a real cluster.
+    Client faults (partition, suspended keepalives, broken watches, latency, failing calls, lost and late
+    replies) hit only this client; store faults (``expire_lease``, ``compact``) hit everyone, as on a real cluster.
     """
 
     def __init__(self, store: MemoryStore) -> None:
         self._store = store
         self.latency = 0.0
         self._fail_calls = 0
+        self._lose_replies = 0
+        self._reply_delay = 0.0
         self._partitioned = False
         self._keepalives_suspended = False
         self._watch_epoch = 0
@@ -369,6 +374,28 @@ class MemoryFaults:
         if seconds < 0:
             raise ValueError("latency cannot be negative")
         self.latency = seconds
+
+    def lose_replies(self, count: int) -> None:
+        """Apply this client's next ``count`` calls, then lose their replies: each raises UnavailableError.
+
+        The ambiguous failure of a real network (the connection drops after the request was sent): the store
+        changed, the caller cannot know it. Counts unary calls (range, txn, grant, refresh, revoke) that reach the
+        store; calls refused by `fail_calls` do not count. ``lose_replies(0)`` ends it.
+        """
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be an int >= 0, not {count!r}")
+        self._lose_replies = count
+
+    def delay_replies(self, seconds: float) -> None:
+        """Make the reply of every call of this client arrive ``seconds`` after the call applied (0 ends it).
+
+        The store changes at once; the caller waits (cancellably: a caller cancelled meanwhile cannot know its
+        write happened) on the event loop's clock. While the client is partitioned, replies wait for `heal` too.
+        Unary calls only (range, txn, grant, refresh, revoke); `set_latency` delays requests instead.
+        """
+        if not seconds >= 0 or seconds == math.inf:
+            raise ValueError(f"reply delay must be a finite number of seconds >= 0, not {seconds!r}")
+        self._reply_delay = seconds
 
 
 @final
@@ -424,35 +451,54 @@ class MemoryBackend:
             raise UnavailableError("injected failure (MemoryFaults.fail_calls)")
         self.store.expire_due()
 
+    async def _apply(self, apply: Callable[[], _T], *, keepalive: bool = False) -> _T:
+        """Enter (`_enter`), apply the call to the store, then deliver its reply, or its error, through the
+        reply faults (`MemoryFaults.delay_replies`, `MemoryFaults.lose_replies`)."""
+        await self._enter(keepalive=keepalive)
+        try:
+            result = apply()
+        except BackendError:
+            await self._reply()  # an error reply is a reply too: delayed or lost alike
+            raise
+        await self._reply()
+        return result
+
+    async def _reply(self) -> None:
+        faults = self.faults
+        if faults._reply_delay:
+            await anyio.sleep(faults._reply_delay)
+            while faults._partitioned:  # a reply cannot reach a client that is cut off
+                if faults._healed is None:
+                    faults._healed = anyio.Event()
+                await faults._healed.wait()
+        if faults._lose_replies:
+            faults._lose_replies -= 1
+            raise UnavailableError("reply lost (MemoryFaults.lose_replies): the request was applied")
+
     async def range(self, request: Range) -> RangeResult:
         if not isinstance(request, Range):
             raise TypeError(f"range takes a Range, not {type(request).__name__}")
         _check_size((), (request,))
-        await self._enter()
-        return self.store._range(request)
+        return await self._apply(lambda: self.store._range(request))
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
         check_txn(compare, success, failure)
         if max(len(compare), len(success), len(failure)) > MAX_TXN_OPS:
             raise BackendError("etcdserver: too many operations in txn request")
         _check_size(compare, (*success, *failure))
-        await self._enter()
-        return self.store.txn(compare, success, failure)
+        return await self._apply(lambda: self.store.txn(compare, success, failure))
 
     async def grant(self, ttl: int) -> Lease:
         check_ttl(ttl)
-        await self._enter()
-        return self.store.grant(ttl)
+        return await self._apply(lambda: self.store.grant(ttl))
 
     async def refresh(self, lease_id: int) -> int:
         check_lease_id(lease_id)
-        await self._enter(keepalive=True)
-        return self.store.refresh(lease_id)
+        return await self._apply(lambda: self.store.refresh(lease_id), keepalive=True)
 
     async def revoke(self, lease_id: int) -> None:
         check_lease_id(lease_id)
-        await self._enter()
-        self.store.revoke(lease_id)
+        await self._apply(lambda: self.store.revoke(lease_id))
 
     def watch(
         self, key: bytes, *, prefix: bool = False, start_revision: int

@@ -19,6 +19,7 @@ import anyio
 
 from . import _telemetry
 from ._errors import OwnershipLostError
+from ._retry import retry_call
 from ._session import Session, require_session, retry_while_valid
 from ._types import MAX_REQUEST_BYTES, Compare, Delete, Put, PutResult, Range, RangeResult
 from ._watch import wait_deleted
@@ -408,7 +409,8 @@ class Mutex(Contender):
             self._blockers, prefix=True, sort_by="create", descending=True, limit=1, max_create_revision=revision - 1
         )
         while True:
-            result = await backend.txn([], [predecessor, Range(key)])
+            # A read, so retried through transient failures (a lost reply): one must not cost our place in line.
+            result = await retry_call(lambda: backend.txn([], [predecessor, Range(key)]))
             ahead, mine = result.responses
             assert isinstance(ahead, RangeResult) and isinstance(mine, RangeResult)
             if [kv.create_revision for kv in mine.kvs] != [revision]:

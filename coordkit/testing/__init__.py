@@ -1,8 +1,10 @@
-"""Test support: the backend conformance suite, harnesses, fault injection and a real etcd server for tests.
+"""Test support: the backend conformance suite, harnesses, fault injection, a linearizability checker and a real
+etcd server for tests.
 
 Third-party backends prove they keep the protocol by running `CONFORMANCE_CHECKS` against a
 `Harness` of their own, exactly as coordkit runs them against its memory and etcd backends; the watch
-validators (``check_watch`` and friends) judge what a watch delivered against the store's history.
+validators (``check_watch`` and friends) judge what a watch delivered against the store's history, and
+`check_linearizable` judges concurrent histories recorded with `KvRecorder` against `KvModel`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,23 @@ from ._harness import (
     FaultyBackend as FaultyBackend,
     Harness as Harness,
     MemoryHarness as MemoryHarness,
+)
+from ._kv_history import (
+    KvCas as KvCas,
+    KvClient as KvClient,
+    KvDelete as KvDelete,
+    KvGet as KvGet,
+    KvModel as KvModel,
+    KvPut as KvPut,
+    KvRecorder as KvRecorder,
+    KvReply as KvReply,
+)
+from ._linearizability import (
+    UNKNOWN as UNKNOWN,
+    LinearizabilityResult as LinearizabilityResult,
+    Model as Model,
+    Operation as Operation,
+    check_linearizable as check_linearizable,
 )
 from ._watch_checks import (
     WatchViolation as WatchViolation,
@@ -28,10 +47,20 @@ from ._watch_checks import (
 
 __all__ = (
     "CONFORMANCE_CHECKS",
+    "UNKNOWN",
     "EtcdHarness",
     "EtcdServer",
     "FaultyBackend",
     "Harness",
+    "KvCas",
+    "KvClient",
+    "KvDelete",
+    "KvGet",
+    "KvModel",
+    "KvPut",
+    "KvRecorder",
+    "KvReply",
+    "LinearizabilityResult",
     "MemoryHarness",
     "WatchViolation",
     "check_atomic",
@@ -41,5 +70,8 @@ __all__ = (
     "check_unique",
     "check_watch",
     "check_watch_items",
+    "Model",
+    "Operation",
+    "check_linearizable",
     "run_conformance",
 )

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
-from typing import Protocol, final
+from typing import Protocol, TypeVar, final
 
 import anyio
 import anyio.to_thread
 
 from .._backend import Backend
-from .._errors import UnavailableError
+from .._errors import BackendError, UnavailableError
 from .._memory import MemoryBackend, MemoryStore
 from .._types import Compare, Lease, Op, Range, RangeResult, TxnResult, WatchBatch
 
+_T = TypeVar("_T")
 _namespaces = itertools.count(1)
 
 
@@ -104,7 +106,7 @@ CALLS = frozenset(("range", "txn", "grant", "refresh", "revoke", "watch"))
 @final
 class FaultyBackend:
     """Wraps any backend and injects client-side faults: a partition, hanging keepalives, broken watch streams,
-    errors of any class.
+    errors of any class, lost and delayed replies.
 
     For backends with no fault hooks of their own (a real etcd): what the wrapped client sees is what a lost
     network, or a store that refuses it, would show it. Calls held by a fault wait, cancellably, until `heal`.
@@ -119,6 +121,8 @@ class FaultyBackend:
         self._watch_scopes: set[anyio.CancelScope] = set()
         self._watch_epoch = 0  # streams opened before the latest break_watches() are broken
         self._injected: dict[str, tuple[Callable[[], BaseException], int | None]] = {}
+        self._lose_replies = 0
+        self._reply_delay = 0.0
 
     async def __aenter__(self) -> FaultyBackend:
         return self
@@ -161,8 +165,20 @@ class FaultyBackend:
         if "watch" in kinds:
             self.break_watches()
 
+    def lose_replies(self, count: int) -> None:
+        """The next ``count`` calls reach the wrapped backend, then raise UnavailableError (the reply is lost)."""
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be an int >= 0, not {count!r}")
+        self._lose_replies = count
+
+    def delay_replies(self, seconds: float) -> None:
+        """Every call's reply (or error) is handed back ``seconds`` after the wrapped backend gave it (0 ends it)."""
+        if not seconds >= 0 or seconds == math.inf:
+            raise ValueError(f"reply delay must be a finite number of seconds >= 0, not {seconds!r}")
+        self._reply_delay = seconds
+
     def heal(self) -> None:
-        """End every fault: partitions, suspended keepalives, injected errors."""
+        """End partitions, suspended keepalives and injected errors (reply faults stay: set them to 0 to end them)."""
         self._partitioned = self._keepalives_suspended = False
         self._injected.clear()
         self._healed.set()
@@ -181,25 +197,39 @@ class FaultyBackend:
                     del self._injected[kind]
             raise error()
 
+    async def _call(self, kind: str, call: Callable[[], Awaitable[_T]], *, keepalive: bool = False) -> _T:
+        await self._gate(kind, keepalive=keepalive)
+        try:
+            result = await call()
+        except BackendError:
+            await self._reply(kind)
+            raise
+        await self._reply(kind)
+        return result
+
+    async def _reply(self, kind: str) -> None:
+        if self._reply_delay:
+            await anyio.sleep(self._reply_delay)
+            while self._partitioned:  # a late reply also waits for the partition to end
+                await self._healed.wait()
+        if self._lose_replies:
+            self._lose_replies -= 1
+            raise UnavailableError("reply lost (FaultyBackend.lose_replies): the request was sent")
+
     async def range(self, request: Range) -> RangeResult:
-        await self._gate("range")
-        return await self.inner.range(request)
+        return await self._call("range", lambda: self.inner.range(request))
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
-        await self._gate("txn")
-        return await self.inner.txn(compare, success, failure)
+        return await self._call("txn", lambda: self.inner.txn(compare, success, failure))
 
     async def grant(self, ttl: int) -> Lease:
-        await self._gate("grant")
-        return await self.inner.grant(ttl)
+        return await self._call("grant", lambda: self.inner.grant(ttl))
 
     async def refresh(self, lease_id: int) -> int:
-        await self._gate("refresh", keepalive=True)
-        return await self.inner.refresh(lease_id)
+        return await self._call("refresh", lambda: self.inner.refresh(lease_id), keepalive=True)
 
     async def revoke(self, lease_id: int) -> None:
-        await self._gate("revoke")
-        await self.inner.revoke(lease_id)
+        await self._call("revoke", lambda: self.inner.revoke(lease_id))
 
     def watch(
         self, key: bytes, *, prefix: bool = False, start_revision: int
