@@ -119,13 +119,23 @@ class Membership:
         if self.key in mine:
             raise MemberExistsError(f"this session already joined group {self._group.name!r} as {self.member_id!r}")
         # Create our key unless it exists. If it does with our lease, an earlier attempt of this join got through.
-        result = await retry_call(
-            lambda: session.backend.txn(
-                [Compare.create(self.key, "==", 0)],
-                [Put(self.key, self._metadata, session.lease_id)],
-                [Range(self.key)],
+        try:
+            result = await retry_call(
+                lambda: session.backend.txn(
+                    [Compare.create(self.key, "==", 0)],
+                    [Put(self.key, self._metadata, session.lease_id)],
+                    [Range(self.key)],
+                )
             )
-        )
+        except BaseException:
+            # Cancelled (or failed) with the write in flight: it may have been applied, unanswered. A member that
+            # never joined must not stay listed for as long as our session lives: drop the key if it is ours.
+            with anyio.CancelScope(shield=True):
+                await retry_while_valid(
+                    session,
+                    lambda: session.backend.txn([Compare.lease(self.key, "==", session.lease_id)], [Delete(self.key)]),
+                )
+            raise
         if result.succeeded:
             self.revision = result.revision
         else:

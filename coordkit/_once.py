@@ -92,13 +92,22 @@ async def once(
         while True:
             # One round trip: the result if there is one, else the claim if nobody holds it. Retried: a claim made
             # by an attempt whose answer was lost shows up below with our lease, and is adopted.
-            attempt = await retry_call(
-                lambda: backend.txn(
-                    [Compare.create(result_key, "==", 0), Compare.create(claim, "==", 0)],
-                    [Put(claim, b"", session.lease_id)],
-                    [Range(result_key), Range(claim)],
+            try:
+                attempt = await retry_call(
+                    lambda: backend.txn(
+                        [Compare.create(result_key, "==", 0), Compare.create(claim, "==", 0)],
+                        [Put(claim, b"", session.lease_id)],
+                        [Range(result_key), Range(claim)],
+                    )
                 )
-            )
+            except BaseException:
+                # Cancelled (or failed) with the claim's write in flight: it may have been applied, unanswered.
+                # A claim of ours that nobody here computes would block every other caller for as long as our
+                # session lives: drop it (only ours: the lease compare).
+                if claim not in computing:
+                    with anyio.CancelScope(shield=True):
+                        await _drop_stray_claim(session, claim)
+                raise
             claim_revision = attempt.revision if attempt.succeeded else 0
             if not attempt.succeeded:
                 published, claimed = attempt.responses
@@ -120,6 +129,13 @@ async def once(
             # Claimed by someone else: when the claim goes (published, failed or died), look again.
             await wait_deleted(backend, claim, revision=attempt.revision)
     return value
+
+
+async def _drop_stray_claim(session: Session, claim: bytes) -> None:
+    backend = session.backend
+    await retry_while_valid(
+        session, lambda: backend.txn([Compare.lease(claim, "==", session.lease_id)], [Delete(claim)])
+    )
 
 
 # session -> claim keys its tasks are computing right now (a claim with our lease but not here is a lost reply's)

@@ -352,24 +352,36 @@ def check_holds(history: History) -> list[Violation]:
     return found
 
 
-def _overlaps(history: History, holds: Sequence[Hold]) -> Iterator[Violation]:
-    points: list[tuple[int, bool, int]] = []  # (seq, entering, index), in the order things happened
+def _never_valid(history: History, hold: Hold) -> bool:
+    until = history.valid_until(hold)
+    return until is not None and until <= hold.start
+
+
+def _entries(history: History, holds: Sequence[Hold]) -> Iterator[tuple[int, list[int]]]:
+    """Walk the holds' valid intervals in the order things happened: each entering hold's index, with the indices
+    of the holds inside at that moment."""
+    points: list[tuple[int, bool, int]] = []  # (seq, entering, index)
     for index, hold in enumerate(holds):
+        if _never_valid(history, hold):
+            continue  # its lease was revoked before it entered
         until = history.valid_until(hold)
-        if until is not None and until <= hold.start:
-            continue  # its lease was revoked before it entered: it never validly held
         points.append((hold.start.seq, True, index))
         points.append((until.seq if until is not None else 1 << 62, False, index))
     inside: list[int] = []
     for _, entering, index in sorted(points):
-        if not entering:
+        if entering:
+            yield index, list(inside)
+            inside.append(index)
+        else:
             inside.remove(index)
-            continue
-        inside.append(index)
+
+
+def _overlaps(history: History, holds: Sequence[Hold]) -> Iterator[Violation]:
+    for index, inside in _entries(history, holds):
         hold = holds[index]
-        if len(inside) > hold.limit:
-            others = "; ".join(str(holds[other]) for other in inside[:-1])
-            yield Violation("exclusion", f"{hold} entered while {len(inside) - 1} held it: {others}")
+        if len(inside) + 1 > hold.limit:
+            others = "; ".join(str(holds[other]) for other in inside)
+            yield Violation("exclusion", f"{hold} entered while {len(inside)} held it: {others}")
 
 
 def check_read_write(history: History) -> list[Violation]:
@@ -381,23 +393,11 @@ def check_read_write(history: History) -> list[Violation]:
             if hold.kind in (shared_kind, exclusive_kind):
                 by_resource[hold.resource].append(hold)
         for holds in by_resource.values():
-            points: list[tuple[int, bool, int]] = []
-            for index, hold in enumerate(holds):
-                until = history.valid_until(hold)
-                if until is not None and until <= hold.start:
-                    continue
-                points.append((hold.start.seq, True, index))
-                points.append((until.seq if until is not None else 1 << 62, False, index))
-            inside: list[int] = []
-            for _, entering, index in sorted(points):
-                if not entering:
-                    inside.remove(index)
-                    continue
+            for index, inside in _entries(history, holds):
                 hold = holds[index]
                 clash = [holds[i] for i in inside if exclusive_kind in (hold.kind, holds[i].kind)]
                 if clash:
                     found.append(Violation("exclusion", f"{hold} entered while {'; '.join(map(str, clash))}"))
-                inside.append(index)
     return found
 
 
@@ -421,6 +421,9 @@ def check_tokens(history: History) -> list[Violation]:
     """Tokens strictly increase across successive holders (locks, leaders) and never repeat (permits)."""
     found: list[Violation] = []
     for (kind, resource), holds in _by_resource(history.holds).items():
+        # A block entered after its lease was revoked by force never validly held (a late reply told it it was
+        # its turn): fencing refuses its writes; its token says nothing about the order of holders.
+        holds = [hold for hold in holds if not _never_valid(history, hold)]
         if kind in ORDERED_KINDS:
             ordered = sorted(holds, key=lambda hold: hold.start)
             for before, after in itertools.pairwise(ordered):

@@ -100,8 +100,10 @@ FAULTS = (
     "failing calls",
     "cancel",
     "crash",
+    "lost replies",
+    "late replies",
 )
-FAULT_WEIGHTS = (2, 2, 3, 1, 1, 1, 1, 1, 1)  # the lease faults most: they test the guarantees that matter most
+FAULT_WEIGHTS = (2, 2, 3, 1, 1, 1, 1, 1, 1, 1, 1)  # the lease faults most: they test the guarantees that matter most
 #: What a client's work may raise under faults; anything else fails the schedule.
 EXPECTED = (OwnershipLostError, UnavailableError, LeaseExpiredError, NotOwnerError)
 
@@ -544,6 +546,11 @@ class Schedule:
             pending.start_soon(self._restore_latency_later, process, rng.uniform(0.5, 5))
         elif fault == "failing calls":
             faults.fail_calls(rng.randint(1, 3))
+        elif fault == "lost replies":  # applied, then the caller sees UnavailableError: the ambiguous failure
+            faults.lose_replies(rng.randint(1, 3))
+        elif fault == "late replies":
+            faults.delay_replies(rng.uniform(0.005, 0.6))
+            pending.start_soon(self._restore_replies_later, process, rng.uniform(0.5, 5))
         elif fault == "cancel":
             for scope in process.work[: rng.randint(1, 2)]:
                 scope.cancel()
@@ -581,6 +588,10 @@ class Schedule:
         await anyio.sleep(delay)
         process.backend.faults.set_latency(0)
 
+    async def _restore_replies_later(self, process: Process, delay: float) -> None:
+        await anyio.sleep(delay)
+        process.backend.faults.delay_replies(0)
+
     def _stop(self) -> None:
         """End the work phase: no more faults, every client that is not dead is healed."""
         self.stopping = True
@@ -589,6 +600,8 @@ class Schedule:
                 process.backend.faults.heal()
                 process.backend.faults.set_latency(0)
                 process.backend.faults.fail_calls(0)
+                process.backend.faults.lose_replies(0)
+                process.backend.faults.delay_replies(0)
 
     async def _converge(self) -> None:
         """Give crashed clients' leases time to expire and the surviving observers time to show the store's final
