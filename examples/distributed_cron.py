@@ -57,7 +57,7 @@ async def main() -> None:
             for name, scheduler in workers.items():
                 tg.start_soon(run_worker, scheduler, stops[name])
             await admin.put_job(JobSpec("heartbeat", "heartbeat", interval=1))
-            await admin.put_job(JobSpec("report", "report", cron="* * * * * */3"))
+            await admin.put_job(JobSpec("report", "report", cron="*/3 * * * * *", cron_seconds=True))
             report_started = anyio.Event()
             running_reports.append(report_started)
             await report_started.wait()

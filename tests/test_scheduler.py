@@ -6,14 +6,29 @@ The scheduler's wall clock is derived from the event loop's clock, so memory run
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 import pytest
 
-from coordkit import JobSpec, OwnershipLostError, RunContext, Scheduler, Session, Snapshot, Watch
+from coordkit import (
+    Backend,
+    Compare,
+    JobSpec,
+    Op,
+    OwnershipLostError,
+    Put,
+    RunContext,
+    RunRecord,
+    Scheduler,
+    Session,
+    Snapshot,
+    TxnResult,
+    Watch,
+)
 from coordkit.testing import Harness
 
 pytestmark = pytest.mark.anyio
@@ -224,3 +239,178 @@ def test_fractional_interval_ticks_always_advance() -> None:
         assert timedelta(0) < following - tick <= timedelta(seconds=0.1)
         assert spec.previous_tick(following) == following
         tick = following
+
+
+# -- per-run identity and kill -----------------------------------------------------------------------------
+
+
+async def until(scheduler: Scheduler, job: str, predicate: Callable[[list[RunRecord]], bool]) -> list[RunRecord]:
+    """Follow the job's run records until ``predicate(history)`` holds; return that history."""
+    runs = f"{scheduler.prefix}/runs/{job}/".encode()
+    async with Watch(scheduler.session.backend, runs, prefix=True) as watch:
+        async for _ in watch:
+            history = await scheduler.history(job)
+            if predicate(history):
+                return history
+    raise AssertionError("unreachable")
+
+
+def outcomes(history: list[RunRecord]) -> list[str]:
+    return [r.outcome for r in history]
+
+
+async def test_kill_reaches_every_run_on_every_worker_or_one_run(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "killall"
+    active: set[str] = set()
+
+    async def hang(context: RunContext) -> None:
+        active.add(context.run)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            active.discard(context.run)
+
+    async with workers(harness, prefix, 2) as group, AsyncExitStack() as running:
+        for scheduler in group:
+            scheduler.register("hang", hang)
+            await running.enter_async_context(scheduler)
+        admin = group[0]
+        await admin.put_job(JobSpec("job", "hang", interval=0.5, overlap="allow"))
+        with anyio.fail_after(10):
+            history = await until(admin, "job", lambda h: outcomes(h).count("running") >= 3)
+        await admin.put_job(JobSpec("job", "hang", interval=0.5, overlap="allow", enabled=False))  # no new runs
+        first = history[0]
+        assert first.run and len({r.run for r in history}) == len(history), "every run has its own id"
+        await admin.kill("job", run=first.run)
+        with anyio.fail_after(5):
+            history = await until(admin, "job", lambda h: h[0].outcome == "killed")
+        assert "running" in outcomes(history[1:]), "a kill of one run leaves the others running"
+        assert {r.worker for r in history if r.outcome == "running"} == {"w0", "w1"} or len(history) >= 3
+        await admin.kill("job")
+        with anyio.fail_after(5):
+            history = await until(admin, "job", lambda h: "running" not in outcomes(h))
+        assert set(outcomes(history)) == {"killed"}
+        assert not active, "every run was cancelled"
+
+
+class ClaimThenKill:
+    """A client whose first run claim answers only after a kill request written after it reached the worker."""
+
+    def __init__(self, inner: Backend, on_claim: Callable[[], Awaitable[None]]) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.on_claim: Callable[[], Awaitable[None]] | None = on_claim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        result = await self.inner.txn(compare, success, failure)
+        claims_run = any(isinstance(op, Put) and b"/running/" in op.key for op in success)
+        if self.on_claim is not None and result.succeeded and claims_run:
+            on_claim, self.on_claim = self.on_claim, None
+            await on_claim()
+        return result
+
+
+async def test_a_kill_that_arrives_before_the_run_registers_still_kills_it(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "race"
+    started = anyio.Event()
+
+    async def hang(context: RunContext) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with harness.client() as admin_client, harness.client() as client:
+        async with Session(admin_client, ttl=5) as admin_session:
+            admin = Scheduler(admin_session, prefix, now=loop_clock)
+            holder: list[Scheduler] = []
+
+            async def kill_and_wait_until_seen() -> None:
+                await admin.kill("job")
+                # Until the worker has seen the request (internal state: there is no event to wait on).
+                while "job" not in holder[0]._kills:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+
+            racy = ClaimThenKill(client, kill_and_wait_until_seen)
+            async with Session(racy, ttl=5) as session:
+                worker = Scheduler(session, prefix, worker="w", now=loop_clock)
+                holder.append(worker)
+                worker.register("hang", hang)
+                async with worker:
+                    await admin.put_job(JobSpec("job", "hang", interval=10, misfire="late"))
+                    with anyio.fail_after(5):
+                        history = await until(admin, "job", lambda h: bool(h) and h[0].outcome != "running")
+                    assert outcomes(history) == ["killed"]
+                    assert not started.is_set(), "the run was cancelled before its function started"
+
+
+# -- overlap policies and starting deadlines -----------------------------------------------------------------
+
+
+async def test_overlap_forbid_is_cluster_wide_and_records_skipped_ticks(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "forbid"
+    active: list[str] = []
+    most = 0
+
+    async def slow(context: RunContext) -> None:
+        nonlocal most
+        active.append(context.worker)
+        most = max(most, len(active))
+        try:
+            await anyio.sleep(1.2)
+        finally:
+            active.remove(context.worker)
+
+    async with workers(harness, prefix, 2) as group, AsyncExitStack() as running:
+        for scheduler in group:
+            scheduler.register("slow", slow)
+            await running.enter_async_context(scheduler)
+        await group[0].put_job(JobSpec("job", "slow", interval=0.5))  # overlap="forbid" by default
+        with anyio.fail_after(10):
+            history = await until(group[0], "job", lambda h: outcomes(h).count("ok") >= 2)
+    assert most == 1, "never two runs of the job at once, on one worker or on two"
+    assert "skipped" in outcomes(history), "ticks during a run are recorded as skipped"
+    assert len({r.tick for r in history}) == len(history)
+
+
+async def test_overlap_replace_kills_the_active_run(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "replace"
+
+    async def hang(context: RunContext) -> None:
+        await anyio.sleep_forever()
+
+    async with workers(harness, prefix, 2) as group, AsyncExitStack() as running:
+        for scheduler in group:
+            scheduler.register("hang", hang)
+            await running.enter_async_context(scheduler)
+        await group[0].put_job(JobSpec("job", "hang", interval=0.5, overlap="replace"))
+        with anyio.fail_after(10):
+            history = await until(group[0], "job", lambda h: outcomes(h).count("killed") >= 2)
+    assert outcomes(history)[:2] == ["killed", "killed"], "each run is replaced by the next"
+    assert outcomes(history).count("running") <= 2
+
+
+async def test_a_tick_later_than_its_starting_deadline_is_recorded_missed(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "deadline"
+    skew = timedelta(0)
+    ran: list[datetime] = []
+
+    def clock() -> datetime:
+        return loop_clock() + skew
+
+    async def job(context: RunContext) -> None:
+        ran.append(context.tick)
+
+    async with harness.client() as client, Session(client, ttl=5) as session:
+        scheduler = Scheduler(session, prefix, worker="w", now=clock, misfire_grace=60)
+        scheduler.register("job", job)
+        async with scheduler:
+            await scheduler.put_job(JobSpec("job", "job", interval=1, starting_deadline=0.3))
+            with anyio.fail_after(5):
+                await until(scheduler, "job", lambda h: outcomes(h) == ["ok"])
+            skew = timedelta(seconds=0.6)  # the wall clock jumps: the next tick is found 0.6 s late
+            with anyio.fail_after(5):
+                history = await until(scheduler, "job", lambda h: len(h) == 3 and h[-1].outcome == "ok")
+    assert outcomes(history) == ["ok", "missed", "ok"]
+    assert len(ran) == 2
