@@ -6,9 +6,11 @@ The scheduler's wall clock is derived from the event loop's clock, so memory run
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -414,3 +416,107 @@ async def test_a_tick_later_than_its_starting_deadline_is_recorded_missed(harnes
                 history = await until(scheduler, "job", lambda h: len(h) == 3 and h[-1].outcome == "ok")
     assert outcomes(history) == ["ok", "missed", "ok"]
     assert len(ran) == 2
+
+
+# -- command jobs: real processes --------------------------------------------------------------------------
+
+
+def real_wait(kind: str) -> float:
+    """A bound for waiting on real processes. On virtual time (memory), the clock runs ahead while a process
+    works, in steps of the session's keepalives: a bound of 10^4 virtual seconds is a few real seconds.
+    """
+    return 10 if kind == "etcd" else 10_000
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def pids_written(directory: Path, *names: str) -> list[int]:
+    """Wait until the command has written its PIDs (a real process, on the real clock)."""
+    while not all((directory / name).exists() and (directory / name).read_text().strip() for name in names):  # noqa: ASYNC110
+        await anyio.sleep(0.02)
+    return [int((directory / name).read_text()) for name in names]
+
+
+async def all_dead(pids: list[int]) -> None:
+    while any(alive(pid) for pid in pids):  # noqa: ASYNC110 - nothing to wait on: processes we did not start
+        await anyio.sleep(0.02)
+
+
+async def test_command_jobs_run_only_where_allowed_and_keep_status_and_output(harness: Harness, kind: str) -> None:
+    prefix = harness.namespace.decode() + "command"
+    async with harness.client() as c0, harness.client() as c1, Session(c0, ttl=5) as s0, Session(c1, ttl=5) as s1:
+        refusing = Scheduler(s0, prefix, worker="refusing", now=loop_clock)
+        running = Scheduler(s1, prefix, worker="running", now=loop_clock, run_commands=True)
+        async with refusing, running:
+            line = "yes abcdefgh | head -c 10000; printf END; printf oops >&2; exit 3"
+            await refusing.put_job(JobSpec("line", command=line, interval=1000, misfire="late"))
+            await refusing.put_job(
+                JobSpec("argv", command=["sh", "-c", "echo $COORDKIT_JOB"], interval=1000, misfire="late")
+            )
+            await refusing.put_job(JobSpec("absent", command=["/nonexistent/x"], interval=1000, misfire="late"))
+            with anyio.fail_after(real_wait(kind)):
+                for job in ("line", "argv", "absent"):
+                    await until(refusing, job, lambda h: bool(h) and h[0].outcome != "running")
+            (line_run,) = await refusing.history("line")
+            (argv_run,) = await refusing.history("argv")
+            (absent_run,) = await refusing.history("absent")
+    assert {line_run.worker, argv_run.worker, absent_run.worker} == {"running"}, "only the opted-in worker runs them"
+    assert (line_run.outcome, line_run.exit_status, line_run.error) == ("error", 3, "exit status 3")
+    assert line_run.stdout is not None and len(line_run.stdout) == 4096 and line_run.stdout.endswith("abcdefgh\naEND")
+    assert line_run.stderr == "oops"
+    assert (argv_run.outcome, argv_run.exit_status, argv_run.stdout) == ("ok", 0, "argv\n")
+    assert absent_run.outcome == "error" and absent_run.exit_status == 127
+    assert absent_run.error is not None and "not found" in absent_run.error
+
+
+async def test_kill_and_timeout_end_a_commands_whole_process_group(harness: Harness, kind: str, tmp_path: Path) -> None:
+    prefix = harness.namespace.decode() + "group"
+    line = f"echo $$ > {tmp_path}/$COORDKIT_JOB.sh; sleep 1000 & echo $! > {tmp_path}/$COORDKIT_JOB.child; wait"
+    async with workers(harness, prefix, 1, run_commands=True) as (scheduler,), scheduler:
+        await scheduler.put_job(JobSpec("killed", command=line, interval=1000, misfire="late"))
+        with anyio.fail_after(real_wait(kind)):
+            pids = await pids_written(tmp_path, "killed.sh", "killed.child")
+        assert all(alive(pid) for pid in pids)
+        await scheduler.kill("killed")
+        with anyio.fail_after(real_wait(kind)):
+            (run,) = await until(scheduler, "killed", lambda h: h[0].outcome != "running")
+            await all_dead(pids)
+        assert run.outcome == "killed" and run.exit_status == 128 + signal.SIGTERM
+        # A time limit ends the group too; its shell may not even have started on virtual time.
+        await scheduler.put_job(JobSpec("slow", command=line, interval=1000, misfire="late", timeout=0.5))
+        with anyio.fail_after(real_wait(kind)):
+            (run,) = await until(scheduler, "slow", lambda h: bool(h) and h[0].outcome != "running")
+        assert run.outcome == "timeout"
+        written = [name for name in ("slow.sh", "slow.child") if (tmp_path / name).exists()]
+        with anyio.fail_after(real_wait(kind)):
+            await all_dead(await pids_written(tmp_path, *written))
+
+
+async def test_a_command_ignoring_sigterm_dies_by_the_lease_deadline_when_the_session_is_lost(
+    harness: Harness, kind: str, tmp_path: Path
+) -> None:
+    prefix = harness.namespace.decode() + "lease"
+    line = f"trap '' TERM; sleep 1000 & echo $! > {tmp_path}/child; echo $$ > {tmp_path}/sh; wait; wait"
+    async with harness.client() as client, Session(client, ttl=2) as session, anyio.create_task_group() as tg:
+        scheduler = Scheduler(session, prefix, now=loop_clock, run_commands=True, stop_grace=1000)
+
+        async def work() -> None:
+            with pytest.raises(OwnershipLostError):
+                async with scheduler:
+                    await scheduler.put_job(JobSpec("job", command=line, interval=1000, misfire="late"))
+                    await anyio.sleep_forever()
+
+        tg.start_soon(work)
+        with anyio.fail_after(real_wait(kind)):
+            pids = await pids_written(tmp_path, "child", "sh")
+        harness.partition(client)  # the session will be lost; SIGTERM is ignored; SIGKILL by the lease's end
+        with anyio.fail_after(real_wait(kind)):
+            await all_dead(pids)
+        harness.heal(client)
