@@ -520,3 +520,82 @@ async def test_a_command_ignoring_sigterm_dies_by_the_lease_deadline_when_the_se
         with anyio.fail_after(real_wait(kind)):
             await all_dead(pids)
         harness.heal(client)
+
+
+# -- reading the state; records written by someone else -----------------------------------------------------
+
+
+async def test_jobs_job_and_history_retention_by_count_and_age_despite_bad_records(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "state"
+    ran: list[str] = []
+
+    async def job(context: RunContext) -> None:
+        ran.append(context.job)
+
+    async with harness.client() as client, Session(client, ttl=5) as session:
+        scheduler = Scheduler(session, prefix, worker="w", now=loop_clock, history_age=1.2)
+        scheduler.register("job", job)
+        backend = session.backend
+        base = prefix.encode() + b"/"
+        # Written by another tool: not JSON, JSON but no spec, a record that is not a record.
+        await backend.txn([], [Put(base + b"jobs/garbage", b"{not json"), Put(base + b"jobs/odd", b'{"name": 1}')])
+        await backend.txn([], [Put(base + b"runs/often/0000000000000001", b"[]")])
+        often = JobSpec("often", "job", interval=0.5)
+        hourly = JobSpec("hourly", "job", cron="0 * * * *", timezone="Europe/Paris")
+        await scheduler.put_job(often)
+        await scheduler.put_job(hourly)
+        assert await scheduler.jobs() == [hourly, often], "valid specs, by name; the others are left out"
+        assert await scheduler.job("often") == often
+        assert await scheduler.job("absent") is None
+        with pytest.raises(ValueError, match="invalid"):
+            await scheduler.job("odd")
+        async with scheduler:  # the bad specs do not stop the worker
+            await anyio.sleep(2.6)
+            history = await scheduler.history("often")
+        assert len(ran) >= 4 and 0 < len(history) < len(ran)
+        newest = datetime.fromisoformat(history[-1].tick)
+        assert all(newest - datetime.fromisoformat(r.tick) <= timedelta(seconds=1.2) for r in history), "kept 1.2 s"
+
+
+# -- cron expressions ---------------------------------------------------------------------------------------
+
+
+def test_cron_fields_are_never_ambiguous() -> None:
+    with pytest.raises(ValueError, match=r"ambiguous.*cron_seconds=True"):
+        JobSpec("x", "t", cron="* * * * * */10")  # croniter would read the last field as seconds
+    with pytest.raises(ValueError, match="6 fields, seconds first"):
+        JobSpec("x", "t", cron="*/5 * * * *", cron_seconds=True)
+    with pytest.raises(ValueError, match="5 fields"):
+        JobSpec("x", "t", cron="* * * * * * *")
+    with pytest.raises(ValueError, match="no seconds field"):
+        JobSpec("x", "t", cron="@hourly", cron_seconds=True)
+    with pytest.raises(ValueError, match="unknown time zone"):
+        JobSpec("x", "t", cron="0 2 * * *", timezone="Mars/Olympus")
+    with pytest.raises(ValueError, match="cron jobs only"):
+        JobSpec("x", "t", interval=1, timezone="UTC")
+    seconds_first = JobSpec("x", "t", cron="*/10 5 * * * *", cron_seconds=True)  # robfig/cron: second minute ...
+    assert seconds_first.next_tick(BASE) == BASE + timedelta(minutes=5)
+    assert seconds_first.next_tick(BASE + timedelta(minutes=5)) == BASE + timedelta(minutes=5, seconds=10)
+    assert JobSpec("x", "t", cron="@hourly").next_tick(BASE) == BASE + timedelta(hours=1)
+
+
+def test_cron_in_a_time_zone() -> None:
+    paris = JobSpec("x", "t", cron="0 2 * * *", timezone="Europe/Paris")
+    assert paris.next_tick(BASE) == datetime(2026, 1, 1, 1, tzinfo=UTC), "02:00 in Paris is 01:00 UTC in winter"
+    assert paris.next_tick(datetime(2026, 6, 30, 12, tzinfo=UTC)) == datetime(2026, 7, 1, 0, tzinfo=UTC), "summer"
+    assert paris.previous_tick(datetime(2026, 1, 1, 1, tzinfo=UTC)) == datetime(2026, 1, 1, 1, tzinfo=UTC)
+
+
+def test_command_and_target_specs() -> None:
+    with pytest.raises(ValueError, match="exactly one of target and command"):
+        JobSpec("x", "t", command="true", interval=1)
+    with pytest.raises(ValueError, match="exactly one of target and command"):
+        JobSpec("x", interval=1)
+    with pytest.raises(TypeError, match="argv"):
+        JobSpec("x", command=["ls", 3], interval=1)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="overlap"):
+        JobSpec("x", "t", interval=1, overlap="queue")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        JobSpec("x", "t", interval=1, timeout=-1)
+    with pytest.raises(ValueError, match="starting_deadline"):
+        JobSpec("x", "t", interval=1, starting_deadline=float("nan"))
