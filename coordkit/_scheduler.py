@@ -1,20 +1,27 @@
 """Scheduler: a distributed cron. Every worker sees every job spec; each tick runs exactly once cluster-wide.
 
 Keys under ``<prefix>/``: ``jobs/<job>`` (the spec, JSON; followed live by every worker through a ConfigView),
-``runs/<job>/<tick>`` (the run record: claimed by a compare-and-swap create, so one worker runs each tick; kept
-after the run as history, trimmed to ``history`` records per job), ``running/<job>/<tick>`` (bound to the
-runner's lease while it runs: when it vanishes with the record still "running", the runner died and any worker
-records the run as "lost") and ``killer/<job>`` (a kill request: the worker running that job cancels it).
+``runs/<job>/<run>`` (the run record, the run id being the tick in ms: claimed by a compare-and-swap create, so
+one worker runs each tick; kept after the run as history, trimmed by count and age), ``last/<job>`` (the newest
+tick claimed: a claim needs a later one), ``running/<job>/<run>`` (bound to the runner's lease while it runs:
+when it vanishes with the record still "running", the runner died and any worker records the run as "lost"),
+``active/<job>`` (the newest active run, bound to its runner's lease: the overlap policy compares it in the
+claim), ``killer/<job>`` and ``killer/<job>/<run>`` (kill requests: every run claimed before the request's
+revision is cancelled, wherever it runs) and ``workers/<member>`` (the workers' membership group).
 
-Ticks come from a cron expression (the ``croniter`` package: ``pip install 'coordkit[cron]'``) or a fixed
-interval, on the wall clock given by ``now`` (UTC). A tick found late by more than ``misfire_grace`` seconds is
-skipped, or run once late, as the job's ``misfire`` policy says.
+Ticks come from a cron expression (the ``croniter`` package: ``pip install 'coordkit[cron]'``; 5 fields, or 6
+with seconds first when the spec says so; in a time zone per job) or a fixed interval, on the wall clock given
+by ``now`` (UTC). A tick found late by more than ``misfire_grace`` seconds (or the job's starting deadline) is
+skipped and recorded as missed, or run once late, as the job's ``misfire`` policy says.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import socket
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
@@ -31,11 +38,13 @@ from . import _telemetry
 from ._command import CommandOutcome, run_command
 from ._config import ConfigChange, ConfigView, publish
 from ._errors import LeaseExpiredError, OwnershipLostError, error_text, is_permanent
+from ._group import Group, Membership
 from ._queue import name_prefix
 from ._retry import retry_call
 from ._session import Session, require_session, retry_while_valid
 from ._supervisor import Supervisor, keep_following, supervised
 from ._types import Compare, CompareTarget, Delete, EventType, Op, Put, Range, RangeResult, TxnResult
+from ._version import __version__
 from ._watch import Snapshot, Watch
 
 Outcome = Literal["running", "ok", "error", "killed", "timeout", "lost", "skipped", "missed"]
@@ -273,6 +282,29 @@ class RunContext:
     run: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A scheduler worker, as it announces itself in the workers' membership group (`Scheduler.workers`).
+
+    Attributes:
+        worker: its name in run records.
+        host: its host name.
+        pid: its process id.
+        version: its coordkit version.
+        capacity: the most runs it takes at once, or None (no limit).
+        running: the runs it is running now, as (job, run) pairs.
+        commands: whether it runs command jobs.
+    """
+
+    worker: str
+    host: str
+    pid: int
+    version: str
+    capacity: int | None
+    running: tuple[tuple[str, str], ...]
+    commands: bool
+
+
 #: bytes of a command's stdout and of its stderr kept in its run record
 OUTPUT_TAIL = 4096
 
@@ -299,7 +331,7 @@ class Scheduler:
     worker (`AuthenticationError`: credentials or permission revoked), the body is cancelled and that error is
     raised; transient failures (unavailable, malformed replies) are retried. Add, change or remove jobs
     with `put_job` / `remove_job` from anywhere: every worker picks the change up at once. `kill` cancels a
-    job's running runs on whichever workers run them; `jobs`, `job` and `history` read the state.
+    job's running runs on whichever workers run them; `jobs`, `job`, `history` and `workers` read the state.
 
     Args:
         session: the worker's session (running markers are bound to its lease).
@@ -314,6 +346,8 @@ class Scheduler:
             could otherwise run any program on every worker.
         stop_grace: seconds between SIGTERM and SIGKILL when a command's process group must stop (SIGKILL comes
             sooner if the session's lease may end before).
+        capacity: the most runs this worker takes at once (>= 1); at capacity it leaves ticks to other workers.
+            None: no limit.
 
     A Scheduler runs in one ``async with`` at a time (entering it again while it runs raises RuntimeError); it
     can be entered again after leaving, and then schedules every job afresh.
@@ -334,6 +368,7 @@ class Scheduler:
         history_age: float | None = None,
         run_commands: bool = False,
         stop_grace: float = 5.0,
+        capacity: int | None = None,
     ) -> None:
         if not isinstance(history, int) or isinstance(history, bool):
             raise TypeError(f"history is an int number of runs, not {type(history).__name__}")
@@ -354,6 +389,10 @@ class Scheduler:
             raise TypeError(f"worker is a str, not {type(worker).__name__}")
         if now is not None and not callable(now):
             raise TypeError(f"now is a function returning a datetime, not {type(now).__name__}")
+        if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)):
+            raise TypeError(f"capacity is an int number of runs, or None, not {type(capacity).__name__}")
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity must be at least 1 run, not {capacity}")
         if not isinstance(run_commands, bool):
             raise TypeError(f"run_commands is a bool, not {type(run_commands).__name__}")
         self.session = require_session(session)
@@ -366,6 +405,10 @@ class Scheduler:
         self._history_age = history_age
         self._run_commands = run_commands
         self._stop_grace = stop_grace
+        self._capacity = capacity
+        self._busy = 0  # runs claimed or being claimed on this worker (for the capacity)
+        self._membership: Membership | None = None
+        self._announce: anyio.Event | None = None  # set: what this worker runs changed (made when entered)
         self._targets: dict[str, Callable[..., Awaitable[None]]] = {}
         self._tickers: dict[str, tuple[JobSpec, anyio.CancelScope]] = {}
         self._running: dict[str, set[_Run]] = {}
@@ -414,6 +457,47 @@ class Scheduler:
             key += b"/" + run.encode()
         lease = await self.session.backend.grant(10)
         await self.session.backend.txn([], [Put(key, b"", lease.id)])
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The workers of this prefix now running (entered), by name, with what each runs.
+
+        A worker that crashed stays listed until its session's lease ends. Entries that cannot be read (written
+        by another tool) are left out, and reported.
+        """
+        view = await self._group().members()
+        found = []
+        for raw in view.members.values():
+            try:
+                info = json.loads(raw)
+                found.append(WorkerInfo(**{**info, "running": tuple(tuple(pair) for pair in info["running"])}))
+            except (TypeError, ValueError, KeyError) as exc:
+                self._report("bad_worker", exc)
+        return sorted(found, key=lambda info: (info.worker, info.pid))
+
+    def _group(self) -> Group:
+        return Group(self.session, f"{self.prefix}/workers")
+
+    def _announcement(self) -> bytes:
+        running = sorted((run.job, run.run) for runs in self._running.values() for run in runs)
+        info = WorkerInfo(
+            self.worker,
+            socket.gethostname(),
+            os.getpid(),
+            __version__,
+            self._capacity,
+            tuple(running),
+            self._run_commands,
+        )
+        return json.dumps(asdict(info), separators=(",", ":")).encode()
+
+    async def _keep_announcing(self) -> None:
+        # Coalesced: one update for however many runs started or ended since the last one.
+        while True:
+            assert self._announce is not None
+            await self._announce.wait()
+            self._announce = anyio.Event()
+            assert self._membership is not None
+            await self._membership.update(self._announcement())
 
     async def jobs(self) -> list[JobSpec]:
         """Every valid job spec stored, by name. Invalid ones (written by another tool) are left out, and reported."""
@@ -470,7 +554,14 @@ class Scheduler:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(self.session.guarded(OwnershipLostError, what=f"scheduler {self.prefix!r}"))
             stack.callback(self._tickers.clear)  # stopped: it may be entered again (and schedules afresh)
+            # Members are keyed by lease and a random tag: a worker restarted under the same name joins at once.
+            member = f"{self.session.lease_id:x}.{secrets.token_hex(4)}"
+            self._announce = anyio.Event()
+            self._membership = await stack.enter_async_context(
+                self._group().join(member, metadata=self._announcement())
+            )
             self._supervisor = await stack.enter_async_context(supervised(f"scheduler {self.prefix!r}"))
+            self._supervisor.start_soon(self._keep_following, self._keep_announcing)
             ready = anyio.Event()
             self._supervisor.start_soon(self._keep_following, partial(self._follow_jobs, ready))
             self._supervisor.start_soon(self._keep_following, self._follow_kills)
@@ -621,6 +712,15 @@ class Scheduler:
     async def _run(self, spec: JobSpec, tick: datetime) -> None:
         if not self._can_run(spec):
             return  # this worker cannot run it; another one can claim it
+        if self._capacity is not None and self._busy >= self._capacity:
+            return  # full: another worker can claim it
+        self._busy += 1
+        try:
+            await self._claim_and_run(spec, tick)
+        finally:
+            self._busy -= 1
+
+    async def _claim_and_run(self, spec: JobSpec, tick: datetime) -> None:
         session = self.session
         try:
             claimed = await self._claim(spec, tick, "running")
@@ -661,6 +761,7 @@ class Scheduler:
             outcome, error = "error", error_text(exc)
         finally:
             self._running.get(spec.name, set()).discard(run)
+            self._changed()
         extra: dict[str, Any] = {}
         if command is not None:
             extra = {
@@ -702,8 +803,13 @@ class Scheduler:
             )
             await retry_while_valid(session, lambda: self._trim_history(job))
 
+    def _changed(self) -> None:
+        if self._announce is not None:
+            self._announce.set()
+
     def _register(self, run: _Run) -> None:
         self._running.setdefault(run.job, set()).add(run)
+        self._changed()
         if run.claimed < max(self._kills.get(run.job, 0), self._run_kills.get((run.job, run.run), 0)):
             run.scope.cancel()  # the kill request arrived before the run registered: it still applies
 

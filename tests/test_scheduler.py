@@ -6,6 +6,7 @@ The scheduler's wall clock is derived from the event loop's clock, so memory run
 from __future__ import annotations
 
 import json
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -203,11 +204,15 @@ async def test_spec_change_lets_the_running_run_finish_and_trimmed_ticks_never_r
         for scheduler in group:
             scheduler.register("slow", slow)
             await running.enter_async_context(scheduler)
-        await group[0].put_job(JobSpec("job", "slow", interval=1, misfire="late"))
+        await group[0].put_job(JobSpec("job", "slow", interval=1, misfire="late", overlap="allow"))
         with anyio.fail_after(5):
             await started.wait()
-        await group[0].put_job(JobSpec("job", "slow", interval=1, misfire="late"))  # unchanged: no restart
-        await group[0].put_job(JobSpec("job", "slow", interval=2, misfire="late"))  # changed: the run goes on
+        await group[0].put_job(
+            JobSpec("job", "slow", interval=1, misfire="late", overlap="allow")
+        )  # unchanged: no restart
+        await group[0].put_job(
+            JobSpec("job", "slow", interval=2, misfire="late", overlap="allow")
+        )  # changed: the run goes on
         await anyio.sleep(3)
         await group[0].remove_job("job")
         await anyio.sleep(2)
@@ -599,3 +604,43 @@ def test_command_and_target_specs() -> None:
         JobSpec("x", "t", interval=1, timeout=-1)
     with pytest.raises(ValueError, match="starting_deadline"):
         JobSpec("x", "t", interval=1, starting_deadline=float("nan"))
+
+
+# -- workers -------------------------------------------------------------------------------------------------
+
+
+async def test_workers_are_listed_with_what_they_run_and_keep_to_their_capacity(harness: Harness) -> None:
+    prefix = harness.namespace.decode() + "workers"
+
+    async def hang(context: RunContext) -> None:
+        await anyio.sleep_forever()
+
+    async with harness.client() as c0, harness.client() as c1, Session(c0, ttl=5) as s0, Session(c1, ttl=5) as s1:
+        small = Scheduler(s0, prefix, worker="small", now=loop_clock, capacity=1)
+        large = Scheduler(s1, prefix, worker="large", now=loop_clock, run_commands=True)
+        for scheduler in (small, large):
+            scheduler.register("hang", hang)
+        assert await small.workers() == []
+        async with small, large:
+            await small.put_job(JobSpec("job", "hang", interval=0.5, overlap="allow"))
+            with anyio.fail_after(10):
+                history = await until(small, "job", lambda h: outcomes(h).count("running") >= 5)
+            assert sum(r.worker == "small" for r in history) <= 1, "small takes one run at most"
+            await small.put_job(JobSpec("job", "hang", interval=0.5, overlap="allow", enabled=False))
+            with anyio.fail_after(10):
+                while True:  # the workers announce their runs (coalesced updates): wait until they agree
+                    found = await large.workers()
+                    history = await small.history("job")
+                    running = {(r.job, r.run) for r in history if r.outcome == "running"}
+                    if {run for info in found for run in info.running} == running:
+                        break
+                    await anyio.sleep(0.05)
+            assert [(info.worker, info.capacity, info.commands) for info in found] == [
+                ("large", None, True),
+                ("small", 1, False),
+            ]
+            assert all(info.pid == os.getpid() and info.host and info.version for info in found)
+            await small.kill("job")
+        assert await small.workers() == [], "a stopped worker leaves the group"
+    with pytest.raises(ValueError, match="capacity"):
+        Scheduler(s0, prefix, capacity=0)
