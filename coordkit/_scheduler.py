@@ -640,7 +640,9 @@ class Scheduler:
                 late = (self._now() - tick).total_seconds()
                 if late > limit:
                     if spec.misfire == "skip":
-                        self._supervisor.start_soon(self._record, spec, tick, "missed")
+                        # One record for however many ticks were missed (after a suspended host, say): the newest.
+                        last = max(tick, spec.previous_tick(self._now() - timedelta(seconds=limit)))
+                        self._supervisor.start_soon(self._record, spec, last, "missed")
                         await anyio.lowlevel.checkpoint()
                         continue
                     # "late": this one runs; every tick missed after it is skipped
