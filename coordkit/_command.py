@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -56,9 +58,13 @@ async def run_command(
     A command that cannot be started is not an exception: ``outcome.status`` is 127 (not found) or 126 (not
     executable) and ``outcome.error`` says why.
     """
+    refused = _not_runnable(argv[0])  # checked here: the guardian could say so only with its exit status
+    if refused is not None:
+        outcome.status, outcome.error = refused
+        return
     try:
         process = await anyio.open_process(
-            list(argv),
+            _guarded(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -88,6 +94,51 @@ async def run_command(
                     for event in done:
                         await event.wait()
             readers.cancel_scope.cancel()
+
+
+# On Linux the command runs under a guardian, the leader of its process group, which kills the whole group when
+# the worker dies without stopping it (kill -9, an OOM kill): the parent-death signal tells it. Without it a
+# command would outlive its worker, and the lease that marks it running, by as long as it likes. While the worker
+# lives, the guardian ignores the group's SIGTERM (the command's to handle), waits for the command and exits as
+# it did. A command that cannot be started is reported as a shell would (127: not found, 126: not executable).
+_GUARDIAN = """
+import os, signal, subprocess, sys
+parent = int(sys.argv[1])
+def on_term(signum, frame):
+    if os.getppid() != parent:
+        os.killpg(0, signal.SIGKILL)
+signal.signal(signal.SIGTERM, on_term)
+import ctypes
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:
+    os.killpg(0, signal.SIGKILL)
+try:
+    command = subprocess.Popen(sys.argv[2:])
+except OSError as exc:
+    print(f"cannot run {sys.argv[2]}: {exc.strerror}", file=sys.stderr)
+    sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
+status = command.wait()
+if status < 0:
+    if -status not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(-status, signal.SIG_DFL)
+    os.kill(os.getpid(), -status)
+sys.exit(status)
+"""
+
+
+def _guarded(argv: Sequence[str]) -> list[str]:
+    """``argv`` under the guardian, where there is a parent-death signal (Linux); else as it is."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-I", "-S", "-c", _GUARDIAN, str(os.getpid()), *argv]
+
+
+def _not_runnable(program: str) -> tuple[int, str] | None:
+    if shutil.which(program) is not None:
+        return None
+    if os.sep in program and os.path.exists(program):
+        return EXIT_NOT_EXECUTABLE, f"command not executable: {program}"
+    return EXIT_NOT_FOUND, f"command not found: {program}"
 
 
 async def _keep_tail(stream: ByteReceiveStream, tail: bytearray, size: int, done: anyio.Event) -> None:

@@ -5,9 +5,13 @@ The scheduler's wall clock is derived from the event loop's clock, so memory run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -439,7 +443,7 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
+    except OSError:  # gone (reading a vanishing process's stat can also fail with ESRCH)
         return False
 
 
@@ -645,3 +649,47 @@ async def test_workers_are_listed_with_what_they_run_and_keep_to_their_capacity(
         assert await small.workers() == [], "a stopped worker leaves the group"
     with pytest.raises(ValueError, match="capacity"):
         Scheduler(s0, prefix, capacity=0)
+
+
+WORKER = """
+import sys
+
+import anyio
+
+from coordkit import JobSpec, MemoryBackend, Scheduler, Session
+
+
+async def main() -> None:
+    async with MemoryBackend() as backend, Session(backend, ttl=10) as session:
+        async with Scheduler(session, "cron", run_commands=True) as scheduler:
+            await scheduler.put_job(JobSpec("job", command=sys.argv[1], interval=1000, misfire="late"))
+            await anyio.sleep_forever()
+
+
+anyio.run(main)
+"""
+
+
+def test_a_command_dies_with_its_worker_killed_by_sigkill(tmp_path: Path) -> None:
+    """The worker gets no chance to stop the command: the command's guardian kills its group (Linux)."""
+    line = f"trap '' TERM; sleep 1000 & echo $! > {tmp_path}/child; echo $$ > {tmp_path}/sh; wait; wait"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, line], env=env)
+    pids: list[int] = []
+    try:
+        bound = time.monotonic() + 20  # real processes, real time: a bound, not a measure
+        while not all((tmp_path / name).exists() and (tmp_path / name).read_text().strip() for name in ("child", "sh")):
+            assert time.monotonic() < bound and worker.poll() is None, "the command did not start"
+            time.sleep(0.02)
+        pids = [int((tmp_path / name).read_text()) for name in ("child", "sh")]
+        worker.kill()
+        worker.wait()
+        while any(alive(pid) for pid in pids):
+            assert time.monotonic() < bound, "the command outlived its worker"
+            time.sleep(0.02)
+    finally:
+        worker.kill()
+        worker.wait()
+        for pid in pids:  # clean up what a failure left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
