@@ -532,7 +532,7 @@ class Scheduler:
         records = []
         for kv in result.kvs:
             try:
-                records.append(_decode_record(kv.value))
+                records.append(_decode_record(kv.key, kv.value))
             except (TypeError, ValueError) as exc:
                 self._report("bad_record", exc)
         return records
@@ -901,10 +901,12 @@ def _decode_spec(value: bytes) -> JobSpec:
     return JobSpec(**raw)
 
 
-def _decode_record(value: bytes) -> RunRecord:
+def _decode_record(key: bytes, value: bytes) -> RunRecord:
     raw = json.loads(value)
     if not isinstance(raw, dict):
         raise TypeError(f"a run record is a JSON object, not {type(raw).__name__}")
+    # Records written before runs had ids: the id is the key's last segment.
+    raw.setdefault("run", key.rpartition(b"/")[2].decode(errors="replace"))
     return RunRecord(**raw)
 
 

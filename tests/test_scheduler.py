@@ -550,6 +550,8 @@ async def test_jobs_job_and_history_retention_by_count_and_age_despite_bad_recor
         # Written by another tool: not JSON, JSON but no spec, a record that is not a record.
         await backend.txn([], [Put(base + b"jobs/garbage", b"{not json"), Put(base + b"jobs/odd", b'{"name": 1}')])
         await backend.txn([], [Put(base + b"runs/often/0000000000000001", b"[]")])
+        old = {"job": "hourly", "tick": "t", "worker": "w", "started": "s", "ended": None, "outcome": "lost"}
+        await backend.txn([], [Put(base + b"runs/hourly/0000000000000002", json.dumps(old).encode())])
         often = JobSpec("often", "job", interval=0.5)
         hourly = JobSpec("hourly", "job", cron="0 * * * *", timezone="Europe/Paris")
         await scheduler.put_job(often)
@@ -557,6 +559,8 @@ async def test_jobs_job_and_history_retention_by_count_and_age_despite_bad_recor
         assert await scheduler.jobs() == [hourly, often], "valid specs, by name; the others are left out"
         assert await scheduler.job("often") == often
         assert await scheduler.job("absent") is None
+        (record,) = await scheduler.history("hourly")
+        assert record.run == "0000000000000002", "a record from before run ids gets its id from its key"
         with pytest.raises(ValueError, match="invalid"):
             await scheduler.job("odd")
         async with scheduler:  # the bad specs do not stop the worker
