@@ -690,12 +690,14 @@ class Scheduler:
                 return None  # another worker claimed the tick
             if found_last.kvs and found_last.kvs[0].value >= run_id.encode():
                 return None  # a later tick was claimed: this one is past (its record may have been trimmed)
-            if not found_last.kvs:
-                last_compare = Compare.create(last_key, "==", 0)  # the job's very first tick
-            elif last_compare.target is CompareTarget.VALUE and found_active.kvs:
+            # The compare on last/ held if it matched what is there: then what failed is the active run's.
+            held = (last_compare.target is CompareTarget.VALUE) == bool(found_last.kvs)
+            if held and found_active.kvs:
                 return _BUSY
-            else:
+            if found_last.kvs:
                 last_compare = Compare.value(last_key, "<", run_id.encode())
+            else:
+                last_compare = Compare.create(last_key, "==", 0)  # the job's very first tick
         return None  # contended every time: others are claiming it
 
     async def _record(self, spec: JobSpec, tick: datetime, outcome: Outcome) -> None:

@@ -113,6 +113,7 @@ async def test_spec_changes_apply_live_and_kill(harness: Harness) -> None:
         await group[0].put_job(JobSpec("job", "fast", interval=1, args=["v2"]))
         await anyio.sleep(2.2)
         await group[0].put_job(JobSpec("job", "fast", interval=1, enabled=False))
+        await anyio.sleep(1.1)  # a tick claimed before the workers saw the change may still run
         count = len(ran)
         await anyio.sleep(2.2)
         assert len(ran) == count, "a disabled job does not tick"
