@@ -505,7 +505,7 @@ class Scheduler:
         specs = []
         for kv in result.kvs:
             try:
-                specs.append(_decode_spec(kv.value))
+                specs.append(_decode_spec(kv.key, kv.value))
             except (TypeError, ValueError, ImportError) as exc:
                 self._report("bad_spec", exc)
         return specs
@@ -521,7 +521,7 @@ class Scheduler:
         if not result.kvs:
             return None
         try:
-            return _decode_spec(result.kvs[0].value)
+            return _decode_spec(result.kvs[0].key, result.kvs[0].value)
         except TypeError as exc:
             raise ValueError(f"job {name!r}: the stored spec is invalid: {exc}") from exc
 
@@ -602,7 +602,7 @@ class Scheduler:
 
     def _reschedule(self, name: str, raw: Any) -> None:
         try:
-            spec = None if raw is None else JobSpec(**raw)
+            spec = None if raw is None else _spec_at(name, raw)
         except (TypeError, ValueError, ImportError) as exc:
             spec = None  # a bad spec (or a cron spec without croniter) must not stop the worker: not scheduled
             self._report("bad_spec", exc)
@@ -896,11 +896,18 @@ def _kill_by(session: Session) -> Callable[[], float]:
     return kill_by
 
 
-def _decode_spec(value: bytes) -> JobSpec:
-    raw = json.loads(value)
+def _decode_spec(key: bytes, value: bytes) -> JobSpec:
+    return _spec_at(key.rpartition(b"/")[2].decode(errors="replace"), json.loads(value))
+
+
+def _spec_at(name: str, raw: Any) -> JobSpec:
+    """The spec stored at ``jobs/<name>``: its own name must be that one (its runs are kept under it)."""
     if not isinstance(raw, dict):
         raise TypeError(f"a job spec is a JSON object, not {type(raw).__name__}")
-    return JobSpec(**raw)
+    spec = JobSpec(**raw)
+    if spec.name != name:
+        raise ValueError(f"the spec at jobs/{name} names another job: {spec.name!r}")
+    return spec
 
 
 def _decode_record(key: bytes, value: bytes) -> RunRecord:

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -551,6 +552,8 @@ async def test_jobs_job_and_history_retention_by_count_and_age_despite_bad_recor
         base = prefix.encode() + b"/"
         # Written by another tool: not JSON, JSON but no spec, a record that is not a record.
         await backend.txn([], [Put(base + b"jobs/garbage", b"{not json"), Put(base + b"jobs/odd", b'{"name": 1}')])
+        elsewhere = json.dumps(asdict(JobSpec("often", "job", interval=0.5)))  # at another job's key
+        await backend.txn([], [Put(base + b"jobs/mismatch", elsewhere.encode())])
         await backend.txn([], [Put(base + b"runs/often/0000000000000001", b"[]")])
         old = {"job": "hourly", "tick": "t", "worker": "w", "started": "s", "ended": None, "outcome": "lost"}
         await backend.txn([], [Put(base + b"runs/hourly/0000000000000002", json.dumps(old).encode())])
@@ -565,6 +568,8 @@ async def test_jobs_job_and_history_retention_by_count_and_age_despite_bad_recor
         assert record.run == "0000000000000002", "a record from before run ids gets its id from its key"
         with pytest.raises(ValueError, match="invalid"):
             await scheduler.job("odd")
+        with pytest.raises(ValueError, match="names another job"):
+            await scheduler.job("mismatch")
         async with scheduler:  # the bad specs do not stop the worker
             await anyio.sleep(2.6)
             history = await scheduler.history("often")
