@@ -56,6 +56,7 @@ from ._scheduler import (
     RunContext as RunContext,
     RunRecord as RunRecord,
     Scheduler as Scheduler,
+    WorkerInfo as WorkerInfo,
 )
 from ._semaphore import PermitLostError as PermitLostError, Semaphore as Semaphore
 from ._session import Session as Session, SessionStatistics as SessionStatistics
@@ -175,6 +176,7 @@ __all__ = (
     "Watch",
     "WatchBatch",
     "WatchStatistics",
+    "WorkerInfo",
     "WorkQueue",
     "__version__",
 )

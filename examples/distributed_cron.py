@@ -1,9 +1,10 @@
-"""Distributed cron: three workers, two jobs; every tick runs exactly once; a kill and a worker stop.
+"""Distributed cron: three workers, three jobs; every tick runs exactly once; a kill and a worker stop.
 
 Every worker follows the job specs (stored under "examples/cron/jobs/") and computes the ticks itself; each
 tick is claimed by one worker only. Job "heartbeat" runs every second, "report" every 3 s (cron syntax with a
-seconds field) and takes 2 s. One "report" run is killed while running; then worker w1 stops. The printed
-history shows each tick once, with who ran it and how it ended.
+seconds field: first, as cron_seconds=True says) and takes 2 s. One "report" run is killed while running; then
+worker w1 stops. Job "uptime" is a command, run every 2 s by w2 only (the one worker that runs commands); its
+output is kept in its run records. The printed history shows each tick once, with who ran it and how it ended.
 
     pip install 'coordkit[cron]'                        # cron expressions need croniter
     python examples/distributed_cron.py                 # in-memory backend (the default)
@@ -48,7 +49,8 @@ async def main() -> None:
         for name in ("w1", "w2", "w3"):
             client = await stack.enter_async_context(connect())
             session = await stack.enter_async_context(Session(client, ttl=5))
-            workers[name] = scheduler = Scheduler(session, PREFIX, worker=name)
+            # Only w2 runs command jobs: whoever can write the jobs prefix can run programs where this is on.
+            workers[name] = scheduler = Scheduler(session, PREFIX, worker=name, run_commands=name == "w2")
             scheduler.register("heartbeat", heartbeat)
             scheduler.register("report", report)
         admin = workers["w3"]
@@ -57,7 +59,9 @@ async def main() -> None:
             for name, scheduler in workers.items():
                 tg.start_soon(run_worker, scheduler, stops[name])
             await admin.put_job(JobSpec("heartbeat", "heartbeat", interval=1))
-            await admin.put_job(JobSpec("report", "report", cron="* * * * * */3"))
+            await admin.put_job(JobSpec("report", "report", cron="*/3 * * * * *", cron_seconds=True))
+            await admin.put_job(JobSpec("uptime", command=["echo", "up"], interval=2))
+            print("jobs:", ", ".join(job.name for job in await admin.jobs()))
             report_started = anyio.Event()
             running_reports.append(report_started)
             await report_started.wait()
@@ -68,15 +72,16 @@ async def main() -> None:
             print("w1 stops")
             stops["w1"].set()
             await anyio.sleep(3)
-            for job in ("heartbeat", "report"):
+            for job in ("heartbeat", "report", "uptime"):
                 await admin.remove_job(job)
-            history = {job: await admin.history(job) for job in ("heartbeat", "report")}
+            history = {job: await admin.history(job) for job in ("heartbeat", "report", "uptime")}
             for stop in stops.values():
                 stop.set()
     for job, runs in history.items():
         print(f"history of {job}:")
         for run in runs:
-            print(f"  {run.tick[11:19]} {run.outcome:<8} on {run.worker}")
+            output = f" said {run.stdout.strip()!r}" if run.stdout else ""
+            print(f"  {run.tick[11:19]} {run.outcome:<8} on {run.worker}{output}")
         ticks = Counter(run.tick for run in runs)
         assert set(ticks.values()) == {1}, ticks
     print("every tick ran exactly once")

@@ -24,6 +24,7 @@ import anyio.abc
 import pytest
 from click.testing import CliRunner
 
+from coordkit import EtcdBackend, JobSpec, RunContext, Scheduler, Session
 from coordkit._cli import cli as coordkit_cli
 from coordkit.testing import EtcdServer
 
@@ -307,6 +308,42 @@ async def test_join_and_members(env: dict[str, str]) -> None:
     assert ran.returncode == 4
 
 
+# -- cron -------------------------------------------------------------------------------------------------------
+
+
+async def test_cron_lists_jobs_runs_and_workers_and_kills(env: dict[str, str], etcd_server: EtcdServer) -> None:
+    prefix = unique("cron")
+    started = anyio.Event()
+
+    async def hang(context: RunContext) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with EtcdBackend(etcd_server.endpoint) as backend, Session(backend, ttl=5) as session:
+        scheduler = Scheduler(session, prefix, worker="w1", capacity=2)
+        scheduler.register("hang", hang)
+        async with scheduler:
+            await scheduler.put_job(JobSpec("job", "hang", interval=1000, misfire="late"))
+            with anyio.fail_after(10):
+                await started.wait()
+                while not any(info.running for info in await scheduler.workers()):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)  # the worker announces its run (a write we have no event for)
+            jobs = await cli(env, "cron", "jobs", prefix, "--json")
+            assert [job["name"] for job in json.loads(jobs.stdout)["jobs"]] == ["job"], jobs
+            workers = await cli(env, "cron", "workers", prefix)
+            assert re.search(rb"w1 .* 2 +job/\d{16}", workers.stdout), workers.stdout
+            history = await cli(env, "cron", "history", prefix, "job", "--json")
+            (run,) = json.loads(history.stdout)["runs"]
+            assert run["outcome"] == "running", history
+            killed = await cli(env, "cron", "kill", prefix, "job", "--run", run["run"])
+            assert killed.returncode == 0, killed.stderr
+            with anyio.fail_after(10):
+                while (await scheduler.history("job"))[0].outcome != "killed":  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+    missing = await cli(env, "cron", "history", prefix, "absent")
+    assert missing.returncode == 4, missing.stderr
+
+
 # -- config -----------------------------------------------------------------------------------------------------
 
 
@@ -401,7 +438,8 @@ async def test_demo_runs_in_memory() -> None:
 
 def test_every_subcommand_has_help() -> None:
     commands = [(name,) for name in coordkit_cli.commands] + [("config", name) for name in ("get", "put", "watch")]
-    assert len(commands) == 10  # lock elect members join config once demo + config get/put/watch
+    commands += [("cron", name) for name in ("jobs", "history", "kill", "workers")]
+    assert len(commands) == 15  # lock elect members join config once demo cron + config 3 + cron 4
     for command in [(), *commands]:
         result = CliRunner().invoke(coordkit_cli, [*command, "--help"])
         assert result.exit_code == 0 and "Usage: " in result.output, command

@@ -411,7 +411,6 @@ def _entry_points(session: Session, prefix: str) -> tuple[dict[str, Call], dict[
         "Group.watch": lambda: first(group.watch()),
         "ConfigView": lambda: enter(ConfigView(backend, f"{prefix}config/")),
         "WorkQueue.depth": queue.depth,
-        "Scheduler": lambda: enter(scheduler),  # a worker only watches until a tick is due
         "Scheduler.history": lambda: scheduler.history("tick"),
         "watch": lambda: enter(backend.watch(prefix.encode(), prefix=True, start_revision=0)),
     }
@@ -426,6 +425,7 @@ def _entry_points(session: Session, prefix: str) -> tuple[dict[str, Call], dict[
         "WorkQueue.put": lambda: queue.put(b"job"),
         "WorkQueue.lease": lambda: enter(queue.lease(visibility_timeout=10)),  # writes once an item is there
         "Scheduler.put_job": lambda: scheduler.put_job(JobSpec("tick", "job", interval=1)),
+        "Scheduler": lambda: enter(scheduler),  # a worker announces itself in the workers' group
     }
     return reads, writes
 

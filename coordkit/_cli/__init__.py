@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _commands as _commands  # registers the subcommands on the group
+from . import _commands as _commands, _cron as _cron  # register the subcommands on the group
 from ._app import cli as cli
 
 
