@@ -13,6 +13,7 @@ opens it no longer counts towards ``count``; inside, the others stop waiting for
 
 from __future__ import annotations
 
+import uuid
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import final
@@ -22,9 +23,13 @@ import anyio
 from ._backend import Backend
 from ._errors import CoordkitError, OwnershipLostError
 from ._queue import name_prefix
+from ._retry import retry_call
 from ._session import Session, require_session, retry_while_valid
 from ._types import Compare, Delete, EventType, Put, Range, RangeResult
 from ._watch import Snapshot, Watch, wait_deleted
+
+#: how long a cancelled hold keeps trying to take back the write it may have made
+_CLEANUP_SECONDS = 10
 
 
 @final
@@ -49,13 +54,30 @@ class Barrier:
     async def hold(self, *, session: Session | None = None) -> bool:
         """Raise the barrier; False if it was already held (by anyone).
 
+        Retried through transient failures: an attempt whose reply was lost is recognised by the token it wrote.
+        Cancelled with a write in flight, it lowers the barrier again if that write raised it.
+
         Raises:
             TypeError: ``session`` is not a Session.
         """
         lease = 0 if session is None else require_session(session).lease_id
-        # Create-only: two holders do not stack, and a release by either lowers it.
-        result = await self.backend.txn([Compare.create(self._key, "==", 0)], [Put(self._key, b"", lease)])
-        return result.succeeded
+        token = uuid.uuid4().hex.encode()  # tells this call's write from anyone else's
+        try:
+            # Create-only: two holders do not stack, and a release by either lowers it.
+            result = await retry_call(
+                lambda: self.backend.txn(
+                    [Compare.create(self._key, "==", 0)], [Put(self._key, token, lease)], [Range(self._key)]
+                )
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_SECONDS):
+                await retry_call(lambda: self.backend.txn([Compare.value(self._key, "==", token)], [Delete(self._key)]))
+            raise
+        if result.succeeded:
+            return True
+        current = result.responses[0]
+        assert isinstance(current, RangeResult)
+        return [kv.value for kv in current.kvs] == [token]  # raised by an earlier attempt whose reply was lost
 
     async def release(self) -> bool:
         """Lower the barrier, releasing every waiter; False if it was not held."""
@@ -131,10 +153,15 @@ class DoubleBarrier:
         self._key = self._waiters + format(session.lease_id, "x").encode()
         async with session.guarded(BarrierLostError, what=f"double barrier {self.name!r}"):
             # Our key, and who is inside at its revision: the arrival that makes the count is the one that opens.
-            result = await backend.txn(
-                [Compare.create(self._key, "==", 0)],
-                [Put(self._key, b"", session.lease_id), Range(self._waiters, prefix=True, count_only=True)],
-            )
+            # Not retried: the count must be read at our key's revision.
+            try:
+                result = await backend.txn(
+                    [Compare.create(self._key, "==", 0)],
+                    [Put(self._key, b"", session.lease_id), Range(self._waiters, prefix=True, count_only=True)],
+                )
+            except BaseException:  # the key may have been written, unanswered: take it back
+                await self._drop_key()
+                raise
             if not result.succeeded:
                 raise RuntimeError(f"double barrier {self.name!r}: this session is inside already")
             self._revision = result.revision
@@ -192,12 +219,13 @@ class DoubleBarrier:
         await backend.txn([], [Delete(self._ready)])
 
     async def _drop_key(self) -> None:
+        """Delete our key, shielded, while the session is valid (then it goes with the lease anyway)."""
         with anyio.CancelScope(shield=True):
-            key, revision, self._revision = self._key, self._revision, 0
+            key, self._revision = self._key, 0
             session = self.session
-            await retry_while_valid(
-                session, lambda: session.backend.txn([Compare.create(key, "==", revision)], [Delete(key)])
-            )
+            # The key's name holds our lease id: the lease compare makes sure it is this session's participant's.
+            mine = Compare.lease(key, "==", session.lease_id)
+            await retry_while_valid(session, lambda: session.backend.txn([mine], [Delete(key)]))
 
     async def __aenter__(self) -> DoubleBarrier:
         await self.enter()

@@ -14,12 +14,14 @@ from coordkit import (
     CounterValue,
     CounterValueError,
     DoubleBarrier,
+    MemoryBackend,
+    MemoryFaults,
     Put,
     Range,
     Session,
     TooManyParticipantsError,
 )
-from coordkit.testing import Harness
+from coordkit.testing import FaultyBackend, Harness
 
 from .helpers import queue_length, sessions
 
@@ -197,3 +199,37 @@ async def test_a_participant_lost_inside_is_not_waited_for(harness: Harness) -> 
                     async with DoubleBarrier(steady, name, count=2):
                         pass  # leaves at once; waits for the fragile one, whose lease then ends
             harness.heal(fragile_client)
+
+
+def reply_faults(client: object) -> MemoryFaults | FaultyBackend:
+    if isinstance(client, MemoryBackend):
+        return client.faults
+    assert isinstance(client, FaultyBackend)
+    return client
+
+
+async def test_barrier_hold_survives_a_lost_reply_and_a_cancelled_hold_leaves_it_down(harness: Harness) -> None:
+    name = harness.namespace.decode() + "ambiguous-gate"
+    async with harness.client() as admin, harness.client() as observer:
+        gate, seen = Barrier(admin, name), Barrier(observer, name)
+        reply_faults(admin).lose_replies(1)
+        assert await gate.hold(), "the retried attempt recognises the write whose reply was lost"
+        assert await seen.held()
+        assert await gate.release()
+        reply_faults(admin).delay_replies(2)
+        with anyio.move_on_after(1):
+            await gate.hold()
+            pytest.fail("the hold's reply comes after the cancellation")
+        reply_faults(admin).delay_replies(0)
+        assert not await seen.held(), "a hold cancelled with its write in flight lowers the barrier again"
+
+
+async def test_double_barrier_entry_cancelled_with_its_write_in_flight_leaves_no_key(harness: Harness) -> None:
+    name = harness.namespace.decode() + "ambiguous-phase"
+    async with harness.client() as client, harness.client() as observer, Session(client, ttl=10) as session:
+        reply_faults(client).delay_replies(2)
+        with anyio.move_on_after(1):
+            await DoubleBarrier(session, name, count=2).enter()
+            pytest.fail("the entry's reply comes after the cancellation")
+        reply_faults(client).delay_replies(0)
+        assert await queue_length(observer, name) == 0, "a participant that never entered is not counted"
