@@ -42,7 +42,7 @@ from ._feed import Subscription, subscribe
 from ._queue import name_prefix
 from ._retry import retry_call
 from ._session import Session, require_session
-from ._types import MAX_INT64, Compare, Delete, KeyValue, Op, Put, Range, check_ttl
+from ._types import MAX_INT64, Compare, Delete, KeyValue, Op, Put, Range, TxnResult, check_ttl
 from ._watch import apply
 
 #: etcd refuses more than 128 compares in one transaction: a claim compares its candidate, its claim key, the
@@ -583,17 +583,24 @@ class WorkQueue:
     async def _complete(self, task: Task) -> None:
         """Remove the item, fenced by our claim: only while the claim is the one we created."""
         claim, item_key = self._claims + task.id.encode(), self._items + task.id.encode()
-        result = await retry_call(
-            lambda: self.session.backend.txn(
+        attempts = 0
+
+        async def complete() -> TxnResult:
+            nonlocal attempts
+            attempts += 1
+            return await self.session.backend.txn(
                 [Compare.create(claim, "==", task._claim_revision)],
                 [Delete(item_key), Delete(claim)],
                 [Range(item_key, keys_only=True)],
             )
-        )
+
+        result = await retry_call(complete)
         if result.succeeded:
             self._forget(item_key, claim)
-        gone = not result.succeeded and not getattr(result.responses[0], "kvs", True)
-        if not result.succeeded and not gone:  # (gone: an earlier attempt whose reply was lost removed it)
+            return
+        # Retried after an ambiguous failure and the item is gone: the earlier attempt (whose reply was lost)
+        # removed it. On the first attempt, a failure means the claim ended before we finished.
+        if attempts == 1 or getattr(result.responses[0], "kvs", True):
             raise ClaimLostError(f"item {task.id}: the claim ended before completion; the item was not removed")
 
     async def _settle(self, task: Task, *, error: str | None) -> None:

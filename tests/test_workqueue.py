@@ -325,3 +325,36 @@ async def test_sixteen_consumers_always_take_the_head(harness: Harness) -> None:
             elif kind == b"claims":
                 (claimed.add if event.type is EventType.PUT else claimed.discard)(item_id)
     assert claims_checked >= total + total // 7
+
+
+async def test_a_claim_past_its_visibility_timeout_is_taken_back_by_another_consumer(harness: Harness) -> None:
+    """The holder's session stays alive but its body ignores the deadline (shielded): another consumer takes the
+    item back once the visibility timeout passed by its own clock, and the late holder cannot complete it."""
+    name = harness.namespace.decode() + "takeover"
+    async with sessions(harness, 2) as (stuck, other):
+        item_id = await WorkQueue(stuck, name).put(b"job")
+        holding = anyio.Event()
+        late: list[BaseException] = []
+
+        async def hold() -> None:
+            try:
+                async with WorkQueue(stuck, name).lease(visibility_timeout=2):
+                    holding.set()
+                    with anyio.CancelScope(shield=True):
+                        await anyio.sleep(6)
+            except ClaimLostError as exc:
+                late.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            await holding.wait()
+            started = anyio.current_time()
+            with anyio.fail_after(6):
+                async with WorkQueue(other, name).lease() as task:
+                    taken_after = anyio.current_time() - started
+                    assert task.id == item_id and task.attempt == 2
+                    assert "visibility timeout passed" in str(task._item.error)
+        assert taken_after >= 2, "taken back before the holder's visibility timeout"
+        assert len(late) == 1 and "before completion" in str(late[0])
+        depth = await WorkQueue(other, name).depth()
+        assert (depth.pending, depth.leased, depth.dead) == (0, 0, 0)
