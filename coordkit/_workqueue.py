@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import Any, final
 
 import anyio
+import anyio.lowlevel
 
 from ._errors import OwnershipLostError, error_text
 from ._feed import Subscription, subscribe
@@ -454,6 +455,7 @@ class WorkQueue:
                 if isinstance(outcome, Task):
                     return outcome
                 if outcome <= anyio.current_time():
+                    await anyio.lowlevel.checkpoint()  # (a claim was just taken back: look again at once)
                     continue
                 # Nothing free, or our view was behind the store: wait for the next change of the queue (by
                 # watch, never by polling), or until a claim we saw passes its visibility timeout.
@@ -531,10 +533,17 @@ class WorkQueue:
             result = await self.session.backend.txn(
                 compares,
                 [Put(key, delivered.encode()), Put(claim, self._claim_value(visibility), self.session.lease_id)],
+                [Range(claim), Range(key)],
             )
             if not result.succeeded:
-                # Our view was behind the store where it matters: a change of the queue we have not seen yet
-                # exists, so wait for the watch to bring it (no timeout needed).
+                winner, now_item = (getattr(r, "kvs", ()) for r in result.responses)
+                if winner and now_item:
+                    # Lost the race for it: the winner's claim is in the reply, so try the next item at once
+                    # instead of waiting for the watch to show it.
+                    state[claim], state[key] = winner[0], now_item[0]
+                    return anyio.current_time()
+                # Our view was behind the store elsewhere: a change of the queue we have not seen yet exists,
+                # so wait for the watch to bring it (no timeout needed).
                 return math.inf
             # Our own write, known now: the next claim need not wait for the watch to bring it.
             value = self._claim_value(visibility)
