@@ -147,6 +147,13 @@ def _claim_visibility(value: bytes) -> int | None:
     return visibility if isinstance(visibility, int) and not isinstance(visibility, bool) else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Behind:
+    """A claim was refused: our view is behind the store; catch up to at least ``revision``, then look again."""
+
+    revision: int
+
+
 @final
 class Task:
     """A leased item, inside ``async with queue.lease() as task``.
@@ -295,6 +302,8 @@ class WorkQueue:
         self._decoded: dict[bytes, tuple[int, _Item | str]] = {}
         # claim key -> (mod revision, local time this consumer first saw that revision of the claim)
         self._claims_seen: dict[bytes, tuple[int, float]] = {}
+        # claim key -> (mod revision, the visibility timeout it declares)
+        self._claim_visibilities: dict[bytes, tuple[int, int | None]] = {}
 
     async def __aenter__(self) -> WorkQueue:
         """Optional: keep one follower of the queue open across leases, so a claim does not open a watch."""
@@ -421,6 +430,14 @@ class WorkQueue:
     def _claim_value(self, visibility: int) -> bytes:
         return json.dumps({"holder": f"{self.session.lease_id:x}", "visibility": visibility}).encode()
 
+    def _visibility_of(self, claim: bytes, held: KeyValue) -> int | None:
+        cached = self._claim_visibilities.get(claim)
+        if cached is None or cached[0] != held.mod_revision:
+            cached = self._claim_visibilities[claim] = (held.mod_revision, _claim_visibility(held.value))
+            if len(self._claim_visibilities) > 4 * len(self._claims_seen) + 64:
+                self._claim_visibilities = {claim: cached}
+        return cached[1]
+
     def _decode(self, key: bytes, kv: KeyValue) -> _Item | str:
         cached = self._decoded.get(key)
         if cached is not None and cached[0] == kv.mod_revision:
@@ -454,20 +471,28 @@ class WorkQueue:
                 outcome = await self._claim_one(subscription.state, visibility)
                 if isinstance(outcome, Task):
                     return outcome
+                if isinstance(outcome, _Behind):
+                    # If the view already has that revision, what we missed is a deletion: the next change.
+                    behind = max(outcome.revision, subscription.revision + 1)
+                    while subscription.revision < behind:
+                        item = await subscription.next()
+                        subscription.state, subscription.revision = apply(subscription.state, item), item.revision
+                    continue
                 if outcome <= anyio.current_time():
                     await anyio.lowlevel.checkpoint()  # (a claim was just taken back: look again at once)
                     continue
                 # Nothing free, or our view was behind the store: wait for the next change of the queue (by
                 # watch, never by polling), or until a claim we saw passes its visibility timeout.
                 with anyio.move_on_after(outcome - anyio.current_time()):
-                    subscription.state = apply(subscription.state, await subscription.next())
+                    item = await subscription.next()
+                    subscription.state, subscription.revision = apply(subscription.state, item), item.revision
         finally:
             if own is None:
                 await subscription.aclose()
             else:
                 self._subscription_busy = False
 
-    async def _claim_one(self, state: dict[bytes, KeyValue], visibility: int) -> Task | float:
+    async def _claim_one(self, state: dict[bytes, KeyValue], visibility: int) -> Task | float | _Behind:
         """Claim the head of the free items, or return the local time until which to wait for a change.
 
         The claim's transaction holds only if our view of the queue is exact where it matters: the candidate
@@ -505,7 +530,7 @@ class WorkQueue:
                 if first_seen is None or first_seen[0] != held.mod_revision:
                     first_seen = (held.mod_revision, now)
                 seen[claim] = first_seen
-                claim_visibility = _claim_visibility(held.value)
+                claim_visibility = self._visibility_of(claim, held)
                 expires = math.inf if claim_visibility is None else first_seen[1] + claim_visibility + _TAKEOVER_GRACE
                 if expires > now:
                     # Held: it must still be held by this claim when ours commits (else it may be free again).
@@ -533,18 +558,15 @@ class WorkQueue:
             result = await self.session.backend.txn(
                 compares,
                 [Put(key, delivered.encode()), Put(claim, self._claim_value(visibility), self.session.lease_id)],
-                [Range(claim), Range(key)],
+                # refused: the revision of the last write under the queue's prefix, to catch up to
+                [Range(self._prefix, prefix=True, sort_by="mod", descending=True, limit=1, keys_only=True)],
             )
             if not result.succeeded:
-                winner, now_item = (getattr(r, "kvs", ()) for r in result.responses)
-                if winner and now_item:
-                    # Lost the race for it: the winner's claim is in the reply, so try the next item at once
-                    # instead of waiting for the watch to show it.
-                    state[claim], state[key] = winner[0], now_item[0]
-                    return anyio.current_time()
-                # Our view was behind the store elsewhere: a change of the queue we have not seen yet exists,
-                # so wait for the watch to bring it (no timeout needed).
-                return math.inf
+                # Our view was behind the store (lost a race, or something changed ahead of the candidate): catch
+                # up with the watch to at least the last write, then look again. (If the view already has it,
+                # what we missed is a deletion: wait for the next change, which is it.)
+                latest = getattr(result.responses[0], "kvs", ())
+                return _Behind(latest[0].mod_revision) if latest else math.inf
             # Our own write, known now: the next claim need not wait for the watch to bring it.
             value = self._claim_value(visibility)
             state[claim] = KeyValue(claim, value, result.revision, result.revision, 1, self.session.lease_id)
