@@ -1,12 +1,16 @@
-"""WorkQueue throughput and claim latency, and Scheduler claim cost, in one run, printing a table.
+"""WorkQueue throughput and claim latency against the store's own ceiling, and Scheduler claim cost, in one run.
 
-    python benchmarks/workqueue.py [--items 400]
+    python benchmarks/workqueue.py [--items 256] [--consumers 1,4,16,64] [--no-scheduler]
 
 (Not ``queue.py``: a script there would shadow the standard library's ``queue`` for every benchmark.)
 
-- queue: ``--items`` items put up front, then drained by 1, 4 and 16 consumers (each on its own session and
-  client), on EtcdBackend (etcd 3.5.1 on loopback) and MemoryBackend: end-to-end items/s, and claim latency
-  (from asking for a lease to holding an item) p50/p99.
+- queue: ``--items`` items put up front (``put_many``), then drained by N consumers (each on its own session and
+  client, each holding ``async with queue``), on EtcdBackend (etcd 3.5.1 on loopback) and MemoryBackend, in two
+  modes: each item's processing is a 20 ms sleep ("20ms"), or nothing ("none"). End-to-end items/s (up to the
+  last completion) and claim latency (from asking for a lease to holding an item) p50/p99.
+- ceiling: the same etcd's raw throughput of small compare-and-put transactions from 16 concurrent clients, and
+  one client's txn round trip p50; divided by the 3 writes an item costs (put, claim, completion), the most
+  items/s any design with 3 writes per item could reach here.
 - scheduler: 10 workers, one job ticking every 100 ms: from each tick's scheduled time to its run starting
   (the sleep's overshoot plus the run record's compare-and-swap, which 10 workers race for), p50/p99, and runs
   per tick (1.00: every tick ran, once).
@@ -25,46 +29,88 @@ from datetime import UTC, datetime, timedelta
 import anyio
 from _measure import percentile
 
-from coordkit import Backend, EtcdBackend, JobSpec, MemoryBackend, RunContext, Scheduler, Session, WorkQueue
+from coordkit import (
+    Backend,
+    Compare,
+    EtcdBackend,
+    JobSpec,
+    MemoryBackend,
+    Put,
+    RunContext,
+    Scheduler,
+    Session,
+    WorkQueue,
+)
 from coordkit.testing import EtcdServer
 
 Connect = Callable[[], AbstractAsyncContextManager[Backend]]
+WRITES_PER_ITEM = 3
 
 
-async def drain(connect: Connect, name: str, items: int, consumers: int) -> tuple[float, list[float]]:
+async def drain(connect: Connect, name: str, items: int, consumers: int, work: float) -> tuple[float, list[float]]:
     claims: list[float] = []
     done = 0
     finished = 0.0
+    all_done = anyio.Event()
     async with AsyncExitStack() as stack:
         sessions = []
         for _ in range(consumers + 1):
             client = await stack.enter_async_context(connect())
             sessions.append(await stack.enter_async_context(Session(client, ttl=30)))
-        producer = WorkQueue(sessions[0], name)
-        for i in range(items):
-            await producer.put(b"item %d" % i)
+        await WorkQueue(sessions[0], name).put_many([b"item %d" % i for i in range(items)])
         started = time.perf_counter()
 
         async def consume(session: Session) -> None:
             nonlocal done, finished
             async with WorkQueue(session, name) as queue:
-                await consume_all(queue)
-
-        async def consume_all(queue: WorkQueue) -> None:
-            nonlocal done, finished
-            while done < items:
-                asked = time.perf_counter()
-                with anyio.move_on_after(1):
+                while True:
+                    asked = time.perf_counter()
                     async with queue.lease(visibility_timeout=30):
                         claims.append(time.perf_counter() - asked)
+                        if work:
+                            await anyio.sleep(work)
                     done += 1
-                    finished = time.perf_counter()
+                    if done == items:
+                        finished = time.perf_counter()
+                        all_done.set()
 
         async with anyio.create_task_group() as tg:
             for session in sessions[1:]:
                 tg.start_soon(consume, session)
-    # up to the last completion (idle consumers then give up waiting, which is not throughput)
+            await all_done.wait()
+            tg.cancel_scope.cancel()
     return items / (finished - started), claims
+
+
+async def ceiling(connect: Connect, clients: int = 16, seconds: float = 3.0) -> tuple[float, float]:
+    """Raw compare-and-put transactions per second from ``clients`` concurrent clients; one client's txn p50."""
+    count = 0
+    async with AsyncExitStack() as stack:
+        backends = [await stack.enter_async_context(connect()) for _ in range(clients)]
+        single: list[float] = []
+        for i in range(200):
+            sent = time.perf_counter()
+            await backends[0].txn([Compare.mod(b"bench/rtt", ">", -1)], [Put(b"bench/rtt", b"%d" % i)])
+            single.append(time.perf_counter() - sent)
+
+        async def hammer(index: int, backend: Backend) -> None:
+            nonlocal count
+            key = b"bench/ceiling/%d" % index
+            revision = 0
+            while True:
+                result = await backend.txn([Compare.mod(key, "==", revision)], [Put(key, b"x" * 100)])
+                revision = result.revision
+                count += 1
+
+        async with anyio.create_task_group() as tg:
+            for index, backend in enumerate(backends):
+                tg.start_soon(hammer, index, backend)
+            await anyio.sleep(0.5)  # warm up
+            count, started = 0, time.perf_counter()
+            await anyio.sleep(seconds)
+            rate = count / (time.perf_counter() - started)
+            tg.cancel_scope.cancel()
+    return rate, percentile(single, 0.5)
 
 
 async def scheduler_claims(connect: Connect, ticks: int = 30) -> tuple[list[float], float]:
@@ -99,8 +145,11 @@ async def scheduler_claims(connect: Connect, ticks: int = 30) -> tuple[list[floa
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=400)
+    parser.add_argument("--items", type=int, default=256)
+    parser.add_argument("--consumers", default="1,4,16,64")
+    parser.add_argument("--no-scheduler", action="store_true")
     args = parser.parse_args()
+    counts = [int(n) for n in args.consumers.split(",")]
     rows = []
     with EtcdServer() as server:
         memory = MemoryBackend()
@@ -108,18 +157,28 @@ async def main() -> None:
             ("etcd", lambda: EtcdBackend(server.endpoint)),
             ("memory", memory.connect),
         ]
+        raw = {label: await ceiling(connect) for label, connect in backends}
         for label, connect in backends:
-            for consumers in (1, 4, 16):
-                rate, claims = await drain(connect, f"bench/queue/{label}/{consumers}", args.items, consumers)
-                rows.append((label, consumers, rate, percentile(claims, 0.5), percentile(claims, 0.99)))
-        cron = {label: await scheduler_claims(connect) for label, connect in backends}
-    print(f"WorkQueue: {args.items} items drained by N consumers (own session each)")
-    print(f"{'backend':<8} {'consumers':>9} {'items/s':>9} {'claim p50 ms':>13} {'p99 ms':>8}")
-    for label, consumers, rate, p50, p99 in rows:
-        print(f"{label:<8} {consumers:>9} {rate:>9.0f} {p50 * 1e3:>13.2f} {p99 * 1e3:>8.2f}")
+            for mode, work in (("20ms", 0.02), ("none", 0.0)):
+                for consumers in counts:
+                    name = f"bench/queue/{label}/{mode}/{consumers}"
+                    rate, claims = await drain(connect, name, args.items, consumers, work)
+                    rows.append((label, mode, consumers, rate, percentile(claims, 0.5), percentile(claims, 0.99)))
+        cron = {} if args.no_scheduler else {label: await scheduler_claims(connect) for label, connect in backends}
+    print(f"WorkQueue: {args.items} items drained by N consumers (own session and client each)")
+    print(f"{'backend':<8} {'work':>5} {'consumers':>9} {'items/s':>9} {'claim p50 ms':>13} {'p99 ms':>8}")
+    for label, mode, consumers, rate, p50, p99 in rows:
+        print(f"{label:<8} {mode:>5} {consumers:>9} {rate:>9.0f} {p50 * 1e3:>13.2f} {p99 * 1e3:>8.2f}")
     print()
-    print("Scheduler: 10 workers, one job every 100 ms: tick time -> run start (the claim), ms")
+    print(f"Ceiling: raw compare-and-put txns/s from 16 clients, / {WRITES_PER_ITEM} writes per item; one txn p50")
+    for label, (rate, rtt) in raw.items():
+        print(
+            f"{label:<8} {rate:9.0f} txn/s -> {rate / WRITES_PER_ITEM:7.0f} items/s ceiling;"
+            f"  txn round trip p50 {rtt * 1e3:.2f} ms"
+        )
     for label, (delays, ratio) in cron.items():
+        if label == next(iter(cron)):
+            print("\nScheduler: 10 workers, one job every 100 ms: tick time -> run start (the claim), ms")
         print(
             f"{label:<8} p50 {percentile(delays, 0.5) * 1e3:7.2f}  p99 {percentile(delays, 0.99) * 1e3:7.2f}"
             f"  runs per tick {ratio:.2f}"

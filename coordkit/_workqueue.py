@@ -1,40 +1,60 @@
 """WorkQueue: a queue whose items are leased to one consumer at a time and re-offered when a consumer fails.
 
-The "work queue with leases" pattern. Guarantees: every item is held by at most one consumer at a time; a claim
-ends when the consumer completes the item (removed, fenced by the claim: a consumer whose claim already ended
-cannot complete or delete an item someone else now holds), when it fails (re-offered with its attempt count, or
-dead-lettered after ``max_attempts``), when its visibility timeout passes without `extend` (the claim's own lease
-expires on the server and the item is re-offered; the late consumer's body is cancelled and told why), or when
-its session is lost. Consumers wait by watch, never by polling; items are offered by priority, then in creation
-order.
+The "work queue with leases" pattern. Guarantees:
 
-Keys under ``<name>/``: ``items/<id>`` (the item: payload, priority, attempts, last error), ``claims/<id>``
-(bound to the claim's lease) and ``dead/<id>`` (dead letters).
+- **One holder at a time.** An item is claimed by writing ``claims/<id>`` (bound to the consumer's session
+  lease) in the same transaction that counts the delivery; completion, give-back and `Task.extend` are fenced by
+  that claim's create revision, so a consumer whose claim ended cannot complete an item someone else now holds.
+- **Order.** At the store revision of its claim, the item a consumer is given is the head of the free items:
+  no free item has a higher priority, and no free item of the same priority was created earlier (FIFO is by the
+  item key's create revision, then by id for items put in one transaction). The claim transaction proves it: it
+  compares that nothing was put since the consumer's view (the ``tail`` key every producer bumps) and that every
+  item ahead of the candidate is still held by the claim the consumer saw.
+- **Re-offer.** A claim ends when the consumer completes the item (removed), fails (re-offered with its attempt
+  count, or dead-lettered after ``max_attempts``), passes its visibility timeout (its own clock cancels the body
+  and gives the item back; should it not, any other consumer takes the claim back once the timeout has passed by
+  its own clock since it saw the claim), or loses its session (the claim goes with the session's lease).
+- **Bad records never stop the queue.** An item record no consumer can decode (not JSON, missing or mistyped
+  fields, a key that is not UTF-8) is moved to the dead letters with the reason, atomically; the rest flows.
+
+Keys under ``<name>/``: ``items/<id>`` (the item record, JSON: see the guide for the format other languages
+write), ``claims/<id>`` (the holder, bound to its session lease), ``dead/<id>`` (dead letters) and ``tail``
+(rewritten by every put, so a claim can prove it saw every item). An item costs three writes from put to
+completion: the put, the claim, the completion.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import math
-import random
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, final
 
 import anyio
+import anyio.lowlevel
 
-from ._errors import LeaseExpiredError, OwnershipLostError, error_text
+from ._errors import OwnershipLostError, error_text
 from ._feed import Subscription, subscribe
 from ._queue import name_prefix
 from ._retry import retry_call
 from ._session import Session, require_session
-from ._types import Compare, Delete, KeyValue, Op, Put, Range, check_ttl
+from ._types import MAX_INT64, Compare, Delete, KeyValue, Op, Put, Range, TxnResult, check_ttl
 from ._watch import apply
 
-#: after losing a claim race, a consumer picks at random among this many next items
-_SPREAD = 16
+#: etcd refuses more than 128 compares in one transaction: a claim compares its candidate, its claim key, the
+#: tail and at most this many claims ahead of it (see "Order" in the guide for what happens beyond).
+_MAX_AHEAD = 124
+#: items per put_many transaction (etcd's limit is 128 operations, and the tail is one more)
+_PUT_BATCH = 100
+#: another consumer takes a claim back this long after the holder's visibility timeout, by its own clock since
+#: it saw the claim (the holder's own deadline is ``_MARGIN`` before the timeout, from before it wrote it)
+_TAKEOVER_GRACE = 1.0
+_MARGIN = 0.5
 
 
 class ClaimLostError(OwnershipLostError):
@@ -53,11 +73,11 @@ class QueueDepth:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """An item that failed ``max_attempts`` times.
+    """An item that failed ``max_attempts`` times, or whose record could not be decoded.
 
     Attributes:
-        id: the item id.
-        payload: the item.
+        id: the item id (a key that is not UTF-8 is shown with ``surrogateescape``).
+        payload: the item; for a record that could not be decoded, the record's raw bytes.
         attempts: how many times it was delivered.
         error: the last error (text), or why it was given up.
     """
@@ -66,6 +86,19 @@ class DeadLetter:
     payload: bytes
     attempts: int
     error: str
+
+
+class _Undecodable(ValueError):
+    """An item record that does not follow the published format."""
+
+
+def _int_field(record: dict[str, Any], name: str, default: int, minimum: int) -> int:
+    value = record.get(name, default)
+    if value is None:
+        value = default
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= MAX_INT64:
+        raise _Undecodable(f"{name!r} must be an integer from {minimum} to 2**63 - 1, not {value!r}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +116,42 @@ class _Item:
 
     @classmethod
     def decode(cls, data: bytes) -> _Item:
-        record = json.loads(data)
-        return cls(base64.b64decode(record["payload"]), record["priority"], record["attempts"], record["error"])
+        """Decode a record of the published format, or raise `_Undecodable` saying what is wrong with it."""
+        try:
+            record = json.loads(data)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _Undecodable(f"not a JSON document ({exc})") from None
+        if not isinstance(record, dict):
+            raise _Undecodable(f"not a JSON object but {type(record).__name__}")
+        payload = record.get("payload")
+        if not isinstance(payload, str):
+            raise _Undecodable(f"'payload' must be a base64 string, not {payload!r:.80}")
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise _Undecodable(f"'payload' is not valid base64 ({exc})") from None
+        error = record.get("error")
+        if error is not None and not isinstance(error, str):
+            raise _Undecodable(f"'error' must be a string or null, not {error!r:.80}")
+        priority = _int_field(record, "priority", 0, -MAX_INT64 - 1)
+        return cls(raw, priority, _int_field(record, "attempts", 0, 0), error)
+
+
+def _claim_visibility(value: bytes) -> int | None:
+    """The visibility timeout a claim declares, or None (a foreign claim: only its lease ends it)."""
+    try:
+        record = json.loads(value)
+        visibility = record["visibility"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return visibility if isinstance(visibility, int) and not isinstance(visibility, bool) else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Behind:
+    """A claim was refused: our view is behind the store; catch up to at least ``revision``, then look again."""
+
+    revision: int
 
 
 @final
@@ -98,7 +165,7 @@ class Task:
         priority: the item's priority.
     """
 
-    def __init__(self, queue: WorkQueue, item_id: str, item: _Item, claim_revision: int, lease_id: int) -> None:
+    def __init__(self, queue: WorkQueue, item_id: str, item: _Item, claim_revision: int, visibility: int) -> None:
         self._queue = queue
         self.id = item_id
         self.payload = item.payload
@@ -106,7 +173,8 @@ class Task:
         self.priority = item.priority
         self._item = item
         self._claim_revision = claim_revision
-        self._lease_id = lease_id
+        self._create_revision = 0  # the item key's
+        self._visibility = visibility
         self._scope: anyio.CancelScope | None = None
         self._deadline = math.inf
 
@@ -116,19 +184,28 @@ class Task:
         return self._deadline
 
     async def extend(self) -> None:
-        """Restart the visibility timeout (the claim's lease on the server, and the local deadline).
+        """Restart the visibility timeout: rewrite the claim (fenced by it), then move the local deadline.
+
+        Other consumers restart their count of the timeout when they see the rewritten claim.
 
         Raises:
-            ClaimLostError: the claim already ended (the item was completed or given back, or its lease expired).
+            ClaimLostError: the claim already ended (the item was completed or given back, or taken back after
+                its visibility timeout).
         """
+        queue = self._queue
+        claim = queue._claims + self.id.encode()
         sent = anyio.current_time()
-        try:
-            ttl = await self._queue.session.backend.refresh(self._lease_id)
-        except LeaseExpiredError as exc:
+        result = await retry_call(
+            lambda: queue.session.backend.txn(
+                [Compare.create(claim, "==", self._claim_revision)],
+                [Put(claim, queue._claim_value(self._visibility), queue.session.lease_id)],
+            )
+        )
+        if not result.succeeded:
             raise ClaimLostError(
                 f"item {self.id}: the claim already ended (completed, given back, or its visibility timeout passed)"
-            ) from exc
-        self._deadline = sent + ttl - self._queue._margin
+            )
+        self._deadline = sent + self._visibility - _MARGIN
         if self._scope is not None:
             self._scope.deadline = self._deadline
 
@@ -151,7 +228,7 @@ class _Lease:
             await guard.__aenter__()
         except BaseException:
             # Claimed, but cancelled (or the session went) before the body: give the item back uncounted.
-            await self._queue._settle(task, error=None, release=True)
+            await self._queue._settle(task, error=None)
             raise
         self._guard = guard
         scope = anyio.CancelScope(deadline=task.deadline)
@@ -170,17 +247,17 @@ class _Lease:
         try:
             await guard.__aexit__(exc_type, exc, tb)
         except ClaimLostError:
-            await self._queue._settle(task, error="the consumer's session was lost", release=True)
+            await self._queue._settle(task, error="the consumer's session was lost")
             raise
         if timed_out:
-            await self._queue._settle(task, error="visibility timeout passed", release=True)
+            await self._queue._settle(task, error="visibility timeout passed")
             raise ClaimLostError(f"item {task.id}: the visibility timeout passed before the consumer finished")
         if exc is None:
             await self._queue._complete(task)
         elif isinstance(exc, Exception):
-            await self._queue._settle(task, error=error_text(exc), release=True)
+            await self._queue._settle(task, error=error_text(exc))
         else:  # cancelled from outside: give the item back untouched, without counting it against the item
-            await self._queue._settle(task, error=None, release=True)
+            await self._queue._settle(task, error=None)
         return None
 
 
@@ -190,15 +267,16 @@ class WorkQueue:
 
     Producers ``await queue.put(b"job")``; consumers ``async with queue.lease(visibility_timeout=30) as task:``
     (a consumer that leases in a loop should hold ``async with queue:`` around it: the queue then keeps one
-    follower of its keys open, and a claim costs two round trips instead of opening a watch first);
+    follower of its keys open, and a claim costs one round trip instead of opening a watch first);
     wait for an item and hold it exclusively. Leaving the block normally completes the item (it is removed);
     an exception re-offers it (counting the attempt) and propagates; after ``max_attempts`` deliveries the item
     goes to the dead letters with its last error. If the body runs past the visibility timeout without
     ``task.extend()``, or the session is lost, the body is cancelled and ``ClaimLostError`` raised, and the item
-    is offered again.
+    is offered again. See the module docstring for the order guarantee.
 
     Args:
-        session: the consumer's session (claims also hold a lease of their own, for the visibility timeout).
+        session: the consumer's session: claims are bound to its lease, so a consumer that dies or is cut off
+            loses its claims within the session's TTL.
         name: the queue's name; keys live under ``<name>/``.
         max_attempts: deliveries before an item is dead-lettered (>= 1).
 
@@ -217,9 +295,15 @@ class WorkQueue:
         self._items = self._prefix + b"items/"
         self._claims = self._prefix + b"claims/"
         self._dead = self._prefix + b"dead/"
-        self._margin = 0.5
+        self._tail = self._prefix + b"tail"
         self._subscription: Subscription | None = None
         self._subscription_busy = False
+        # item key -> (mod revision, decoded item or why it cannot be decoded): each record is decoded once
+        self._decoded: dict[bytes, tuple[int, _Item | str]] = {}
+        # claim key -> (mod revision, local time this consumer first saw that revision of the claim)
+        self._claims_seen: dict[bytes, tuple[int, float]] = {}
+        # claim key -> (mod revision, the visibility timeout it declares)
+        self._claim_visibilities: dict[bytes, tuple[int, int | None]] = {}
 
     async def __aenter__(self) -> WorkQueue:
         """Optional: keep one follower of the queue open across leases, so a claim does not open a watch."""
@@ -238,18 +322,45 @@ class WorkQueue:
     async def put(self, payload: bytes, *, priority: int = 0) -> str:
         """Add an item; return its id. Higher ``priority`` is offered first; equal ones in creation order.
 
+        One write: the item and the queue's ``tail`` in one transaction.
+
         Raises:
             TypeError: ``payload`` is not bytes, or ``priority`` not an int.
+            ValueError: ``priority`` does not fit a signed 64-bit integer.
             RequestTooLargeError: the item is larger than the server accepts. It is stored base64-encoded, so the
                 payload limit is about 1.1 MiB with etcd's default 1.5 MiB request limit.
         """
-        if not isinstance(payload, bytes):
-            raise TypeError(f"payloads are bytes, not {type(payload).__name__}")
+        (item_id,) = await self.put_many([payload], priority=priority)
+        return item_id
+
+    async def put_many(self, payloads: Iterable[bytes], *, priority: int = 0) -> list[str]:
+        """Add several items, in order, in one transaction per 100 items; return their ids.
+
+        Items of one transaction share a create revision; their ids sort in the order given, and items of one
+        revision are offered in id order, so they are offered in the order given. Raises as `put`.
+        """
+        items = list(payloads)
+        for payload in items:
+            if not isinstance(payload, bytes):
+                raise TypeError(f"payloads are bytes, not {type(payload).__name__}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        item_id = uuid.uuid4().hex
-        await self.session.backend.txn([], [Put(self._items + item_id.encode(), _Item(payload, priority).encode())])
-        return item_id
+        if not -MAX_INT64 - 1 <= priority <= MAX_INT64:
+            raise ValueError(f"priority must fit a signed 64-bit integer, not {priority}")
+        # Ids of one call share a random stem and end in a counter: items of one transaction share a create
+        # revision, and are offered in key order within it, which is then the order given.
+        stem = uuid.uuid4().hex[:24]
+        ids = [f"{stem}{i:08x}" for i in range(len(items))] if len(items) > 1 else [uuid.uuid4().hex]
+        for start in range(0, len(items), _PUT_BATCH):
+            ops: list[Op] = [
+                Put(self._items + item_id.encode(), _Item(payload, priority).encode())
+                for item_id, payload in zip(
+                    ids[start : start + _PUT_BATCH], items[start : start + _PUT_BATCH], strict=True
+                )
+            ]
+            # The tail moves with every put: a claim that saw the tail unchanged saw every item.
+            await self.session.backend.txn([], [*ops, Put(self._tail, b"")])
+        return ids
 
     def lease(self, *, visibility_timeout: int = 30) -> _Lease:
         """Wait for an item and hold it (``async with``); see the class docstring. Bound with ``anyio.fail_after``."""
@@ -270,41 +381,79 @@ class WorkQueue:
         return QueueDepth(items - claims, claims, dead)
 
     async def dead_letters(self) -> list[DeadLetter]:
-        """Every dead-lettered item, oldest first."""
+        """Every dead-lettered item, oldest first. A dead letter written by another program in a format this
+        library cannot read is shown with its raw bytes as the payload and the reason as the error."""
         result = await self.session.backend.range(Range(self._dead, prefix=True, sort_by="create"))
         letters = []
         for kv in result.kvs:
-            item = _Item.decode(kv.value)
-            letters.append(
-                DeadLetter(kv.key[len(self._dead) :].decode(), item.payload, item.attempts, item.error or "")
-            )
+            item_id = kv.key[len(self._dead) :].decode("utf-8", "surrogateescape")
+            try:
+                item = _Item.decode(kv.value)
+            except _Undecodable as exc:
+                letters.append(DeadLetter(item_id, kv.value, 0, f"undecodable dead letter: {exc}"))
+                continue
+            letters.append(DeadLetter(item_id, item.payload, item.attempts, item.error or ""))
         return letters
 
     async def requeue(self, item_id: str) -> bool:
-        """Put a dead letter back in the queue with its attempts reset. False if there is no such dead letter."""
+        """Put a dead letter back in the queue with its attempts reset. False if there is no such dead letter.
+
+        A dead letter that cannot be decoded (a foreign record) is requeued as an item whose payload is its raw
+        bytes, the same bytes `dead_letters` shows.
+
+        Raises:
+            TypeError: ``item_id`` is not a str.
+            ValueError: ``item_id`` is not UTF-8 (a dead letter whose key is not UTF-8 cannot be requeued).
+        """
         if not isinstance(item_id, str):
             raise TypeError(f"item ids are str, not {type(item_id).__name__}")
-        dead_key = self._dead + item_id.encode()
+        try:
+            encoded = item_id.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"item id {item_id!r} is not UTF-8: it cannot be requeued") from None
+        dead_key = self._dead + encoded
         current = await self.session.backend.range(Range(dead_key))
         if not current.kvs:
             return False
-        fresh = replace(_Item.decode(current.kvs[0].value), attempts=0, error=None)
+        try:
+            fresh = replace(_Item.decode(current.kvs[0].value), attempts=0, error=None)
+        except _Undecodable:
+            fresh = _Item(current.kvs[0].value)
         moved = await self.session.backend.txn(
             [Compare.mod(dead_key, "==", current.kvs[0].mod_revision)],
-            [Delete(dead_key), Put(self._items + item_id.encode(), fresh.encode())],
+            [Delete(dead_key), Put(self._items + encoded, fresh.encode()), Put(self._tail, b"")],
         )
         return moved.succeeded
 
     # -- claiming --------------------------------------------------------------------------------------
 
-    def _candidates(self, state: dict[bytes, KeyValue]) -> list[tuple[int, int, bytes, KeyValue]]:
-        claimed = {key[len(self._claims) :] for key in state if key.startswith(self._claims)}
-        out = []
-        for key, kv in state.items():
-            if key.startswith(self._items) and key[len(self._items) :] not in claimed:
-                out.append((-_Item.decode(kv.value).priority, kv.create_revision, key, kv))
-        out.sort()
-        return out
+    def _claim_value(self, visibility: int) -> bytes:
+        return json.dumps({"holder": f"{self.session.lease_id:x}", "visibility": visibility}).encode()
+
+    def _visibility_of(self, claim: bytes, held: KeyValue) -> int | None:
+        cached = self._claim_visibilities.get(claim)
+        if cached is None or cached[0] != held.mod_revision:
+            cached = self._claim_visibilities[claim] = (held.mod_revision, _claim_visibility(held.value))
+            if len(self._claim_visibilities) > 4 * len(self._claims_seen) + 64:
+                self._claim_visibilities = {claim: cached}
+        return cached[1]
+
+    def _decode(self, key: bytes, kv: KeyValue) -> _Item | str:
+        cached = self._decoded.get(key)
+        if cached is not None and cached[0] == kv.mod_revision:
+            return cached[1]
+        decoded: _Item | str
+        try:
+            item_id = key[len(self._items) :].decode()
+            if not item_id:
+                raise _Undecodable("the item id (the key after items/) is empty")
+            decoded = _Item.decode(kv.value)
+        except UnicodeDecodeError:
+            decoded = "the item key is not UTF-8"
+        except _Undecodable as exc:
+            decoded = str(exc)
+        self._decoded[key] = (kv.mod_revision, decoded)
+        return decoded
 
     async def _claim(self, visibility: int) -> Task:
         # Guarded: a session that is closed, or lost while we wait, claims nothing.
@@ -318,115 +467,198 @@ class WorkQueue:
         subscription: Subscription = own or await subscribe(self.session.backend, self._prefix)
         self._subscription_busy |= own is not None
         try:
-            state = subscription.state
             while True:
-                task = await self._claim_one(state, visibility)
-                if task is not None:
-                    return task
-                # Nothing free: wait for the next change of the queue (by watch, never by polling).
-                state = subscription.state = apply(state, await subscription.next())
+                outcome = await self._claim_one(subscription.state, visibility)
+                if isinstance(outcome, Task):
+                    return outcome
+                if isinstance(outcome, _Behind):
+                    # If the view already has that revision, what we missed is a deletion: the next change.
+                    behind = max(outcome.revision, subscription.revision + 1)
+                    while subscription.revision < behind:
+                        item = await subscription.next()
+                        subscription.state, subscription.revision = apply(subscription.state, item), item.revision
+                    continue
+                if outcome <= anyio.current_time():
+                    await anyio.lowlevel.checkpoint()  # (a claim was just taken back: look again at once)
+                    continue
+                # Nothing free, or our view was behind the store: wait for the next change of the queue (by
+                # watch, never by polling), or until a claim we saw passes its visibility timeout.
+                with anyio.move_on_after(outcome - anyio.current_time()):
+                    item = await subscription.next()
+                    subscription.state, subscription.revision = apply(subscription.state, item), item.revision
         finally:
             if own is None:
                 await subscription.aclose()
             else:
                 self._subscription_busy = False
 
-    async def _claim_one(self, state: dict[bytes, KeyValue], visibility: int) -> Task | None:
-        """Claim the first candidate another consumer has not taken; one claim lease for the whole round.
+    async def _claim_one(self, state: dict[bytes, KeyValue], visibility: int) -> Task | float | _Behind:
+        """Claim the head of the free items, or return the local time until which to wait for a change.
 
-        A candidate whose claim fails was claimed (or changed, or removed) since our view of the queue: it is
-        marked claimed in ``state`` until the store says otherwise, so it is not tried again in vain.
+        The claim's transaction holds only if our view of the queue is exact where it matters: the candidate
+        unchanged and unclaimed, nothing put since our view (the tail), every item ahead of it held by the claim
+        we saw. So the item claimed is the head at the claim's revision; when the view was behind, the claim
+        fails and we wait for the watch to bring the change.
         """
-        backend = self.session.backend
-        lease = None
-        sent = 0.0
-        try:
-            candidates = self._candidates(state)
-            lost_a_race = False
-            while candidates:
-                # The head of the queue first. After losing a race for it, the consumers that lost spread out
-                # over the next few items at random instead of all racing for the same next one.
-                pick = random.randrange(min(len(candidates), _SPREAD)) if lost_a_race else 0
-                _, _, key, kv = candidates.pop(pick)
-                item = _Item.decode(kv.value)
-                delivered = replace(item, attempts=item.attempts + 1)
-                if delivered.attempts > self.max_attempts:
-                    # Delivered max_attempts times and no consumer finished (crashes, timeouts): give it up.
-                    reason = item.error or "max attempts exceeded (no consumer finished)"
-                    await self._dead_letter(key, kv, replace(item, error=reason))
+        now = anyio.current_time()
+        entries = []
+        for key, kv in state.items():
+            if not key.startswith(self._items):
+                continue
+            decoded = self._decode(key, kv)
+            if isinstance(decoded, str):
+                # Nobody can ever process it: out of the way, into the dead letters, with the reason.
+                await self._bury(key, kv, _Item(kv.value, error=f"undecodable item record: {decoded}"))
+                continue
+            entries.append((-decoded.priority, kv.create_revision, key, kv, decoded))
+        if len(self._decoded) > 2 * len(entries) + 64:
+            self._decoded = {key: value for key, value in self._decoded.items() if key in state}
+        entries.sort()
+        tail = state.get(self._tail)
+        tail_revision = tail.mod_revision if tail is not None else 0
+        ahead: list[Compare] = []
+        wake = math.inf
+        seen = self._claims_seen
+        if len(seen) > 64 and len(seen) > 2 * len(entries):
+            seen = self._claims_seen = {claim: value for claim, value in seen.items() if claim in state}
+        for _, _, key, kv, item in entries:
+            item_id = key[len(self._items) :]
+            claim = self._claims + item_id
+            held = state.get(claim)
+            if held is not None:
+                first_seen = self._claims_seen.get(claim)
+                if first_seen is None or first_seen[0] != held.mod_revision:
+                    first_seen = (held.mod_revision, now)
+                seen[claim] = first_seen
+                claim_visibility = self._visibility_of(claim, held)
+                expires = math.inf if claim_visibility is None else first_seen[1] + claim_visibility + _TAKEOVER_GRACE
+                if expires > now:
+                    # Held: it must still be held by this claim when ours commits (else it may be free again).
+                    ahead.append(Compare.create(claim, "==", held.create_revision))
+                    wake = min(wake, expires)
                     continue
-                if lease is None:
-                    sent = anyio.current_time()
-                    lease = await backend.grant(visibility)
-                item_id = key[len(self._items) :].decode()
-                claim = self._claims + item_id.encode()
-                # One transaction: the item unchanged and unclaimed -> count the delivery, claim it under the lease.
-                result = await backend.txn(
-                    [Compare.mod(key, "==", kv.mod_revision), Compare.create(claim, "==", 0)],
-                    [Put(key, delivered.encode()), Put(claim, str(self.session.lease_id).encode(), lease.id)],
-                )
-                if not result.succeeded:
-                    # Taken meanwhile: until the store's events say otherwise (the claim ends, the item goes).
-                    state[claim] = KeyValue(claim, b"", 0, 0, 0)
-                    lost_a_race = True
-                    continue
-                task = Task(self, item_id, delivered, result.revision, lease.id)
-                task._deadline = sent + lease.ttl - self._margin
-                lease = None  # the task owns it now
-                return task
-            return None
-        finally:
-            if lease is not None:
-                await self._revoke(lease.id)
+                # The holder's visibility timeout passed by our clock since we saw its claim: take it back.
+                taken = await self._take_back(key, kv, item, claim, held)
+                return now if taken else math.inf  # taken: look again at once; else wait for what changed
+            delivered = replace(item, attempts=item.attempts + 1)
+            if delivered.attempts > self.max_attempts:
+                # Delivered max_attempts times and no consumer finished (crashes, timeouts): give it up.
+                reason = item.error or "max attempts exceeded (no consumer finished)"
+                await self._bury(key, kv, replace(item, error=reason))
+                continue
+            # One transaction: the item unchanged and unclaimed, nothing new before it -> count the delivery,
+            # claim it under our session's lease.
+            compares = [
+                Compare.mod(key, "==", kv.mod_revision),
+                Compare.create(claim, "==", 0),
+                Compare.mod(self._tail, "==", tail_revision),
+                *ahead[-_MAX_AHEAD:],
+            ]
+            sent = anyio.current_time()
+            result = await self.session.backend.txn(
+                compares,
+                [Put(key, delivered.encode()), Put(claim, self._claim_value(visibility), self.session.lease_id)],
+                # refused: the revision of the last write under the queue's prefix, to catch up to
+                [Range(self._prefix, prefix=True, sort_by="mod", descending=True, limit=1, keys_only=True)],
+            )
+            if not result.succeeded:
+                # Our view was behind the store (lost a race, or something changed ahead of the candidate): catch
+                # up with the watch to at least the last write, then look again. (If the view already has it,
+                # what we missed is a deletion: wait for the next change, which is it.)
+                latest = getattr(result.responses[0], "kvs", ())
+                return _Behind(latest[0].mod_revision) if latest else math.inf
+            # Our own write, known now: the next claim need not wait for the watch to bring it.
+            value = self._claim_value(visibility)
+            state[claim] = KeyValue(claim, value, result.revision, result.revision, 1, self.session.lease_id)
+            state[key] = KeyValue(key, delivered.encode(), kv.create_revision, result.revision, kv.version + 1)
+            self._decoded[key] = (result.revision, delivered)
+            task = Task(self, item_id.decode(), delivered, result.revision, visibility)
+            task._deadline = sent + visibility - _MARGIN
+            task._create_revision = kv.create_revision
+            return task
+        return wake
 
-    async def _dead_letter(self, key: bytes, kv: KeyValue, item: _Item) -> None:
+    async def _take_back(self, key: bytes, kv: KeyValue, item: _Item, claim: bytes, held: KeyValue) -> bool:
+        """End a claim whose visibility timeout passed, fenced by the claim as we saw it; True if we did."""
+        reason = "visibility timeout passed (taken back from a consumer that neither finished nor extended)"
+        ops: list[Op]
+        if item.attempts >= self.max_attempts:
+            ops = [
+                Delete(key),
+                Delete(claim),
+                Put(self._dead + key[len(self._items) :], replace(item, error=reason).encode()),
+            ]
+        else:
+            ops = [Put(key, replace(item, error=reason).encode()), Delete(claim)]
+        result = await self.session.backend.txn(
+            [Compare.mod(claim, "==", held.mod_revision), Compare.mod(key, "==", kv.mod_revision)], ops
+        )
+        return result.succeeded
+
+    async def _bury(self, key: bytes, kv: KeyValue, item: _Item) -> None:
+        """Move an item to the dead letters, if it is still as we saw it (another consumer may have done it)."""
         dead = self._dead + key[len(self._items) :]
         await self.session.backend.txn(
             [Compare.mod(key, "==", kv.mod_revision)], [Delete(key), Put(dead, item.encode())]
         )
+
+    def _forget(self, *keys: bytes) -> None:
+        """Our own deletion, known now: drop the keys from the kept view so the next claim does not compare
+        against them (the watch brings the same deletion later; a view that is wrong only makes a claim fail)."""
+        if self._subscription is not None:
+            for key in keys:
+                self._subscription.state.pop(key, None)
 
     # -- settling --------------------------------------------------------------------------------------
 
     async def _complete(self, task: Task) -> None:
         """Remove the item, fenced by our claim: only while the claim is the one we created."""
         claim, item_key = self._claims + task.id.encode(), self._items + task.id.encode()
-        result = await retry_call(
-            lambda: self.session.backend.txn(
+        attempts = 0
+
+        async def complete() -> TxnResult:
+            nonlocal attempts
+            attempts += 1
+            return await self.session.backend.txn(
                 [Compare.create(claim, "==", task._claim_revision)],
                 [Delete(item_key), Delete(claim)],
-                [Range(item_key)],
+                [Range(item_key, keys_only=True)],
             )
-        )
-        await self._revoke(task._lease_id)
-        gone = not result.succeeded and not getattr(result.responses[0], "kvs", True)
-        if not result.succeeded and not gone:  # (gone: an earlier attempt whose reply was lost removed it)
+
+        result = await retry_call(complete)
+        if result.succeeded:
+            self._forget(item_key, claim)
+            return
+        # Retried after an ambiguous failure and the item is gone: the earlier attempt (whose reply was lost)
+        # removed it. On the first attempt, a failure means the claim ended before we finished.
+        if attempts == 1 or getattr(result.responses[0], "kvs", True):
             raise ClaimLostError(f"item {task.id}: the claim ended before completion; the item was not removed")
 
-    async def _settle(self, task: Task, *, error: str | None, release: bool) -> None:
-        """Give the item back after a failure (or dead-letter it); shielded, fenced by our claim.
+    async def _settle(self, task: Task, *, error: str | None) -> None:
+        """Give the item back after a failure (or dead-letter it); shielded, bounded, fenced by our claim.
 
-        ``error`` None means the consumer was cancelled from outside: the delivery is not counted.
+        ``error`` None means the consumer was cancelled from outside: the delivery is not counted. If the store
+        cannot be reached, the claim ends with the session's lease (or is taken back after its visibility timeout).
         """
         item_key, claim = self._items + task.id.encode(), self._claims + task.id.encode()
+        item = task._item
+        ops: list[Op]
+        if error is None:
+            ops = [Put(item_key, replace(item, attempts=item.attempts - 1).encode()), Delete(claim)]
+        elif item.attempts >= self.max_attempts:
+            ops = [
+                Delete(item_key),
+                Delete(claim),
+                Put(self._dead + task.id.encode(), replace(item, error=error).encode()),
+            ]
+        else:
+            ops = [Put(item_key, replace(item, error=error).encode()), Delete(claim)]
+        mine = Compare.create(claim, "==", task._claim_revision)
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.session.ttl):
-            if release:
-                item = task._item
-                ops: list[Op]
-                if error is None:
-                    ops = [Put(item_key, replace(item, attempts=item.attempts - 1).encode()), Delete(claim)]
-                elif item.attempts >= self.max_attempts:
-                    ops = [
-                        Delete(item_key),
-                        Delete(claim),
-                        Put(self._dead + task.id.encode(), replace(item, error=error).encode()),
-                    ]
-                else:
-                    ops = [Put(item_key, replace(item, error=error).encode()), Delete(claim)]
-                mine = Compare.create(claim, "==", task._claim_revision)
-                await retry_call(lambda: self.session.backend.txn([mine], ops))
-            await self._revoke(task._lease_id)
-
-    async def _revoke(self, lease_id: int) -> None:
-        """Drop a claim's lease (and with it the claim): shielded, bounded; it expires by itself otherwise."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.session.ttl):
-            await retry_call(lambda: self.session.backend.revoke(lease_id))
+            result = await retry_call(lambda: self.session.backend.txn([mine], ops))
+            if result.succeeded and self._subscription is not None:
+                # Our own write, known now. Never hide an item that is still there: the view would skip it.
+                state = self._subscription.state
+                state.pop(claim, None)
+                if isinstance(ops[0], Put):
+                    state[item_key] = KeyValue(item_key, ops[0].value, task._create_revision, result.revision, 0)

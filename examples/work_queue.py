@@ -1,8 +1,9 @@
 """Work queue with leases: a producer adds 20 items; three workers process them; one is killed mid-item.
 
 Each worker leases an item (exclusively), works on it, and completes it. Worker "w3" is cut off while holding
-an item: it never completes it, and once the item's visibility timeout passes the item is offered again and
-another worker completes it. At the end every item has been completed exactly once.
+an item: it never completes it, and once its session's lease expires (the claim is bound to it) or the item's
+visibility timeout has passed, whichever is first, the item is offered again and another worker completes it.
+At the end every item has been completed exactly once.
 
     python examples/work_queue.py                 # in-memory backend (the default)
     python examples/work_queue.py --etcd http://127.0.0.1:2379

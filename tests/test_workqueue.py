@@ -161,3 +161,200 @@ async def test_lease_needs_an_open_session_and_timeouts_are_recorded(harness: Ha
                     await anyio.sleep(10)
             (letter,) = await queue.dead_letters()
             assert "visibility timeout" in letter.error
+
+
+async def test_bad_records_are_dead_lettered_and_the_rest_flows(harness: Harness) -> None:
+    import base64
+
+    from coordkit import Delete, Put
+
+    name = harness.namespace.decode() + "foreign"
+    items = name.encode() + b"/items/"
+    async with sessions(harness, 2) as (session, other), harness.client() as raw:
+        queue = WorkQueue(session, name)
+        first = await queue.put(b"first")
+        # What producers in other languages might write (etcdctl put, a typo, another format):
+        bad = {
+            b"banana": b"banana",
+            b"no-payload": b'{"priority": 1}',
+            b"bad-base64": b'{"payload": "!!not base64!!"}',
+            b"wrong-type": b'{"payload": "aGk=", "priority": "high"}',
+            b"negative": b'{"payload": "aGk=", "attempts": -1}',
+            b"list": b'["payload"]',
+            b"\xff\xfe": b'{"payload": "aGk="}',
+        }
+        for key, value in bad.items():
+            await raw.txn([], [Put(items + key, value)])
+        # A well-formed foreign item, written as a plain put (only "payload" is required).
+        await raw.txn([], [Put(items + b"from-go", b'{"payload": "' + base64.b64encode(b"go job") + b'"}')])
+        last = await queue.put(b"last")
+        got = []
+        async with WorkQueue(other, name) as consumer:
+            for _ in range(3):
+                with anyio.fail_after(5):
+                    async with consumer.lease() as task:
+                        got.append((task.id, task.payload, task.attempt))
+        assert got == [(first, b"first", 1), ("from-go", b"go job", 1), (last, b"last", 1)]
+        letters = {letter.id: letter for letter in await queue.dead_letters()}
+        expected_ids = {key.decode("utf-8", "surrogateescape") for key in bad}
+        assert set(letters) == expected_ids
+        for key, value in bad.items():
+            letter = letters[key.decode("utf-8", "surrogateescape")]
+            assert letter.payload == value and letter.attempts == 0
+            assert letter.error.startswith("undecodable item record: ")
+        assert "not a JSON document" in letters["banana"].error
+        assert "'payload'" in letters["no-payload"].error and "base64" in letters["bad-base64"].error
+        assert "'priority'" in letters["wrong-type"].error and "'attempts'" in letters["negative"].error
+        assert "not UTF-8" in letters["\udcff\udcfe"].error
+        assert await queue.depth() == type(await queue.depth())(0, 0, len(bad))
+        # A foreign dead letter is shown, not fatal; requeue offers the raw record as the payload.
+        await raw.txn([], [Put(name.encode() + b"/dead/odd", b"\x00garbage")])
+        odd = [letter for letter in await queue.dead_letters() if letter.id == "odd"]
+        assert odd[0].payload == b"\x00garbage" and "undecodable dead letter" in odd[0].error
+        assert await queue.requeue("banana") and await queue.requeue("odd")
+        with pytest.raises(ValueError, match="not UTF-8"):
+            await queue.requeue("\udcff\udcfe")
+        requeued = set()
+        for _ in range(2):
+            with anyio.fail_after(5):
+                async with queue.lease() as task:
+                    requeued.add(task.payload)
+        assert requeued == {b"banana", b"\x00garbage"}
+        await raw.txn([], [Delete(name.encode() + b"/", prefix=True)])
+
+
+async def test_put_many_and_foreign_priorities(harness: Harness) -> None:
+    import base64
+
+    from coordkit import Put
+
+    name = harness.namespace.decode() + "many"
+    async with sessions(harness, 1) as (session,), harness.client() as raw:
+        queue = WorkQueue(session, name)
+        ids = await queue.put_many([b"a%d" % i for i in range(130)])  # two transactions
+        assert len(set(ids)) == 130
+        # etcdctl-style: a foreign urgent item, written with the tail in one transaction.
+        record = b'{"payload": "' + base64.b64encode(b"urgent") + b'", "priority": 7}'
+        await raw.txn([], [Put(name.encode() + b"/items/u1", record), Put(name.encode() + b"/tail", b"")])
+        order = []
+        async with queue:
+            for _ in range(131):
+                async with queue.lease() as task:
+                    order.append(task.payload)
+        assert order[0] == b"urgent" and order[1:] == [b"a%d" % i for i in range(130)]
+
+
+async def test_sixteen_consumers_always_take_the_head(harness: Harness) -> None:
+    """Replays the queue's history: at the revision of every claim, the item claimed was the head of the free
+    items (no free item of higher priority, none older of the same priority), while 16 consumers compete,
+    a producer adds items of random priority, and some deliveries fail and are re-offered."""
+    import json
+    import random
+
+    from coordkit import EventType, Put, Range, Watch, WatchBatch
+
+    name = harness.namespace.decode() + "order16"
+    prefix = name.encode() + b"/"
+    rng = random.Random(18)
+    total = 60
+    done: list[bytes] = []
+    all_done = anyio.Event()
+    history: list[WatchBatch] = []
+    async with sessions(harness, 17) as group, harness.client() as observer:
+        start = (await observer.range(Range(prefix, prefix=True))).revision + 1
+        producer = WorkQueue(group[0], name)
+        for i in range(30):
+            await producer.put(b"%d" % i, priority=rng.randrange(3))
+
+        async def record(watch: Watch) -> None:
+            async for batch in watch:
+                assert isinstance(batch, WatchBatch)
+                history.append(batch)
+                if any(event.kv.key == prefix + b"end" for event in batch.events):
+                    return
+
+        async def produce() -> None:
+            for i in range(30, total):
+                await producer.put(b"%d" % i, priority=rng.randrange(3))
+                await anyio.sleep(0.01)
+
+        async def consume(session: Session, index: int) -> None:
+            async with WorkQueue(session, name) as queue:
+                while True:
+                    with suppress(RuntimeError):
+                        async with queue.lease() as task:
+                            await anyio.sleep(0.005 * (index % 4))
+                            if task.attempt == 1 and int(task.payload) % 7 == 0:
+                                raise RuntimeError("fails once")
+                        done.append(task.payload)
+                        if len(done) == total:
+                            all_done.set()
+
+        async with Watch(observer, prefix, prefix=True, start_revision=start) as watch:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(record, watch)
+                async with anyio.create_task_group() as workers:
+                    workers.start_soon(produce)
+                    for index, session in enumerate(group[1:]):
+                        workers.start_soon(consume, session, index)
+                    with anyio.fail_after(60):
+                        await all_done.wait()
+                    workers.cancel_scope.cancel()
+                await observer.txn([], [Put(prefix + b"end", b"")])  # the recorder stops there
+    assert sorted(done) == sorted(b"%d" % i for i in range(total))
+    # Replay: state before each revision, then check every claim created at that revision.
+    items: dict[bytes, tuple[int, int]] = {}  # id -> (priority, create revision)
+    claimed: set[bytes] = set()
+    claims_checked = 0
+    for batch in history:
+        for event in batch.events:
+            key = event.kv.key[len(prefix) :]
+            if key.startswith(b"claims/") and event.type is EventType.PUT and event.kv.version == 1:
+                item_id = key[len(b"claims/") :]
+                free = sorted((-p, c, i) for i, (p, c) in items.items() if i not in claimed)
+                assert free[0][2] == item_id, f"claimed {item_id!r} at {batch.revision}, head was {free[0]}"
+                claims_checked += 1
+        for event in batch.events:
+            key = event.kv.key[len(prefix) :]
+            kind, _, item_id = key.partition(b"/")
+            if kind == b"items" and event.type is EventType.PUT:
+                priority = json.loads(event.kv.value)["priority"]
+                items[item_id] = (priority, event.kv.create_revision)
+            elif kind == b"items":
+                items.pop(item_id, None)
+            elif kind == b"claims":
+                (claimed.add if event.type is EventType.PUT else claimed.discard)(item_id)
+    assert claims_checked >= total + total // 7
+
+
+async def test_a_claim_past_its_visibility_timeout_is_taken_back_by_another_consumer(harness: Harness) -> None:
+    """The holder's session stays alive but its body ignores the deadline (shielded): another consumer takes the
+    item back once the visibility timeout passed by its own clock, and the late holder cannot complete it."""
+    name = harness.namespace.decode() + "takeover"
+    async with sessions(harness, 2) as (stuck, other):
+        item_id = await WorkQueue(stuck, name).put(b"job")
+        holding = anyio.Event()
+        late: list[BaseException] = []
+
+        async def hold() -> None:
+            try:
+                async with WorkQueue(stuck, name).lease(visibility_timeout=2):
+                    holding.set()
+                    with anyio.CancelScope(shield=True):
+                        await anyio.sleep(6)
+            except ClaimLostError as exc:
+                late.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            await holding.wait()
+            started = anyio.current_time()
+            with anyio.fail_after(6):
+                async with WorkQueue(other, name).lease() as task:
+                    taken_after = anyio.current_time() - started
+                    assert task.id == item_id and task.attempt == 2
+                    assert "visibility timeout passed" in str(task._item.error)
+        assert taken_after >= 2, "taken back before the holder's visibility timeout"
+        assert len(late) == 1 and "before completion" in str(late[0])
+        depth = await WorkQueue(other, name).depth()
+        assert (depth.pending, depth.leased, depth.dead) == (0, 0, 0)
