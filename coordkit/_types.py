@@ -39,7 +39,8 @@ class CompareTarget(enum.Enum):
 class Compare:
     """A condition of a transaction on one key. A missing key has revisions, version and lease 0.
 
-    As in etcd, a value comparison on a missing key is false whatever the operator. Build them with the
+    As in etcd, a value comparison on a missing key is false whatever the operator, and the key cannot be empty
+    (etcd refuses the whole transaction: "key is not provided"). Build them with the
     class methods: ``Compare.create(key, "==", 0)`` (key absent), ``Compare.mod(key, "==", rev)`` (unchanged).
     """
 
@@ -49,8 +50,8 @@ class Compare:
     operand: int | bytes
 
     def __post_init__(self) -> None:
-        if type(self.key) is not bytes:
-            _check_key(self.key, allow_empty=True)
+        if type(self.key) is not bytes or not self.key:
+            _check_key(self.key, allow_empty=False)
         if self.op not in _COMPARE_OPS:
             raise ValueError(f"compare operator must be one of == != < >, not {self.op!r}")
         want = bytes if self.target is CompareTarget.VALUE else int
