@@ -38,9 +38,13 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def chaos(session: nox.Session) -> None:
-    """The long reliability runs: 10,000 fault schedules, the 3-member cluster kill/restart rounds (``slow``)."""
+    """The long reliability runs: 10,000 fault schedules, 10,000 differential sequences (MemoryBackend against a
+    real etcd), the 3-member cluster kill/restart rounds (``slow``)."""
     session.install("-e", ".[test]")
-    env = {"COORDKIT_CHAOS_SCHEDULES": session.env.get("COORDKIT_CHAOS_SCHEDULES", "10000")}
+    env = {
+        "COORDKIT_CHAOS_SCHEDULES": session.env.get("COORDKIT_CHAOS_SCHEDULES", "10000"),
+        "COORDKIT_DIFF_SEQUENCES": session.env.get("COORDKIT_DIFF_SEQUENCES", "10000"),
+    }
     session.run("pytest", "-m", "chaos or slow", *session.posargs, env=env)
 
 

@@ -47,6 +47,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -57,20 +58,23 @@ from coordkit import (
     CompactedError,
     Compare,
     Delete,
+    DeleteResult,
     EtcdBackend,
     KeyValue,
     LeaseExpiredError,
     MemoryBackend,
     Put,
+    PutResult,
     Range,
     RangeResult,
+    RequestTooLargeError,
     WatchBatch,
 )
 from coordkit._backend import Backend
 from coordkit._etcd._backend import _compare, _request_op
 from coordkit._keys import prefix_end
 from coordkit._types import MAX_LEASE_TTL, MAX_REQUEST_BYTES, CompareTarget, check_txn
-from coordkit.testing import EtcdServer
+from coordkit.testing import EtcdServer, Harness
 
 SEQUENCES = int(os.environ.get("COORDKIT_DIFF_SEQUENCES", "10000"))
 OPS = int(os.environ.get("COORDKIT_DIFF_LENGTH", "200"))
@@ -331,7 +335,9 @@ def _big_step(rng: random.Random, grants: int) -> Step:
     shape = rng.choice(("put", "put", "put_cmp", "delete_prefix", "compare_only", "range_key", "txn_range_key"))
     key = rng.choice(KEYS)
     if shape in ("put", "put_cmp"):
-        lease = _lease(rng, grants) if rng.random() < 0.3 else 0
+        # a never-granted lease, the same id on both sides: the length of an id's varint counts in the size, and
+        # the ids granted by the two differ (the size is checked first: then the lease is refused)
+        lease = rng.getrandbits(62) + 1 if rng.random() < 0.3 else 0
         compares = (CompareSpec(key, CompareTarget.VALUE, "!=", rng.choice(VALUES)),) if shape == "put_cmp" else ()
         put = PutSpec(key, Big(MAX_REQUEST_BYTES - rng.randint(10, 60)), lease)
         # the second step deletes the value again, so that later reads stay small
@@ -517,8 +523,11 @@ async def _txn(side: Side, ctx: Context, args: tuple[Any, ...]) -> Any:
         if isinstance(op, Range):
             assert isinstance(response, RangeResult)
             responses.append(_range_out(side, response, op))
+        elif isinstance(response, PutResult):
+            responses.append(("put", side.rev_out(response.revision)))
         else:
-            responses.append(tuple(side.rev_out(x) if i == len(response) - 1 else x for i, x in enumerate(response)))
+            assert isinstance(response, DeleteResult)
+            responses.append(("delete", response.deleted, side.rev_out(response.revision)))
     return ("txn", result.succeeded, tuple(responses), side.rev_out(result.revision))
 
 
@@ -624,7 +633,7 @@ async def _watch(side: Side, ctx: Context, args: tuple[Any, ...]) -> Any:
     fence: PutSpec = args[1]
     compacted_below = ctx.compact_revision  # memory's view decides what to expect, the same on both sides
     fence_revision = ctx.revision + 1
-    starts = [0 if s.start == "now" else ctx.resolve(s.start) for s in specs]
+    starts = [ctx.resolve(s.start) if isinstance(s.start, Rev) else 0 for s in specs]  # 0: "now"
     outcomes: list[Any] = [None] * len(specs)
     notices: list[int] = [0] * len(specs)
     with anyio.fail_after(20):
@@ -823,11 +832,14 @@ def _report(seed: int, steps: Sequence[Step], prefix: Divergence, kept: list[int
     return "\n".join(lines)
 
 
-async def check_sequences(server: EtcdServer, seeds: Sequence[int], length: int) -> int:
+async def check_sequences(server: EtcdServer, seeds: Sequence[int], length: int, *, progress: bool = False) -> int:
     """Run every sequence; fail with a replayable report at the first divergence. Returns how many ran."""
     keep = os.environ.get("COORDKIT_DIFF_KEEP")
     ran = 0
+    started = time.monotonic()
     for seed in seeds:
+        if progress and ran and ran % 100 == 0:
+            print(f"differential: {ran} sequences agree ({time.monotonic() - started:.0f} s)", flush=True)
         steps = make_sequence(seed, length)
         if keep:
             steps = [steps[int(i)] for i in keep.split(",")]
@@ -878,7 +890,7 @@ def test_memory_backend_matches_etcd(diff_server: EtcdServer) -> None:
 def test_memory_backend_matches_etcd_long(diff_server: EtcdServer) -> None:
     """COORDKIT_DIFF_SEQUENCES sequences (default 10,000) of COORDKIT_DIFF_LENGTH operations (default 200)."""
     seeds = _seeds(range(1_000_000, 1_000_000 + SEQUENCES))
-    ran = anyio.run(check_sequences, diff_server, seeds, OPS, backend="asyncio")
+    ran = anyio.run(partial(check_sequences, progress=True), diff_server, seeds, OPS, backend="asyncio")
     print(f"{ran} sequences of {OPS} operations: MemoryBackend and etcd agree")
 
 
@@ -907,3 +919,171 @@ def test_the_differential_catches_a_broken_memory_backend(
         assert small.memory != small.etcd
 
     anyio.run(main, backend="asyncio")
+
+
+# -- regressions: one per divergence the differential found (each runs on memory and on etcd) --------------------
+
+
+@pytest.mark.anyio
+async def test_a_count_only_read_is_never_more(harness: Harness) -> None:
+    """etcd returns no keys for count_only, so ``more`` stays false whatever the limit (memory said true)."""
+    ns = harness.namespace
+    async with harness.client() as client:
+        await client.txn([], [Put(ns + b"%d" % i, b"v") for i in range(3)])
+        result = await client.range(Range(ns, prefix=True, limit=1, count_only=True))
+        assert (result.kvs, result.count, result.more) == ((), 3, False)
+        result = await client.range(Range(ns, prefix=True, limit=1, count_only=True, max_create_revision=1))
+        assert (result.kvs, result.count, result.more) == ((), 3, False), "counted before the create filters"
+        result = await client.range(Range(ns, prefix=True, limit=1))
+        assert (len(result.kvs), result.count, result.more) == (1, 3, True)
+
+
+@pytest.mark.anyio
+async def test_a_watch_from_the_compact_revision_sees_its_puts_but_not_its_deletions(harness: Harness) -> None:
+    """etcd's compaction removes a tombstone made at the compact revision itself (memory kept the DELETE event)."""
+    ns = harness.namespace
+    async with harness.client() as client:
+        await client.txn([], [Put(ns + b"gone", b""), Put(ns + b"also-gone", b"")])
+        mixed = (await client.txn([], [Delete(ns + b"gone"), Put(ns + b"new", b"1")])).revision
+        deletes_only = (await client.txn([], [Delete(ns + b"also-gone")])).revision
+        after = (await client.txn([], [Put(ns + b"after", b"")])).revision
+        await harness.compact(mixed)
+        with anyio.fail_after(10):
+            async with client.watch(ns, prefix=True, start_revision=mixed) as batches:
+                batch = await anext(batches)
+                assert batch.revision == mixed
+                assert [(e.type.value, e.kv.key) for e in batch.events] == [("PUT", ns + b"new")]
+                assert (await anext(batches)).revision == deletes_only  # later deletions are history as usual
+        await harness.compact(deletes_only)
+        with anyio.fail_after(10):
+            async with client.watch(ns, prefix=True, start_revision=deletes_only) as batches:
+                assert (await anext(batches)).revision == after, "a revision of deletions only is gone entirely"
+
+
+@pytest.mark.anyio
+async def test_the_missing_lease_of_a_transaction_is_the_one_named(harness: Harness) -> None:
+    """etcd does not say which lease a refused txn lacked: EtcdBackend named the first lease of either branch."""
+    ns = harness.namespace
+    async with harness.client() as client:
+        live, gone = (await client.grant(60)).id, (await client.grant(60)).id
+        await client.revoke(gone)
+        try:
+            with pytest.raises(LeaseExpiredError) as caught:
+                await client.txn([], [Put(ns + b"a", b"", live), Put(ns + b"b", b"", gone)])
+            assert caught.value.lease_id == gone
+            absent = Compare.version(ns + b"a", "==", 0)
+            with pytest.raises(LeaseExpiredError) as caught:  # the failure branch ran: its lease is the one
+                await client.txn(
+                    [Compare.version(ns + b"a", "!=", 0)], [Put(ns + b"a", b"", live)], [Put(ns + b"b", b"", gone)]
+                )
+            assert caught.value.lease_id == gone
+            # the branch that does not run is not checked, on both
+            assert (await client.txn([absent], [Put(ns + b"a", b"", live)], [Put(ns + b"b", b"", gone)])).succeeded
+        finally:
+            await client.revoke(live)
+
+
+def test_compare_keys_cannot_be_empty(diff_server: EtcdServer) -> None:
+    """etcd refuses a transaction with an empty compare key ("key is not provided"); memory evaluated it."""
+    with pytest.raises(ValueError, match="empty key"):
+        Compare.value(b"", "==", b"")
+    with pytest.raises(ValueError, match="empty key"):
+        Compare.version(b"", "==", 0)
+
+    async def etcd_refuses() -> None:
+        async with EtcdBackend(diff_server.endpoint) as etcd:
+            body = {"compare": [{"key": "", "target": "VERSION", "version": "0"}]}
+            with pytest.raises(BackendError, match="key is not provided"):
+                await etcd._client.call("/kv/txn", body, idempotent=False)
+
+    anyio.run(etcd_refuses, backend="asyncio")
+
+
+def test_a_put_inside_an_unbounded_delete_is_refused_though_etcd_would_take_it(diff_server: EtcdServer) -> None:
+    """The one place coordkit is stricter than etcd, on every backend alike (so not a MemoryBackend divergence).
+
+    etcd's overlap check reads the range end ``\\x00`` ("to the end of the keyspace") literally, as an empty
+    interval: it accepts a put inside a delete of the empty or an all-0xff prefix. coordkit refuses it as the
+    duplicate key it is, as etcd does for every bounded range.
+    """
+    for backend in (MemoryBackend(), EtcdBackend(diff_server.endpoint)):
+        for prefix in (b"", b"\xff"):
+            ops: list[Put | Delete] = [Put(b"\xff\xff", b""), Delete(prefix, prefix=True)]
+            with pytest.raises(ValueError, match="duplicate key"):
+                anyio.run(backend.txn, [], ops, backend="asyncio")
+
+    async def etcd_accepts() -> None:
+        async with EtcdBackend(diff_server.endpoint) as etcd:
+            ops = [_request_op(Put(b"\xff\xff", b"")), _request_op(Delete(b"", prefix=True))]
+            reply = await etcd._client.call("/kv/txn", {"success": ops}, idempotent=False)
+            assert reply.get("succeeded")
+            bounded = [_request_op(Put(b"a/1", b"")), _request_op(Delete(b"a/", prefix=True))]
+            with pytest.raises(BackendError, match="duplicate key"):
+                await etcd._client.call("/kv/txn", {"success": bounded}, idempotent=False)
+
+    anyio.run(etcd_accepts, backend="asyncio")
+
+
+#: shapes of requests near a size limit, and that limit: raft's for a write, gRPC's for a read-only transaction
+SIZE_SHAPES: dict[str, tuple[int, Callable[[int], tuple[list[Compare], list[Any], list[Any]]]]] = {
+    "put": (MAX_REQUEST_BYTES, lambda n: ([], [Put(b"k", b"x" * n)], [])),
+    "put with a lease and a compare": (
+        MAX_REQUEST_BYTES,
+        # a lease id that is never granted, the same on both sides: its varint's length counts too
+        lambda n: ([Compare.value(b"k", "!=", b"y" * 10)], [Put(b"k", b"x" * n, 2**62 + 12345)], []),
+    ),
+    "two puts": (MAX_REQUEST_BYTES, lambda n: ([], [Put(b"k", b"x" * n), Put(b"j", b"v")], [])),
+    "a negative int64 operand": (
+        MAX_REQUEST_BYTES,
+        lambda n: ([Compare.version(b"k", "<", -5)], [Put(b"k", b"x" * n)], []),
+    ),
+    "a prefix delete": (MAX_REQUEST_BYTES, lambda n: ([], [Delete(b"k" * (n // 2), prefix=True)], [])),
+    "the failure branch": (MAX_REQUEST_BYTES, lambda n: ([Compare.version(b"k", "==", 0)], [], [Put(b"k", b"x" * n)])),
+    "read-only: a compare": (MAX_MESSAGE_BYTES, lambda n: ([Compare.value(b"k", "==", b"x" * n)], [], [])),
+    "read-only: a range": (
+        MAX_MESSAGE_BYTES,
+        lambda n: ([], [Range(b"k" * n, limit=3, sort_by="mod", keys_only=True)], []),
+    ),
+}
+
+
+def test_request_sizes_are_refused_at_the_same_byte_as_etcd(diff_server: EtcdServer) -> None:
+    """MemoryBackend counted keys and values only: etcd refused writes 30-40 bytes smaller (protobuf framing and the
+    raft header). Now the largest request memory accepts is the largest this etcd accepts, for every shape."""
+
+    async def accepted(backend: Backend, shape: Callable[[int], Any], n: int) -> bool:
+        try:
+            await backend.txn(*shape(n))
+        except RequestTooLargeError:
+            return False
+        except LeaseExpiredError:
+            pass  # the size is checked first: refused for its lease only
+        finally:
+            await backend.txn([], [Delete(b"k"), Delete(b"j")])  # keep the stores (and memory's history) small
+        return True
+
+    async def main() -> None:
+        async with EtcdBackend(diff_server.endpoint) as etcd:
+            for name, (limit, shape) in SIZE_SHAPES.items():
+                lo, hi = limit - 256, limit  # memory accepts lo and refuses hi (checked below)
+                memory = MemoryBackend()
+                assert await accepted(memory, shape, lo) and not await accepted(memory, shape, hi)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (mid, hi) if await accepted(memory, shape, mid) else (lo, mid)
+                assert await accepted(etcd, shape, lo), f"{name}: etcd refuses {lo} bytes, which memory accepts"
+                assert not await accepted(etcd, shape, hi), f"{name}: etcd accepts {hi} bytes, memory does not"
+            for n, fits in ((MAX_MESSAGE_BYTES - 4, True), (MAX_MESSAGE_BYTES - 3, False)):  # key: 1 + 3 bytes
+                for backend in (MemoryBackend(), etcd):
+                    outcome = await _range_fits(backend, Range(b"k" * n))
+                    assert outcome is fits, f"{backend.name}: a range of a {n}-byte key"
+
+    anyio.run(main, backend="asyncio")
+
+
+async def _range_fits(backend: Backend, request: Range) -> bool:
+    try:
+        await backend.range(request)
+    except RequestTooLargeError:
+        return False
+    return True
