@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -197,6 +198,7 @@ class MemoryStore:
         self._leases: dict[int, _LeaseState] = {}
         self._expiries: list[tuple[float, int]] = []  # heap of (deadline, lease id); stale entries skipped
         self._rng = random.Random(seed)
+        self._ties = random.Random(seed)  # the order of equal sort values: etcd's sort is not stable either
         self._changed: anyio.Event | None = None
 
     # -- time and notification -------------------------------------------------------------------------
@@ -276,12 +278,28 @@ class MemoryStore:
             kvs = [kv for kv in kvs if kv.create_revision >= op.min_create_revision]
         if op.sort_by != "key" or op.descending:
             kvs.sort(key=_SORT_KEYS[op.sort_by], reverse=op.descending)
+        if op.sort_by != "key":
+            kvs = self._shuffle_ties(kvs, _SORT_KEYS[op.sort_by])
         more = bool(op.limit) and len(kvs) > op.limit
         if more:
             kvs = kvs[: op.limit]
         if op.keys_only:
             kvs = [kv._replace(value=b"") for kv in kvs]
         return RangeResult(tuple(kvs), count, more, self.revision)
+
+    def _shuffle_ties(self, kvs: list[KeyValue], sort_key: Callable[[KeyValue], bytes | int]) -> list[KeyValue]:
+        """Shuffle keys with equal sort values (seeded).
+
+        etcd sorts with Go's unstable sort, so the order of ties is unspecified (and differs between etcd builds):
+        code that relies on it fails here too, instead of passing on memory and failing on etcd.
+        """
+        out: list[KeyValue] = []
+        for _, group in itertools.groupby(kvs, key=sort_key):
+            tied = list(group)
+            if len(tied) > 1:
+                self._ties.shuffle(tied)
+            out.extend(tied)
+        return out
 
     def _holds(self, c: Compare) -> bool:
         kv = self._kvs.get(c.key)

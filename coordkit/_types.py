@@ -262,7 +262,9 @@ def check_txn(compare: Sequence[Compare], success: Sequence[Op], failure: Sequen
         TypeError: a part is not a sequence (a generator would be used up by this check, and the transaction
             then applied without its compares), or an element is not a Compare / Put / Delete / Range.
         ValueError: a branch writes one key twice (two puts, or a put inside a delete's range), as etcd's
-            "duplicate key given in txn request".
+            "duplicate key given in txn request". Slightly stricter than etcd, on every backend alike: etcd's check
+            reads the range end of a delete with no upper bound (the empty or an all-0xff prefix) as an empty
+            interval and lets a put inside it through; coordkit refuses that too.
     """
     for part, items in (("compare", compare), ("success", success), ("failure", failure)):
         if not isinstance(items, Sequence) or isinstance(items, str | bytes):
