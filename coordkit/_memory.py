@@ -48,6 +48,7 @@ from ._types import (
     check_start_revision,
     check_ttl,
     check_txn,
+    check_watch_key,
 )
 
 #: etcd's smallest lease TTL with its default heartbeat (100 ms) and election timeout (1 s): shorter asks get it.
@@ -572,8 +573,7 @@ class MemoryBackend:
     def watch(
         self, key: bytes, *, prefix: bool = False, start_revision: int
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
-        if not isinstance(key, bytes):
-            raise TypeError(f"keys are bytes, not {type(key).__name__}")
+        check_watch_key(key, prefix)
         check_start_revision(start_revision)
         return self._watch(key, prefix, start_revision)
 

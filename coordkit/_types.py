@@ -247,6 +247,14 @@ def check_start_revision(revision: int) -> None:
         raise ValueError(f"start_revision must be an int from 0 to 2**63 - 1, not {revision}")
 
 
+def check_watch_key(key: bytes, prefix: bool) -> None:
+    """Reject a watch key as `Range` rejects a read's (TypeError/ValueError): the empty key only as a prefix.
+
+    etcd would watch the key ``\\x00`` instead of the empty one, which no store can hold.
+    """
+    _check_key(key, allow_empty=prefix)
+
+
 def check_ttl(ttl: int) -> None:
     """Reject a lease TTL no etcd server would grant (ValueError/TypeError), before anything is sent."""
     if not isinstance(ttl, int) or isinstance(ttl, bool):

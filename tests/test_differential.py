@@ -81,7 +81,7 @@ OPS = int(os.environ.get("COORDKIT_DIFF_LENGTH", "200"))
 SHORT_SEQUENCES = 12
 
 MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES + 512 * 1024
-KEYS = (b"a", b"a/1", b"a/2", b"a/2/x", b"b", b"b\xff", b"\xff", b"\xff\xff", b"c")
+KEYS = (b"\x00", b"a", b"a/1", b"a/2", b"a/2/x", b"b", b"b\xff", b"\xff", b"\xff\xff", b"c")
 PREFIXES = (b"", b"a", b"a/", b"a/2", b"b", b"\xff", b"\xff\xff", b"z")
 VALUES = (b"", b"v1", b"v2", b"\x00", b"v10")
 OPERATORS = ("==", "!=", "<", ">")
@@ -326,7 +326,8 @@ def _watch_step(rng: random.Random) -> Step:
             start = Rev("abs", rng.choice((1, 2, 3, 4)))
         else:
             start = Rev("cur", rng.randint(0, 12))
-        watches.append(WatchSpec(rng.choice(PREFIXES if prefix else KEYS), prefix, start))
+        key = rng.choice(PREFIXES) if prefix else b"" if rng.random() < 0.05 else rng.choice(KEYS)
+        watches.append(WatchSpec(key, prefix, start))
     return Step("watch", (tuple(watches), PutSpec(rng.choice(KEYS), rng.choice(VALUES))))
 
 
@@ -1108,3 +1109,17 @@ def test_keys_with_equal_sort_values_come_in_no_promised_order() -> None:
         assert await order(7) == await order(7), "the same seed, the same order"
 
     anyio.run(main, backend="asyncio")
+
+
+@pytest.mark.anyio
+async def test_a_watch_of_the_empty_key_is_refused(harness: Harness) -> None:
+    """etcd watched the key ``\\x00`` for ``watch(b"")`` and memory a key no store can hold; now both refuse it,
+    as ``Range(b"")`` is (the empty key is only a prefix, and the empty prefix is every key)."""
+    async with harness.client() as client:
+        with pytest.raises(ValueError, match="empty key"):
+            client.watch(b"", start_revision=0)
+        with pytest.raises(TypeError):
+            client.watch("k", start_revision=0)  # type: ignore[arg-type]
+        with anyio.fail_after(10):
+            async with client.watch(b"", prefix=True, start_revision=0) as batches:
+                await anext(batches)  # the notice: the empty prefix is fine

@@ -41,6 +41,7 @@ from .._types import (
     check_start_revision,
     check_ttl,
     check_txn,
+    check_watch_key,
 )
 
 if TYPE_CHECKING:
@@ -451,8 +452,7 @@ class EtcdBackend:
             CompactedError: ``start_revision`` was compacted (raised while iterating).
             UnavailableError: the stream could not be opened, or broke (the server restarted, the network failed).
         """
-        if not isinstance(key, bytes):
-            raise TypeError(f"keys are bytes, not {type(key).__name__}")
+        check_watch_key(key, prefix)
         check_start_revision(start_revision)
         return self._watch(key, prefix, start_revision)
 
