@@ -632,18 +632,31 @@ async def _read_until(batches: AsyncIterator[WatchBatch], last: int) -> list[Wat
 async def _watch(side: Side, ctx: Context, args: tuple[Any, ...]) -> Any:
     specs: tuple[WatchSpec, ...] = args[0]
     fence: PutSpec = args[1]
-    compacted_below = ctx.compact_revision  # memory's view decides what to expect, the same on both sides
-    fence_revision = ctx.revision + 1
     starts = [ctx.resolve(s.start) if isinstance(s.start, Rev) else 0 for s in specs]  # 0: "now"
     outcomes: list[Any] = [None] * len(specs)
     notices: list[int] = [0] * len(specs)
+    try:
+        return await _watch_all(side, ctx, specs, fence, starts, outcomes, notices)
+    except TimeoutError:  # a watch that does not deliver what the other side's does (or hangs on both)
+        return ("watch timed out", tuple(outcomes))
+
+
+async def _watch_all(
+    side: Side,
+    ctx: Context,
+    specs: tuple[WatchSpec, ...],
+    fence: PutSpec,
+    starts: list[int],
+    outcomes: list[Any],
+    notices: list[int],
+) -> Any:
+    compacted_below = ctx.compact_revision  # memory's view decides what to expect, the same on both sides
+    fence_revision = ctx.revision + 1
     with anyio.fail_after(20):
         async with AsyncExitStack() as stack:
             streams: list[AsyncIterator[WatchBatch] | None] = []
             for i, (spec, start) in enumerate(zip(specs, starts, strict=True)):
                 try:
-                    if start < 0:
-                        raise ValueError("negative start revision")
                     streams.append(
                         await stack.enter_async_context(
                             side.backend.watch(spec.key, prefix=spec.prefix, start_revision=side.rev_in(start))
