@@ -120,12 +120,13 @@ class Range:
 
     Attributes:
         limit: at most this many keys (0: no limit); ``RangeResult.more`` tells whether some were left out.
-        sort_by: what the result is ordered by (default: the key).
+        sort_by: what the result is ordered by (default: the key). Keys with equal values of another sort target
+            come in no particular order (etcd's sort is not stable; MemoryBackend shuffles them).
         descending: reverse the order.
         max_create_revision: only keys created at or before this revision (0: no bound).
         min_create_revision: only keys created at or after this revision (0: no bound).
         keys_only: leave values empty.
-        count_only: return no keys, only the count.
+        count_only: return no keys, only the count (``more`` is then false, as on etcd).
     """
 
     key: bytes
