@@ -63,9 +63,10 @@ async def test_compaction_gives_explicit_resync(harness: Harness) -> None:
 
 async def test_a_deletion_at_the_compact_revision_is_never_missed(harness: Harness) -> None:
     """etcd lets a watch start *at* the compact revision but drops the deletions made at it (compaction removes
-    their tombstones; etcd-io/etcd#18089, fixed in 2024 patch releases, present in 3.5.1), with no CompactedError. Watch resumed at last + 1 and so could miss a deletion silently
-    (found by the differential test once MemoryBackend did the same; chaos schedule 110 then broke). It resumes
-    one revision early now, so the compaction is reported and the state resynchronised."""
+    their tombstones; etcd-io/etcd#18089, fixed in 2024 patch releases, present in 3.5.1), with no CompactedError.
+    Watch resumed at last + 1 and so could miss a deletion silently (found by the differential test once
+    MemoryBackend did the same; chaos schedule 110 then broke). It resumes one revision early now, so the
+    compaction is reported and the state resynchronised."""
     ns = harness.namespace + b"tomb/"
     async with harness.client() as b:
         await b.txn([], [Put(ns + b"a", b"1"), Put(ns + b"b", b"2")])
