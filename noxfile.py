@@ -38,8 +38,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def chaos(session: nox.Session) -> None:
-    """The long reliability runs: 10,000 fault schedules, 42,000 broken watch streams, the 3-member cluster
-    kill/restart rounds, stuck leaders and the crash-failover measurement (``slow``)."""
+    """The long reliability runs: 10,000 fault schedules, 10,000 differential sequences (MemoryBackend against a
+    real etcd), 42,000 broken watch streams, the 3-member cluster kill/restart rounds, stuck leaders and the
+    crash-failover measurement (``slow``)."""
     session.install("-e", ".[test]")
     env = {
         name: session.env.get(name, default)
@@ -47,6 +48,7 @@ def chaos(session: nox.Session) -> None:
             ("COORDKIT_CHAOS_SCHEDULES", "10000"),
             ("COORDKIT_WATCH_BREAKS", "40000"),  # tests/test_watch_breaks.py, on memory
             ("COORDKIT_WATCH_BREAKS_ETCD", "2000"),
+            ("COORDKIT_DIFF_SEQUENCES", "10000"),  # tests/test_differential.py, 200 ops each
         )
     }
     session.run("pytest", "-m", "chaos or slow", *session.posargs, env=env)

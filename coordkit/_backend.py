@@ -61,7 +61,8 @@ class Backend(Protocol):
 
         ``async with backend.watch(k, start_revision=r) as batches: async for batch in batches: ...`` yields
         every event with revision ≥ r, in order, one batch per revision, never ending by itself. Raises
-        CompactedError when ``r`` was compacted, UnavailableError when the stream breaks.
+        CompactedError when ``r`` was compacted, UnavailableError when the stream breaks; ValueError at once for the
+        empty key without ``prefix`` (as for `Range`: the empty key is only a prefix).
 
         ``start_revision=0`` watches from now: the first batch is an empty *notice* whose revision is the store
         revision when the watch was registered, and every change after it follows. A watch from now is the

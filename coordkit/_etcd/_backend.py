@@ -41,6 +41,7 @@ from .._types import (
     check_start_revision,
     check_ttl,
     check_txn,
+    check_watch_key,
 )
 
 if TYPE_CHECKING:
@@ -352,7 +353,13 @@ class EtcdBackend:
         if failure:
             body["failure"] = [_request_op(op) for op in failure]
         leases = [op.lease for op in (*success, *failure) if isinstance(op, Put) and op.lease]
-        reply = await self._client.call("/kv/txn", body, idempotent=False, lease_id=leases[0] if leases else 0)
+        try:
+            reply = await self._client.call("/kv/txn", body, idempotent=False, lease_id=leases[0] if leases else 0)
+        except LeaseExpiredError as exc:
+            if len(set(leases)) < 2:
+                raise
+            # etcd does not say which lease is missing: find it, so that lease_id names the right one
+            raise LeaseExpiredError(await self._missing_lease(compare, success, failure, exc.lease_id)) from exc
         succeeded = bool(reply.get("succeeded", False))
         revision = _revision(reply)
         ops = success if succeeded else failure
@@ -362,6 +369,30 @@ class EtcdBackend:
         return TxnResult(
             succeeded, tuple(_op_result(op, resp, revision) for op, resp in zip(ops, responses, strict=True)), revision
         )
+
+    async def _missing_lease(
+        self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op], guess: int
+    ) -> int:
+        """The lease etcd refused a transaction for: the first one of the branch that ran that does not exist.
+
+        Only called on that error, with several leases named: a compare-only transaction tells the branch (when
+        both name leases) and TimeToLive which lease is gone. ``guess`` when those calls fail or find none.
+        """
+
+        def named(ops: Sequence[Op]) -> list[int]:
+            return list(dict.fromkeys(op.lease for op in ops if isinstance(op, Put) and op.lease))
+
+        try:
+            branch = named(success) or named(failure)
+            if named(success) and named(failure):
+                branch = named(success) if (await self.txn(compare, [])).succeeded else named(failure)
+            for lease_id in branch:
+                reply = await self._client.call("/lease/timetolive", {"ID": str(lease_id)}, idempotent=True)
+                if int(reply.get("TTL", -1)) < 0:  # etcd's answer for a lease it does not know
+                    return lease_id
+        except BackendError:
+            pass
+        return guess
 
     # -- leases --------------------------------------------------------------------------------------------
 
@@ -421,8 +452,7 @@ class EtcdBackend:
             CompactedError: ``start_revision`` was compacted (raised while iterating).
             UnavailableError: the stream could not be opened, or broke (the server restarted, the network failed).
         """
-        if not isinstance(key, bytes):
-            raise TypeError(f"keys are bytes, not {type(key).__name__}")
+        check_watch_key(key, prefix)
         check_start_revision(start_revision)
         return self._watch(key, prefix, start_revision)
 
