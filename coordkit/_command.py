@@ -64,7 +64,7 @@ async def run_command(
         return
     try:
         process = await anyio.open_process(
-            _guarded(argv),
+            guarded_argv(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -126,7 +126,7 @@ sys.exit(status)
 """
 
 
-def _guarded(argv: Sequence[str]) -> list[str]:
+def guarded_argv(argv: Sequence[str]) -> list[str]:
     """``argv`` under the guardian, where there is a parent-death signal (Linux); else as it is."""
     if not sys.platform.startswith("linux"):
         return list(argv)

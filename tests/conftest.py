@@ -6,6 +6,7 @@ etcd runs on asyncio (aiohttp) against a real etcd 3.5.1 server the session fixt
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,8 @@ import pytest
 from trio.testing import MockClock
 
 from coordkit.testing import EtcdHarness, EtcdServer, Harness, MemoryHarness
+
+from .cluster import EtcdCluster
 
 
 @pytest.fixture(params=["memory", "etcd"])
@@ -39,3 +42,20 @@ def harness(kind: str, request: pytest.FixtureRequest) -> Harness:
         return MemoryHarness()
     server: EtcdServer = request.getfixturevalue("etcd_server")
     return EtcdHarness(server.endpoint, compact=server.compact)
+
+
+@pytest.fixture(scope="module")
+def cluster_once() -> Iterator[EtcdCluster]:
+    """A 3-member etcd cluster per test module that asks for one (tests/cluster.py); ``COORDKIT_CLUSTER_ETCD``
+    names another etcd build to run against (e.g. Debian's 3.4, which has no --unsafe-no-fsync)."""
+    binary = os.environ.get("COORDKIT_CLUSTER_ETCD")
+    with EtcdCluster(etcd_binary=binary, unsafe_no_fsync=binary is None) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster(cluster_once: EtcdCluster) -> Iterator[EtcdCluster]:
+    """The module's cluster, every member running, resumed and healthy (a failed test may have left some not)."""
+    cluster_once.restore()
+    yield cluster_once
+    cluster_once.restore()

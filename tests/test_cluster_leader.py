@@ -100,22 +100,6 @@ def anyio_backend() -> str:
     return "asyncio"  # aiohttp is asyncio-only
 
 
-@pytest.fixture(scope="module")
-def cluster_once() -> Iterator[EtcdCluster]:
-    # another etcd build to run against, as in test_cluster.py (e.g. Debian's 3.4: no --unsafe-no-fsync)
-    binary = os.environ.get("COORDKIT_CLUSTER_ETCD")
-    with EtcdCluster(etcd_binary=binary, unsafe_no_fsync=binary is None) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def cluster(cluster_once: EtcdCluster) -> Iterator[EtcdCluster]:
-    """The module's cluster, every member running, resumed and healthy."""
-    cluster_once.restore()
-    yield cluster_once
-    cluster_once.restore()
-
-
 @pytest.fixture
 def ns() -> str:
     return f"leader{next(_namespaces)}/"

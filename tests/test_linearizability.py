@@ -10,7 +10,7 @@ import itertools
 import math
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -697,12 +697,6 @@ async def test_history_through_a_blackholing_proxy_is_linearizable(etcd_server: 
 
 
 # -- a real 3-member cluster: kill -9 and SIGSTOP/SIGCONT while clients run --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[EtcdCluster]:
-    with EtcdCluster() as started:
-        yield started
 
 
 async def cluster_history(cluster: EtcdCluster, faults: Sequence[str], *, seed: int) -> None:

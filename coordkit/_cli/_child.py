@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 import anyio
 from anyio.abc import Process
 
+from .._command import guarded_argv
+
 #: Shell conventions for a command that could not be started.
 EXIT_COMMAND_NOT_EXECUTABLE = 126
 EXIT_COMMAND_NOT_FOUND = 127
@@ -75,39 +77,9 @@ async def run_command(
             raise
 
 
-# On Linux the command runs under a guardian: the group's leader, which kills the whole group if coordkit dies
-# without stopping it (kill -9, an OOM kill), when the parent-death signal arrives. Without it, a command would
-# outlive its coordkit, and its lock, by as long as it likes. The guardian waits for the command and exits as
-# it did; a SIGTERM to the group while coordkit lives is the command's to handle.
-_GUARDIAN = """
-import ctypes, os, signal, subprocess, sys
-parent = int(sys.argv[1])
-def on_term(signum, frame):
-    if os.getppid() != parent:
-        os.killpg(0, signal.SIGKILL)
-signal.signal(signal.SIGTERM, on_term)
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-if os.getppid() != parent:
-    os.killpg(0, signal.SIGKILL)
-try:
-    command = subprocess.Popen(sys.argv[2:])
-except OSError as exc:
-    print(f"coordkit: error: cannot run {sys.argv[2]}: {exc}", file=sys.stderr)
-    sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
-status = command.wait()
-if status < 0:
-    if -status not in (signal.SIGKILL, signal.SIGSTOP):
-        signal.signal(-status, signal.SIG_DFL)
-    os.kill(os.getpid(), -status)
-sys.exit(status)
-"""
-
-
-def _guarded(argv: Sequence[str]) -> list[str]:
-    """``argv`` under the guardian, where there is a parent-death signal (Linux); else as it is."""
-    if not sys.platform.startswith("linux"):
-        return list(argv)
-    return [sys.executable, "-I", "-S", "-c", _GUARDIAN, str(os.getpid()), *argv]
+# On Linux the command runs under the guardian the Scheduler's command jobs use (coordkit/_command.py): the
+# group's leader, which kills the whole group if coordkit dies without stopping it (kill -9, an OOM kill). Without
+# it, a command would outlive its coordkit, and its lock, by as long as it likes.
 
 
 def _check_runnable(program: str) -> None:
@@ -122,7 +94,7 @@ async def _start(argv: Sequence[str], capture: bool, env: Mapping[str, str] | No
     _check_runnable(argv[0])
     try:
         return await anyio.open_process(
-            _guarded(argv),
+            guarded_argv(argv),
             stdin=None,
             stdout=subprocess.PIPE if capture else None,
             stderr=None,
