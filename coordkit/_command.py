@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
+from ._session import Session
+
 #: Shell conventions for a command that could not be started.
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
@@ -86,7 +88,7 @@ async def run_command(
             outcome.status = exit_status(await process.wait())
         finally:
             with anyio.CancelScope(shield=True):
-                await _stop(process, anyio.current_time() + grace, kill_by)
+                await stop_group(process, anyio.current_time() + grace, kill_by)
                 outcome.status = exit_status(await process.wait())
                 # The group is dead, so the pipes are at their end; a process that left the group (setsid)
                 # and kept them open is not waited for.
@@ -153,23 +155,39 @@ async def _keep_tail(stream: ByteReceiveStream, tail: bytearray, size: int, done
         done.set()
 
 
-async def _stop(process: Process, grace_end: float, kill_by: Callable[[], float]) -> None:
+async def stop_group(process: Process, grace_end: float, kill_by: Callable[[], float]) -> None:
     """SIGTERM to the group if the command runs; SIGKILL to what is left at ``grace_end`` or ``kill_by()``.
 
     The group is signalled even when the command itself has exited: what it started must not outlive it.
     """
     if process.returncode is None:
-        _signal_group(process.pid, signal.SIGTERM)
+        signal_group(process.pid, signal.SIGTERM)
         while process.returncode is None:
             limit = min(grace_end, kill_by())
             if anyio.current_time() >= limit:
                 break
             with anyio.move_on_at(min(limit, anyio.current_time() + 0.1)):  # kill_by() moves while keepalives succeed
                 await process.wait()
-    _signal_group(process.pid, signal.SIGKILL)
+    signal_group(process.pid, signal.SIGKILL)
     await process.wait()
 
 
-def _signal_group(pid: int, signum: signal.Signals) -> None:
+def signal_group(pid: int, signum: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):  # the whole group is gone already
         os.killpg(pid, signum)  # the command leads its own group (start_new_session): its pgid is its pid
+
+
+def kill_deadline(session: Session) -> Callable[[], float]:
+    """``kill_by`` for a command protected by ``session``'s lease: the latest time for SIGKILL, read again as it
+    changes."""
+    lost_at = math.inf
+
+    def kill_by() -> float:
+        # The lease may end on the server a safety margin after the session's deadline, or after its loss
+        # was noticed (a revoked lease is lost before its deadline): SIGKILL by then, whatever the grace says.
+        nonlocal lost_at
+        if session.lost and lost_at == math.inf:
+            lost_at = anyio.current_time()
+        return min(session.deadline, lost_at) + session.safety_margin
+
+    return kill_by

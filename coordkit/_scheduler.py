@@ -35,7 +35,7 @@ import anyio
 import anyio.lowlevel
 
 from . import _telemetry
-from ._command import CommandOutcome, run_command
+from ._command import CommandOutcome, kill_deadline, run_command
 from ._config import ConfigChange, ConfigView, publish
 from ._errors import LeaseExpiredError, OwnershipLostError, error_text, is_permanent
 from ._group import Group, Membership
@@ -788,7 +788,7 @@ class Scheduler:
             "COORDKIT_TICK": context.tick.isoformat(),
             "COORDKIT_WORKER": context.worker,
         }
-        await run_command(argv, outcome, grace=self._stop_grace, kill_by=_kill_by(self.session), env=env)
+        await run_command(argv, outcome, grace=self._stop_grace, kill_by=kill_deadline(self.session), env=env)
 
     async def _finish(self, job: str, run_id: str, final: RunRecord) -> None:
         session = self.session
@@ -879,21 +879,6 @@ class Scheduler:
 
 def _run_id(tick: datetime) -> str:
     return f"{int(tick.timestamp() * 1000):016d}"
-
-
-def _kill_by(session: Session) -> Callable[[], float]:
-    """The latest time for SIGKILL of a command run under ``session``'s lease, read again as it changes."""
-    lost_at = math.inf
-
-    def kill_by() -> float:
-        # The lease may end on the server a safety margin after the session's deadline, or after its loss
-        # was noticed (a revoked lease is lost before its deadline): SIGKILL by then, whatever stop_grace says.
-        nonlocal lost_at
-        if session.lost and lost_at == math.inf:
-            lost_at = anyio.current_time()
-        return min(session.deadline, lost_at) + session.safety_margin
-
-    return kill_by
 
 
 def _decode_spec(key: bytes, value: bytes) -> JobSpec:

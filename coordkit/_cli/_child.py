@@ -9,10 +9,9 @@ is then re-raised: the caller learns why, the command is gone.
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import anyio
 from anyio.abc import Process
 
-from .._command import guarded_argv
+from .._command import guarded_argv, stop_group
 
 #: Shell conventions for a command that could not be started.
 EXIT_COMMAND_NOT_EXECUTABLE = 126
@@ -73,7 +72,7 @@ async def run_command(
             return exit_status(await process.wait())
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await _stop(process, anyio.current_time() + grace, kill_by)
+                await stop_group(process, anyio.current_time() + grace, kill_by or _never)
             raise
 
 
@@ -107,22 +106,5 @@ async def _start(argv: Sequence[str], capture: bool, env: Mapping[str, str] | No
         raise CommandError(f"command not executable: {argv[0]}", EXIT_COMMAND_NOT_EXECUTABLE) from exc
 
 
-async def _stop(process: Process, grace_end: float, kill_by: Callable[[], float] | None) -> None:
-    """SIGTERM to the command's process group; SIGKILL to what is left at ``grace_end`` or ``kill_by()``.
-
-    The group is signalled even when the command itself has exited: what it started must not outlive it.
-    """
-    _signal_group(process.pid, signal.SIGTERM)
-    while process.returncode is None:
-        limit = grace_end if kill_by is None else min(grace_end, kill_by())
-        if anyio.current_time() >= limit:
-            break
-        with anyio.move_on_at(min(limit, anyio.current_time() + 0.1)):  # kill_by() moves while keepalives succeed
-            await process.wait()
-    _signal_group(process.pid, signal.SIGKILL)
-    await process.wait()
-
-
-def _signal_group(pid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):  # the whole group is gone already
-        os.killpg(pid, signum)  # the command leads its own group (start_new_session): its pgid is its pid
+def _never() -> float:
+    return math.inf

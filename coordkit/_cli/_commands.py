@@ -15,6 +15,7 @@ import anyio
 import click
 
 from .._backend import Backend
+from .._command import kill_deadline
 from .._config import ConfigView, publish
 from .._election import Election, LeadershipLostError, observe_leader
 from .._errors import OwnershipLostError, UnavailableError
@@ -70,22 +71,7 @@ def _protected_by(session: Session, token: int, grace: float) -> dict[str, Any]:
     It is killed by the time the lease may end on the server, and told its fencing token
     (``COORDKIT_FENCING_TOKEN``) to pass on with its writes.
     """
-    return {"grace": grace, "kill_by": _kill_by(session), "env": {"COORDKIT_FENCING_TOKEN": str(token)}}
-
-
-def _kill_by(session: Session) -> Callable[[], float]:
-    """The latest time for SIGKILL of a command protected by ``session``'s lease, read again as it changes."""
-    lost_at = math.inf
-
-    def kill_by() -> float:
-        # The lease may end on the server a safety margin after the session's deadline, or after its loss
-        # was noticed (a revoked lease is lost before its deadline): SIGKILL by then, whatever --grace says.
-        nonlocal lost_at
-        if session.lost and lost_at == math.inf:
-            lost_at = anyio.current_time()
-        return min(session.deadline, lost_at) + session.safety_margin
-
-    return kill_by
+    return {"grace": grace, "kill_by": kill_deadline(session), "env": {"COORDKIT_FENCING_TOKEN": str(token)}}
 
 
 def _lost(what: str, exc: OwnershipLostError, *, running: bool = True) -> Failure:
@@ -524,7 +510,7 @@ def once(
                 nonlocal ran
                 ran = True
                 captured = bytearray()
-                status = await run_command(command, grace=grace, kill_by=_kill_by(session), capture=captured)
+                status = await run_command(command, grace=grace, kill_by=kill_deadline(session), capture=captured)
                 truncated = len(captured) > ONCE_STDOUT_LIMIT
                 return _Outcome(status, bytes(captured[:ONCE_STDOUT_LIMIT]), truncated)
 
