@@ -32,7 +32,9 @@ Tick -> start: from the tick's scheduled time to the function starting, on the s
 Store writes per run: the txns with a Put or Delete in either branch (failed claims included), plus lease grants
 and revokes, made by the workers from the first job put to the end of the last run, divided by the runs (each
 run's share of the losing claims of the other workers, of skipped records, of membership updates...); committed:
-of those, the ones whose branch taken wrote (the claims won, ...); txns per run: every txn (writing or not).
+of those, the ones whose branch taken wrote (the claims won, ...); txns per run: every txn (writing or not);
+reads per run: every range. A scenario stopped early (a worker's session lost under the load, say) is reported
+below the table, its figures measured until then.
 Overlaps: runs of a job that started before the job's previous run (by start) ended, on the function's own clock
 readings (must be 0 under "forbid").
 """
@@ -47,7 +49,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from types import TracebackType
@@ -91,6 +93,7 @@ class Counts:
     txns: int = 0
     writes: int = 0  # txns with a Put or Delete in either branch, plus grants and revokes
     committed: int = 0  # of those, the ones that wrote: the branch taken had a Put or Delete (and grants, revokes)
+    ranges: int = 0
 
 
 class CountingBackend:
@@ -105,6 +108,7 @@ class CountingBackend:
         self.counts = counts
 
     async def range(self, request: Range) -> RangeResult:
+        self.counts.ranges += 1
         return await self.inner.range(request)
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
@@ -249,6 +253,7 @@ class Load:
     overlaps: int = 0  # runs of a job started before its previous run (by start) ended
     delays: list[float] = field(default_factory=list)  # tick -> start, seconds
     counts: Counts = field(default_factory=Counts)  # the workers' calls from the first put to the last run's end
+    failure: str = ""  # what stopped the scenario early, if anything
 
 
 async def load(connect: Connect, prefix: str, workers: int, jobs: int, duration: float, run_time: float) -> Load:
@@ -276,22 +281,29 @@ async def load(connect: Connect, prefix: str, workers: int, jobs: int, duration:
         admin_client = await stack.enter_async_context(connect())  # puts and reads jobs, uncounted
         admin = Scheduler(await stack.enter_async_context(Session(admin_client, ttl=30)), prefix, now=clock)
         scheduled = await started_workers(stack, connect, prefix, workers, counts=counted, history=history)
-        async with AsyncExitStack() as running:
-            for scheduler in scheduled:
-                scheduler.register("job", job)
-                await running.enter_async_context(scheduler)
-            before = Counts(counted.txns, counted.writes, counted.committed)
-            for name in names:
-                await admin.put_job(JobSpec(name, "job", interval=1, overlap="forbid"))
-            begin = anyio.current_time()
-            await anyio.sleep(duration)
+        before = Counts()
+        begin = end = anyio.current_time()
+        try:
+            async with AsyncExitStack() as running:
+                for scheduler in scheduled:
+                    scheduler.register("job", job)
+                    await running.enter_async_context(scheduler)
+                before = replace(counted)
+                for name in names:
+                    await admin.put_job(JobSpec(name, "job", interval=1, overlap="forbid"))
+                begin = anyio.current_time()
+                await anyio.sleep(duration)
+                end = anyio.current_time()
+                for name in names:
+                    await admin.remove_job(name)
+                await anyio.sleep(run_time + 2.0)  # the last runs end, and their final writes are made
+        except Exception as exc:  # reported with what was measured until then: a worker lost its session, say
             end = anyio.current_time()
-            for name in names:
-                await admin.remove_job(name)
-            await anyio.sleep(run_time + 2.0)  # the last runs end, and their final writes are made
-            result.counts = Counts(
-                counted.txns - before.txns, counted.writes - before.writes, counted.committed - before.committed
-            )
+            result.failure = f"after {end - begin:.1f} s: {type(exc).__name__}: {exc}"
+            with anyio.move_on_after(30):
+                for name in names:
+                    await admin.remove_job(name)
+        result.counts = Counts(*(now - then for now, then in zip(astuple(counted), astuple(before), strict=True)))
         records = {name: await admin.history(name) for name in names}
     window = [BASE + timedelta(seconds=s) for s in range(math.ceil(begin + 1), math.floor(end - 1) + 1)]
     for name in names:
@@ -314,6 +326,10 @@ async def load(connect: Connect, prefix: str, workers: int, jobs: int, duration:
     return result
 
 
+def ms(samples: list[float], q: float) -> float:
+    return percentile(samples, q) * 1e3 if samples else math.nan
+
+
 async def load_mode(args: argparse.Namespace) -> None:
     loads = os.getloadavg()
     results: dict[tuple[str, str], Load] = {}
@@ -324,6 +340,8 @@ async def load_mode(args: argparse.Namespace) -> None:
             ("memory", memory.connect),
         ]
         for label, connect in backends:
+            if label not in args.backends.split(","):
+                continue
             for scenario, run_time in (("quick", 0.0), ("overrun", args.run_time)):
                 results[label, scenario] = await load(
                     connect, f"bench/{label}/load-{scenario}", args.workers, args.jobs, args.duration, run_time
@@ -335,17 +353,21 @@ async def load_mode(args: argparse.Namespace) -> None:
     print(
         f"{'backend':<7} {'scenario':<8} {'ticks':>6} {'ran 1x':>6} {'skipped':>7} {'missed':>6} {'lost':>4}"
         f" {'ran 2x+':>7} {'runs':>6} {'start p50':>9} {'p99 ms':>7} {'writes/run':>10} {'committed':>9}"
-        f" {'txns/run':>8}"
+        f" {'txns/run':>8} {'reads/run':>9}"
         f" {'overlaps':>8}"
     )
     for (label, scenario), r in results.items():
         runs = max(1, r.runs)
         print(
             f"{label:<7} {scenario:<8} {r.expected:>6} {r.once:>6} {r.skipped:>7} {r.missed:>6} {r.lost:>4}"
-            f" {r.repeated:>7} {r.runs:>6} {percentile(r.delays, 0.5) * 1e3:>9.1f}"
-            f" {percentile(r.delays, 0.99) * 1e3:>7.1f} {r.counts.writes / runs:>10.2f}"
-            f" {r.counts.committed / runs:>9.2f} {r.counts.txns / runs:>8.2f} {r.overlaps:>8}"
+            f" {r.repeated:>7} {r.runs:>6} {ms(r.delays, 0.5):>9.1f} {ms(r.delays, 0.99):>7.1f}"
+            f" {r.counts.writes / runs:>10.2f}"
+            f" {r.counts.committed / runs:>9.2f} {r.counts.txns / runs:>8.2f} {r.counts.ranges / runs:>9.2f}"
+            f" {r.overlaps:>8}"
         )
+    for (label, scenario), r in results.items():
+        if r.failure:
+            print(f"{label} {scenario} stopped early {r.failure}"[:600])
     print(
         f"\nPython {sys.version.split()[0]}, {os.cpu_count()} cores (shared with other work);"
         f" load average {loads[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
@@ -360,6 +382,7 @@ async def main() -> None:
     parser.add_argument("--jobs", type=int, default=100, help="load: jobs, each ticking every second")
     parser.add_argument("--duration", type=float, default=60.0, help="load: seconds the jobs tick")
     parser.add_argument("--run-time", type=float, default=2.5, help="load, overrun scenario: seconds each run takes")
+    parser.add_argument("--backends", default="etcd,memory", help="load: which backends, comma-separated")
     args = parser.parse_args()
     if args.mode == "load":
         await load_mode(args)
