@@ -71,9 +71,11 @@ from coordkit import (
     Range,
     RangeResult,
     RunContext,
+    RunRecord,
     Scheduler,
     Session,
     TxnResult,
+    UnavailableError,
     WatchBatch,
 )
 from coordkit.testing import EtcdServer
@@ -256,6 +258,15 @@ class Load:
     failure: str = ""  # what stopped the scenario early, if anything
 
 
+async def read_history(admin: Scheduler, name: str) -> list[RunRecord]:
+    for _ in range(10):  # etcd may still be catching up after an overload
+        try:
+            return await admin.history(name)
+        except UnavailableError:
+            await anyio.sleep(1)
+    return await admin.history(name)
+
+
 async def load(connect: Connect, prefix: str, workers: int, jobs: int, duration: float, run_time: float) -> Load:
     """``workers`` workers, ``jobs`` jobs every second for ``duration`` seconds; each run lasts ``run_time``."""
     result = Load()
@@ -282,29 +293,35 @@ async def load(connect: Connect, prefix: str, workers: int, jobs: int, duration:
         admin = Scheduler(await stack.enter_async_context(Session(admin_client, ttl=30)), prefix, now=clock)
         scheduled = await started_workers(stack, connect, prefix, workers, counts=counted, history=history)
         before = Counts()
-        begin = end = anyio.current_time()
+        begin = anyio.current_time()
+        end: float | None = None  # when the jobs stopped ticking (or the scenario stopped early)
         try:
             async with AsyncExitStack() as running:
                 for scheduler in scheduled:
                     scheduler.register("job", job)
                     await running.enter_async_context(scheduler)
                 before = replace(counted)
-                for name in names:
-                    await admin.put_job(JobSpec(name, "job", interval=1, overlap="forbid"))
+                async with anyio.create_task_group() as tg:  # at once: the window starts when all are put
+                    for name in names:
+                        tg.start_soon(admin.put_job, JobSpec(name, "job", interval=1, overlap="forbid"))
                 begin = anyio.current_time()
                 await anyio.sleep(duration)
                 end = anyio.current_time()
-                for name in names:
-                    await admin.remove_job(name)
+                async with anyio.create_task_group() as tg:
+                    for name in names:
+                        tg.start_soon(admin.remove_job, name)
                 await anyio.sleep(run_time + 2.0)  # the last runs end, and their final writes are made
         except Exception as exc:  # reported with what was measured until then: a worker lost its session, say
-            end = anyio.current_time()
-            result.failure = f"after {end - begin:.1f} s: {type(exc).__name__}: {exc}"
+            stopped = anyio.current_time()
+            end = stopped if end is None else end
+            result.failure = f"{stopped - begin:.1f} s after the jobs were put: {type(exc).__name__}: {exc}"
             with anyio.move_on_after(30):
-                for name in names:
-                    await admin.remove_job(name)
+                async with anyio.create_task_group() as tg:
+                    for name in names:
+                        tg.start_soon(admin.remove_job, name)
         result.counts = Counts(*(now - then for now, then in zip(astuple(counted), astuple(before), strict=True)))
-        records = {name: await admin.history(name) for name in names}
+        records = {name: await read_history(admin, name) for name in names}
+    assert end is not None
     window = [BASE + timedelta(seconds=s) for s in range(math.ceil(begin + 1), math.floor(end - 1) + 1)]
     for name in names:
         outcomes = {datetime.fromisoformat(r.tick): r.outcome for r in records[name]}
