@@ -33,10 +33,11 @@ Store writes per run: the txns with a Put or Delete in either branch (failed cla
 and revokes, made by the workers from the first job put to the end of the last run, divided by the runs (each
 run's share of the losing claims of the other workers, of skipped records, of membership updates...); committed:
 of those, the ones whose branch taken wrote (the claims won, ...); txns per run: every txn (writing or not);
-reads per run: every range. A scenario stopped early (a worker's session lost under the load, say) is reported
-below the table, its figures measured until then.
-Overlaps: runs of a job that started before the job's previous run (by start) ended, on the function's own clock
-readings (must be 0 under "forbid").
+reads per run: every range. cpu: this process's CPU seconds (all the workers and their clients, and the memory
+store; not etcd) per second of the scenario: near 1.0, the single Python process is saturated. Overlaps: runs of
+a job that started before the job's previous run (by start) ended, on the function's own clock readings (must be 0
+under "forbid"). A scenario stopped early (a worker's session lost under the load, say) is reported below the
+table, its figures measured until then.
 """
 
 from __future__ import annotations
@@ -256,6 +257,7 @@ class Load:
     delays: list[float] = field(default_factory=list)  # tick -> start, seconds
     counts: Counts = field(default_factory=Counts)  # the workers' calls from the first put to the last run's end
     failure: str = ""  # what stopped the scenario early, if anything
+    cpu: float = 0.0  # this process's CPU time (all workers, the clients, the memory store) per second of the scenario
 
 
 async def read_history(admin: Scheduler, name: str) -> list[RunRecord]:
@@ -293,6 +295,7 @@ async def load(connect: Connect, prefix: str, workers: int, jobs: int, duration:
         admin = Scheduler(await stack.enter_async_context(Session(admin_client, ttl=30)), prefix, now=clock)
         scheduled = await started_workers(stack, connect, prefix, workers, counts=counted, history=history)
         before = Counts()
+        cpu = time.process_time()
         begin = anyio.current_time()
         end: float | None = None  # when the jobs stopped ticking (or the scenario stopped early)
         try:
@@ -319,6 +322,7 @@ async def load(connect: Connect, prefix: str, workers: int, jobs: int, duration:
                 async with anyio.create_task_group() as tg:
                     for name in names:
                         tg.start_soon(admin.remove_job, name)
+        result.cpu = (time.process_time() - cpu) / (anyio.current_time() - begin)
         result.counts = Counts(*(now - then for now, then in zip(astuple(counted), astuple(before), strict=True)))
         records = {name: await read_history(admin, name) for name in names}
     assert end is not None
@@ -371,7 +375,7 @@ async def load_mode(args: argparse.Namespace) -> None:
         f"{'backend':<7} {'scenario':<8} {'ticks':>6} {'ran 1x':>6} {'skipped':>7} {'missed':>6} {'lost':>4}"
         f" {'ran 2x+':>7} {'runs':>6} {'start p50':>9} {'p99 ms':>7} {'writes/run':>10} {'committed':>9}"
         f" {'txns/run':>8} {'reads/run':>9}"
-        f" {'overlaps':>8}"
+        f" {'overlaps':>8} {'cpu':>4}"
     )
     for (label, scenario), r in results.items():
         runs = max(1, r.runs)
@@ -380,7 +384,7 @@ async def load_mode(args: argparse.Namespace) -> None:
             f" {r.repeated:>7} {r.runs:>6} {ms(r.delays, 0.5):>9.1f} {ms(r.delays, 0.99):>7.1f}"
             f" {r.counts.writes / runs:>10.2f}"
             f" {r.counts.committed / runs:>9.2f} {r.counts.txns / runs:>8.2f} {r.counts.ranges / runs:>9.2f}"
-            f" {r.overlaps:>8}"
+            f" {r.overlaps:>8} {r.cpu:>4.2f}"
         )
     for (label, scenario), r in results.items():
         if r.failure:
