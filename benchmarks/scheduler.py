@@ -256,6 +256,7 @@ class Load:
     overlaps: int = 0  # runs of a job started before its previous run (by start) ended
     delays: list[float] = field(default_factory=list)  # tick -> start, seconds
     counts: Counts = field(default_factory=Counts)  # the workers' calls from the first put to the last run's end
+    lost_records: Counter[str] = field(default_factory=Counter)  # the lost ticks' records: outcome, or "no record"
     failure: str = ""  # what stopped the scenario early, if anything
     cpu: float = 0.0  # this process's CPU time (all workers, the clients, the memory store) per second of the scenario
 
@@ -340,6 +341,7 @@ async def load(connect: Connect, prefix: str, workers: int, jobs: int, duration:
                 result.missed += 1
             elif ran == 0:
                 result.lost += 1
+                result.lost_records[outcomes.get(tick, "no record")] += 1
         spans = sorted(intervals.get(name, []))
         result.overlaps += sum(1 for a, b in pairwise(spans) if b[0] < a[1])
     result.repeated = sum(1 for n in calls.values() if n > 1)
@@ -387,6 +389,8 @@ async def load_mode(args: argparse.Namespace) -> None:
             f" {r.overlaps:>8} {r.cpu:>4.2f}"
         )
     for (label, scenario), r in results.items():
+        if r.lost:
+            print(f"{label} {scenario}: the lost ticks' records: {dict(r.lost_records)}")
         if r.failure:
             print(f"{label} {scenario} stopped early {r.failure}"[:600])
     print(
