@@ -299,8 +299,17 @@ async def load(connect: Connect, prefix: str, workers: int, jobs: int, duration:
         cpu = time.process_time()
         begin = anyio.current_time()
         end: float | None = None  # when the jobs stopped ticking (or the scenario stopped early)
+        lost: list[float] = []  # when a worker's session was first seen lost
+
+        async def watch_session(session: Session) -> None:
+            await session.wait_lost()
+            lost.append(anyio.current_time())
+
         try:
-            async with AsyncExitStack() as running:
+            async with anyio.create_task_group() as watching, AsyncExitStack() as running:
+                for scheduler in scheduled:
+                    watching.start_soon(watch_session, scheduler.session)
+                running.callback(watching.cancel_scope.cancel)
                 for scheduler in scheduled:
                     scheduler.register("job", job)
                     await running.enter_async_context(scheduler)
@@ -316,8 +325,10 @@ async def load(connect: Connect, prefix: str, workers: int, jobs: int, duration:
                         tg.start_soon(admin.remove_job, name)
                 await anyio.sleep(run_time + 2.0)  # the last runs end, and their final writes are made
         except Exception as exc:  # reported with what was measured until then: a worker lost its session, say
-            stopped = anyio.current_time()
-            end = stopped if end is None else end
+            while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            stopped = min([anyio.current_time(), *lost])
+            end = stopped if end is None else min(end, stopped)
             result.failure = f"{stopped - begin:.1f} s after the jobs were put: {type(exc).__name__}: {exc}"
             with anyio.move_on_after(30):
                 async with anyio.create_task_group() as tg:
