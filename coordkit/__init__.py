@@ -89,6 +89,7 @@ from ._workqueue import (
     ClaimLostError as ClaimLostError,
     DeadLetter as DeadLetter,
     QueueDepth as QueueDepth,
+    QueuedItem as QueuedItem,
     Task as Task,
     WorkQueue as WorkQueue,
 )
@@ -154,6 +155,7 @@ __all__ = (
     "Put",
     "PutResult",
     "QueueDepth",
+    "QueuedItem",
     "Range",
     "RangeResult",
     "ReadWriteLock",

@@ -72,6 +72,30 @@ class QueueDepth:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuedItem:
+    """An item in the queue, pending or leased, as `WorkQueue.items` read it.
+
+    Attributes:
+        id: the item id.
+        priority: the item's priority.
+        attempts: deliveries so far (a leased item's current delivery included).
+        leased: whether a consumer holds it.
+        holder: the holder's session lease id (hex), as its claim records it; None when pending.
+        visibility_timeout: the visibility timeout the claim records (seconds); None when pending, or when a
+            foreign claim records none.
+        claim_revision: the claim's create revision (the fencing token of the holder's completion); 0 when pending.
+    """
+
+    id: str
+    priority: int
+    attempts: int
+    leased: bool
+    holder: str | None = None
+    visibility_timeout: int | None = None
+    claim_revision: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """An item that failed ``max_attempts`` times, or whose record could not be decoded.
 
@@ -137,6 +161,15 @@ class _Item:
         return cls(raw, priority, _int_field(record, "attempts", 0, 0), error)
 
 
+def _claim_holder(value: bytes) -> str | None:
+    """The holder a claim records (its session lease id, hex), or None."""
+    try:
+        holder = json.loads(value)["holder"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return holder if isinstance(holder, str) else None
+
+
 def _claim_visibility(value: bytes) -> int | None:
     """The visibility timeout a claim declares, or None (a foreign claim: only its lease ends it)."""
     try:
@@ -145,6 +178,15 @@ def _claim_visibility(value: bytes) -> int | None:
     except (ValueError, TypeError, KeyError):
         return None
     return visibility if isinstance(visibility, int) and not isinstance(visibility, bool) else None
+
+
+def _encode_id(item_id: str) -> bytes:
+    if not isinstance(item_id, str):
+        raise TypeError(f"item ids are str, not {type(item_id).__name__}")
+    try:
+        return item_id.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"item id {item_id!r} is not UTF-8") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,12 +447,7 @@ class WorkQueue:
             TypeError: ``item_id`` is not a str.
             ValueError: ``item_id`` is not UTF-8 (a dead letter whose key is not UTF-8 cannot be requeued).
         """
-        if not isinstance(item_id, str):
-            raise TypeError(f"item ids are str, not {type(item_id).__name__}")
-        try:
-            encoded = item_id.encode()
-        except UnicodeEncodeError:
-            raise ValueError(f"item id {item_id!r} is not UTF-8: it cannot be requeued") from None
+        encoded = _encode_id(item_id)
         dead_key = self._dead + encoded
         current = await self.session.backend.range(Range(dead_key))
         if not current.kvs:
@@ -424,6 +461,89 @@ class WorkQueue:
             [Delete(dead_key), Put(self._items + encoded, fresh.encode()), Put(self._tail, b"")],
         )
         return moved.succeeded
+
+    async def items(self) -> list[QueuedItem]:
+        """Every item in the queue, pending and leased, in the order they are offered (one consistent read).
+
+        A record that cannot be decoded is not listed (the next consumer that looks moves it to the dead letters).
+        """
+        result = await self.session.backend.txn([], [Range(self._items, prefix=True), Range(self._claims, prefix=True)])
+        item_kvs: tuple[KeyValue, ...] = getattr(result.responses[0], "kvs", ())
+        claims = {kv.key[len(self._claims) :]: kv for kv in getattr(result.responses[1], "kvs", ())}
+        listed = []
+        for kv in item_kvs:
+            raw_id = kv.key[len(self._items) :]
+            try:
+                item_id = raw_id.decode()
+                item = _Item.decode(kv.value)
+            except (UnicodeDecodeError, _Undecodable):
+                continue
+            if not item_id:
+                continue
+            claim = claims.get(raw_id)
+            entry = QueuedItem(item_id, item.priority, item.attempts, claim is not None)
+            if claim is not None:
+                entry = replace(
+                    entry,
+                    holder=_claim_holder(claim.value),
+                    visibility_timeout=_claim_visibility(claim.value),
+                    claim_revision=claim.create_revision,
+                )
+            listed.append((-item.priority, kv.create_revision, raw_id, entry))
+        listed.sort(key=lambda row: row[:3])
+        return [row[3] for row in listed]
+
+    async def remove(self, item_id: str) -> bool:
+        """Remove an item, pending or leased, in one transaction; False if there is no such item.
+
+        A leased item is removed with its claim: the holder's body is not interrupted, but its completion (or
+        give-back, or `Task.extend`) is refused, fenced by the claim, so leaving its block raises
+        `ClaimLostError`, and the item is never offered again.
+
+        Raises:
+            TypeError: ``item_id`` is not a str.
+            ValueError: ``item_id`` is not UTF-8.
+        """
+        encoded = _encode_id(item_id)
+        key = self._items + encoded
+        result = await self.session.backend.txn(
+            [Compare.create(key, ">", 0)], [Delete(key), Delete(self._claims + encoded)]
+        )
+        if result.succeeded:
+            self._forget(key, self._claims + encoded)
+        return result.succeeded
+
+    async def trim_dead_letters(self, *, keep: int = 0) -> int:
+        """Delete all but the ``keep`` newest dead letters; return how many were deleted.
+
+        Each deletion is fenced by the dead letter's mod revision, so a dead letter requeued (or rewritten)
+        meanwhile is not deleted. One read, then one transaction per 100 deletions.
+
+        Raises:
+            TypeError: ``keep`` is not an int.
+            ValueError: ``keep`` is negative.
+        """
+        if not isinstance(keep, int) or isinstance(keep, bool):
+            raise TypeError(f"keep must be an int, not {type(keep).__name__}")
+        if keep < 0:
+            raise ValueError(f"keep must be at least 0, not {keep}")
+        result = await self.session.backend.range(Range(self._dead, prefix=True, sort_by="create", keys_only=True))
+        doomed = list(result.kvs[: max(0, len(result.kvs) - keep)])
+        deleted = 0
+        for start in range(0, len(doomed), _PUT_BATCH):
+            # One transaction compares every letter of the batch (etcd allows 128 compares); refused (one of them
+            # changed), it falls back to one transaction per letter.
+            batch = doomed[start : start + _PUT_BATCH]
+            done = await self.session.backend.txn(
+                [Compare.mod(kv.key, "==", kv.mod_revision) for kv in batch], [Delete(kv.key) for kv in batch]
+            )
+            if done.succeeded:
+                deleted += len(batch)
+                continue
+            for kv in batch:
+                one = await self.session.backend.txn([Compare.mod(kv.key, "==", kv.mod_revision)], [Delete(kv.key)])
+                deleted += one.succeeded
+        return deleted
 
     # -- claiming --------------------------------------------------------------------------------------
 

@@ -358,3 +358,51 @@ async def test_a_claim_past_its_visibility_timeout_is_taken_back_by_another_cons
         assert len(late) == 1 and "before completion" in str(late[0])
         depth = await WorkQueue(other, name).depth()
         assert (depth.pending, depth.leased, depth.dead) == (0, 0, 0)
+
+
+async def test_items_lists_pending_and_leased_in_order_and_remove_fences_the_holder(harness: Harness) -> None:
+    name = harness.namespace.decode() + "control"
+    async with sessions(harness, 2) as (producer, consumer):
+        queue = WorkQueue(producer, name)
+        first, second, third = await queue.put_many([b"a", b"b", b"c"])
+        urgent = await queue.put(b"u", priority=5)
+        assert [(i.id, i.leased) for i in await queue.items()] == [
+            (urgent, False),
+            (first, False),
+            (second, False),
+            (third, False),
+        ]
+        assert await queue.remove(second)
+        assert not await queue.remove(second), "already removed"
+        with pytest.raises(ClaimLostError, match="before completion"):
+            async with WorkQueue(consumer, name).lease(visibility_timeout=7) as task:
+                assert task.id == urgent
+                (held, *rest) = await queue.items()
+                assert (held.id, held.leased, held.attempts, held.visibility_timeout) == (urgent, True, 1, 7)
+                assert held.holder == f"{consumer.lease_id:x}" and held.claim_revision > 0
+                assert [(i.id, i.leased, i.holder) for i in rest] == [(first, False, None), (third, False, None)]
+                assert await queue.remove(urgent)  # removed while leased: the holder's completion is refused
+        async with WorkQueue(consumer, name).lease() as task:
+            assert task.id == first, "the removed items are never offered"
+        assert [i.id for i in await queue.items()] == [third]
+        with pytest.raises(TypeError):
+            await queue.remove(b"x")  # type: ignore[arg-type]
+
+
+async def test_trim_dead_letters_keeps_the_newest(harness: Harness) -> None:
+    name = harness.namespace.decode() + "trim"
+    async with sessions(harness, 1) as (session,):
+        queue = WorkQueue(session, name, max_attempts=1)
+        for i in range(5):
+            await queue.put(str(i).encode())
+            with pytest.raises(ValueError, match="bad"):
+                async with queue.lease():
+                    raise ValueError("bad")
+        assert [d.payload for d in await queue.dead_letters()] == [b"0", b"1", b"2", b"3", b"4"]
+        assert await queue.trim_dead_letters(keep=2) == 3
+        assert [d.payload for d in await queue.dead_letters()] == [b"3", b"4"]
+        assert await queue.trim_dead_letters(keep=2) == 0
+        assert await queue.trim_dead_letters() == 2
+        assert await queue.dead_letters() == []
+        with pytest.raises(ValueError, match="at least 0"):
+            await queue.trim_dead_letters(keep=-1)
