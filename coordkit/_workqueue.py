@@ -30,8 +30,9 @@ import binascii
 import json
 import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, final
 
@@ -84,6 +85,8 @@ class QueuedItem:
         visibility_timeout: the visibility timeout the claim records (seconds); None when pending, or when a
             foreign claim records none.
         claim_revision: the claim's create revision (the fencing token of the holder's completion); 0 when pending.
+        not_before: when the item becomes due (aware UTC datetime), if it was put with ``not_before``.
+        expires: when the item expires (aware UTC datetime), if it was put with ``expires_in``.
     """
 
     id: str
@@ -93,6 +96,12 @@ class QueuedItem:
     holder: str | None = None
     visibility_timeout: int | None = None
     claim_revision: int = 0
+    not_before: datetime | None = None
+    expires: datetime | None = None
+
+
+def _utc(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +142,17 @@ class _Item:
     priority: int = 0
     attempts: int = 0
     error: str | None = None
+    not_before: float | None = None  # wall clock, UTC seconds since the epoch: not offered before
+    expires: float | None = None  # wall clock, UTC seconds since the epoch: dead-lettered if not completed by then
 
     def encode(self) -> bytes:
-        record = {"payload": base64.b64encode(self.payload).decode(), "priority": self.priority}
-        return json.dumps({**record, "attempts": self.attempts, "error": self.error}, separators=(",", ":")).encode()
+        record: dict[str, Any] = {"payload": base64.b64encode(self.payload).decode(), "priority": self.priority}
+        record.update(attempts=self.attempts, error=self.error)
+        if self.not_before is not None:
+            record["not_before"] = self.not_before
+        if self.expires is not None:
+            record["expires"] = self.expires
+        return json.dumps(record, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> _Item:
@@ -158,7 +174,17 @@ class _Item:
         if error is not None and not isinstance(error, str):
             raise _Undecodable(f"'error' must be a string or null, not {error!r:.80}")
         priority = _int_field(record, "priority", 0, -MAX_INT64 - 1)
-        return cls(raw, priority, _int_field(record, "attempts", 0, 0), error)
+        times = [_time_field(record, name) for name in ("not_before", "expires")]
+        return cls(raw, priority, _int_field(record, "attempts", 0, 0), error, *times)
+
+
+def _time_field(record: dict[str, Any], name: str) -> float | None:
+    value = record.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise _Undecodable(f"{name!r} must be a number (UTC seconds since the epoch) or null, not {value!r:.80}")
+    return float(value)
 
 
 def _claim_holder(value: bytes) -> str | None:
@@ -321,11 +347,15 @@ class WorkQueue:
             loses its claims within the session's TTL.
         name: the queue's name; keys live under ``<name>/``.
         max_attempts: deliveries before an item is dead-lettered (>= 1).
+        now: the wall clock, returning an aware datetime (default: the system clock). It decides only when a
+            delayed item becomes due and when an item expires; tests pass a clock that follows virtual time.
 
     A consumer's failure is recorded with the item as ``"<type>: <message>"``, cut to 4096 characters.
     """
 
-    def __init__(self, session: Session, name: str, *, max_attempts: int = 5) -> None:
+    def __init__(
+        self, session: Session, name: str, *, max_attempts: int = 5, now: Callable[[], datetime] | None = None
+    ) -> None:
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool):
             raise TypeError(f"max_attempts must be an int, not {type(max_attempts).__name__}")
         if max_attempts < 1:
@@ -333,6 +363,7 @@ class WorkQueue:
         self.session = require_session(session)
         self.name = name
         self.max_attempts = max_attempts
+        self._now = now or (lambda: datetime.now(UTC))
         self._prefix = name_prefix(name)
         self._items = self._prefix + b"items/"
         self._claims = self._prefix + b"claims/"
@@ -361,25 +392,50 @@ class WorkQueue:
         if subscription is not None:
             await subscription.aclose()
 
-    async def put(self, payload: bytes, *, priority: int = 0) -> str:
+    async def put(
+        self,
+        payload: bytes,
+        *,
+        priority: int = 0,
+        not_before: float | datetime | None = None,
+        expires_in: float | None = None,
+    ) -> str:
         """Add an item; return its id. Higher ``priority`` is offered first; equal ones in creation order.
 
         One write: the item and the queue's ``tail`` in one transaction.
 
+        Args:
+            payload: the item.
+            priority: higher is offered first.
+            not_before: do not offer the item before this time: seconds from now, or an aware datetime. Stored
+                as a UTC wall-clock time; each consumer's clock (``now``) decides when it is due. Until then it is
+                not free: items behind it are offered first.
+            expires_in: seconds from now (by this producer's clock); an item not completed by then is never
+                delivered again and goes to the dead letters with the error "expired".
+
         Raises:
-            TypeError: ``payload`` is not bytes, or ``priority`` not an int.
-            ValueError: ``priority`` does not fit a signed 64-bit integer.
+            TypeError: ``payload`` is not bytes, ``priority`` not an int, ``not_before`` neither a number nor a
+                datetime, or ``expires_in`` not a number.
+            ValueError: ``priority`` does not fit a signed 64-bit integer, ``not_before`` is a naive datetime or
+                not finite, or ``expires_in`` is not above 0.
             RequestTooLargeError: the item is larger than the server accepts. It is stored base64-encoded, so the
                 payload limit is about 1.1 MiB with etcd's default 1.5 MiB request limit.
         """
-        (item_id,) = await self.put_many([payload], priority=priority)
+        (item_id,) = await self.put_many([payload], priority=priority, not_before=not_before, expires_in=expires_in)
         return item_id
 
-    async def put_many(self, payloads: Iterable[bytes], *, priority: int = 0) -> list[str]:
+    async def put_many(
+        self,
+        payloads: Iterable[bytes],
+        *,
+        priority: int = 0,
+        not_before: float | datetime | None = None,
+        expires_in: float | None = None,
+    ) -> list[str]:
         """Add several items, in order, in one transaction per 100 items; return their ids.
 
         Items of one transaction share a create revision; their ids sort in the order given, and items of one
-        revision are offered in id order, so they are offered in the order given. Raises as `put`.
+        revision are offered in id order, so they are offered in the order given. Arguments and errors as `put`.
         """
         items = list(payloads)
         for payload in items:
@@ -389,13 +445,32 @@ class WorkQueue:
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         if not -MAX_INT64 - 1 <= priority <= MAX_INT64:
             raise ValueError(f"priority must fit a signed 64-bit integer, not {priority}")
+        wall = self._now().timestamp()
+        due: float | None = None
+        if isinstance(not_before, datetime):
+            if not_before.tzinfo is None:
+                raise ValueError("not_before must be an aware datetime (with a time zone), not a naive one")
+            due = not_before.timestamp()
+        elif not_before is not None:
+            if not isinstance(not_before, int | float) or isinstance(not_before, bool):
+                raise TypeError(f"not_before is seconds or a datetime, not {type(not_before).__name__}")
+            if not math.isfinite(not_before):
+                raise ValueError(f"not_before must be finite, not {not_before}")
+            due = wall + not_before
+        expires: float | None = None
+        if expires_in is not None:
+            if not isinstance(expires_in, int | float) or isinstance(expires_in, bool):
+                raise TypeError(f"expires_in is seconds, not {type(expires_in).__name__}")
+            if not 0 < expires_in < math.inf:
+                raise ValueError(f"expires_in must be above 0 and finite, not {expires_in}")
+            expires = wall + expires_in
         # Ids of one call share a random stem and end in a counter: items of one transaction share a create
         # revision, and are offered in key order within it, which is then the order given.
         stem = uuid.uuid4().hex[:24]
         ids = [f"{stem}{i:08x}" for i in range(len(items))] if len(items) > 1 else [uuid.uuid4().hex]
         for start in range(0, len(items), _PUT_BATCH):
             ops: list[Op] = [
-                Put(self._items + item_id.encode(), _Item(payload, priority).encode())
+                Put(self._items + item_id.encode(), _Item(payload, priority, not_before=due, expires=expires).encode())
                 for item_id, payload in zip(
                     ids[start : start + _PUT_BATCH], items[start : start + _PUT_BATCH], strict=True
                 )
@@ -453,7 +528,7 @@ class WorkQueue:
         if not current.kvs:
             return False
         try:
-            fresh = replace(_Item.decode(current.kvs[0].value), attempts=0, error=None)
+            fresh = replace(_Item.decode(current.kvs[0].value), attempts=0, error=None, not_before=None, expires=None)
         except _Undecodable:
             fresh = _Item(current.kvs[0].value)
         moved = await self.session.backend.txn(
@@ -481,7 +556,14 @@ class WorkQueue:
             if not item_id:
                 continue
             claim = claims.get(raw_id)
-            entry = QueuedItem(item_id, item.priority, item.attempts, claim is not None)
+            entry = QueuedItem(
+                item_id,
+                item.priority,
+                item.attempts,
+                claim is not None,
+                not_before=_utc(item.not_before),
+                expires=_utc(item.expires),
+            )
             if claim is not None:
                 entry = replace(
                     entry,
@@ -621,6 +703,7 @@ class WorkQueue:
         fails and we wait for the watch to bring the change.
         """
         now = anyio.current_time()
+        wall = self._now().timestamp()
         entries = []
         for key, kv in state.items():
             if not key.startswith(self._items):
@@ -660,6 +743,14 @@ class WorkQueue:
                 # The holder's visibility timeout passed by our clock since we saw its claim: take it back.
                 taken = await self._take_back(key, kv, item, claim, held)
                 return now if taken else math.inf  # taken: look again at once; else wait for what changed
+            if item.expires is not None and item.expires <= wall:
+                # Expired by our clock and free: never delivered again (fenced by its mod revision).
+                await self._bury(key, kv, replace(item, error="expired"))
+                continue
+            if item.not_before is not None and item.not_before > wall:
+                # Not due yet by our clock, so not free: skip it, and wake when it is due (a timer, no polling).
+                wake = min(wake, now + max(item.not_before - wall, 0.001))
+                continue
             delivered = replace(item, attempts=item.attempts + 1)
             if delivered.attempts > self.max_attempts:
                 # Delivered max_attempts times and no consumer finished (crashes, timeouts): give it up.

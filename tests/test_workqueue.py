@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import suppress
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import pytest
@@ -406,3 +407,62 @@ async def test_trim_dead_letters_keeps_the_newest(harness: Harness) -> None:
         assert await queue.dead_letters() == []
         with pytest.raises(ValueError, match="at least 0"):
             await queue.trim_dead_letters(keep=-1)
+
+
+_BASE = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def _loop_clock() -> datetime:
+    """A wall clock that follows the event loop's (virtual, for the memory backend) time."""
+    return _BASE + timedelta(seconds=anyio.current_time())
+
+
+async def test_delayed_items_are_not_free_until_due_and_wake_waiting_consumers(harness: Harness) -> None:
+    name = harness.namespace.decode() + "delayed"
+    async with sessions(harness, 2) as (producer, consumer):
+        queue = WorkQueue(producer, name, now=_loop_clock)
+        start = anyio.current_time()
+        later = await queue.put(b"later", not_before=2)
+        dated = await queue.put(b"dated", priority=5, not_before=_loop_clock() + timedelta(seconds=3))
+        await queue.put(b"now")
+        (first, second, third) = await queue.items()
+        assert (first.id, second.id, third.not_before) == (dated, later, None)
+        assert first.not_before is not None and first.not_before >= _BASE + timedelta(seconds=start + 3)
+        assert second.not_before is not None and second.not_before >= _BASE + timedelta(seconds=start + 2)
+        consumers = WorkQueue(consumer, name, now=_loop_clock)
+        order = []
+        with anyio.fail_after(10):
+            for _ in range(3):
+                # The first lease gets the item that is due although two are ahead of it; the next ones wait
+                # (by a timer: nothing is written meanwhile) until each delayed item is due.
+                async with consumers.lease() as task:
+                    due = {b"now": 0, b"later": 2, b"dated": 3}[task.payload]
+                    order.append((task.payload, anyio.current_time() - start >= due))
+        assert order == [(b"now", True), (b"later", True), (b"dated", True)]
+        with pytest.raises(ValueError, match="aware"):
+            await queue.put(b"x", not_before=datetime(2030, 1, 1))
+        with pytest.raises(ValueError, match="above 0"):
+            await queue.put(b"x", expires_in=0)
+        with pytest.raises(TypeError, match="seconds"):
+            await queue.put(b"x", not_before="soon")  # type: ignore[arg-type]
+
+
+async def test_expired_items_are_dead_lettered_not_delivered(harness: Harness) -> None:
+    name = harness.namespace.decode() + "expiring"
+    async with sessions(harness, 1) as (session,):
+        queue = WorkQueue(session, name, now=_loop_clock)
+        stale = await queue.put(b"stale", expires_in=1)
+        held = await queue.put(b"held", expires_in=1, priority=1)
+        async with queue.lease() as task:
+            assert task.id == held
+            await anyio.sleep(1.5)  # expires while held: the holder may still complete it
+        fresh = await queue.put(b"fresh")
+        with anyio.fail_after(5):
+            async with queue.lease() as task:
+                assert task.id == fresh, "the expired item is never delivered"
+        (letter,) = await queue.dead_letters()
+        assert (letter.id, letter.error, letter.attempts) == (stale, "expired", 0)
+        assert await queue.depth() == type(await queue.depth())(0, 0, 1)
+        assert await queue.requeue(stale)  # requeued: a fresh item, no longer expiring
+        async with queue.lease() as task:
+            assert task.id == stale
