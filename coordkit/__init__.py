@@ -88,8 +88,10 @@ from ._watch import (
 from ._workqueue import (
     ClaimLostError as ClaimLostError,
     DeadLetter as DeadLetter,
+    PendingRequest as PendingRequest,
     QueueDepth as QueueDepth,
     QueuedItem as QueuedItem,
+    RequestFailedError as RequestFailedError,
     Task as Task,
     WorkQueue as WorkQueue,
 )
@@ -149,6 +151,7 @@ __all__ = (
     "Op",
     "OpResult",
     "OwnershipLostError",
+    "PendingRequest",
     "PermitLostError",
     "publish",
     "publish_many",
@@ -160,6 +163,7 @@ __all__ = (
     "RangeResult",
     "ReadWriteLock",
     "ReadWriteLockLostError",
+    "RequestFailedError",
     "RequestTooLargeError",
     "run_while_leader",
     "RunContext",

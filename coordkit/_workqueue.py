@@ -39,7 +39,7 @@ from typing import Any, final
 import anyio
 import anyio.lowlevel
 
-from ._errors import OwnershipLostError, error_text
+from ._errors import CoordkitError, LeaseExpiredError, OwnershipLostError, error_text
 from ._feed import Subscription, subscribe
 from ._queue import name_prefix
 from ._retry import retry_call
@@ -61,6 +61,20 @@ _MARGIN = 0.5
 class ClaimLostError(OwnershipLostError):
     """A leased item's claim ended before the consumer finished: its visibility timeout passed, or the session was
     lost. The body was cancelled; the item is offered again (or was completed by someone else)."""
+
+
+class RequestFailedError(CoordkitError):
+    """A request (`WorkQueue.request`) will never be answered: it was dead-lettered or removed.
+
+    Attributes:
+        item_id: the request's item id.
+        reason: the dead letter's error (``"expired"``, the last failure of a body, ...), or "removed".
+    """
+
+    def __init__(self, item_id: str, reason: str) -> None:
+        self.item_id = item_id
+        self.reason = reason
+        super().__init__(f"request {item_id} will not be answered: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +158,7 @@ class _Item:
     error: str | None = None
     not_before: float | None = None  # wall clock, UTC seconds since the epoch: not offered before
     expires: float | None = None  # wall clock, UTC seconds since the epoch: dead-lettered if not completed by then
+    reply: int | None = None  # a reply is expected: the lease (0: none) the reply key is bound to
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {"payload": base64.b64encode(self.payload).decode(), "priority": self.priority}
@@ -152,6 +167,8 @@ class _Item:
             record["not_before"] = self.not_before
         if self.expires is not None:
             record["expires"] = self.expires
+        if self.reply is not None:
+            record["reply"] = self.reply
         return json.dumps(record, separators=(",", ":")).encode()
 
     @classmethod
@@ -174,8 +191,9 @@ class _Item:
         if error is not None and not isinstance(error, str):
             raise _Undecodable(f"'error' must be a string or null, not {error!r:.80}")
         priority = _int_field(record, "priority", 0, -MAX_INT64 - 1)
-        times = [_time_field(record, name) for name in ("not_before", "expires")]
-        return cls(raw, priority, _int_field(record, "attempts", 0, 0), error, *times)
+        not_before, expires = _time_field(record, "not_before"), _time_field(record, "expires")
+        reply = None if record.get("reply") is None else _int_field(record, "reply", 0, 0)
+        return cls(raw, priority, _int_field(record, "attempts", 0, 0), error, not_before, expires, reply)
 
 
 def _time_field(record: dict[str, Any], name: str) -> float | None:
@@ -245,6 +263,26 @@ class Task:
         self._visibility = visibility
         self._scope: anyio.CancelScope | None = None
         self._deadline = math.inf
+        self._reply = b""
+
+    @property
+    def wants_reply(self) -> bool:
+        """Whether the item is a request (`WorkQueue.request`): completing it writes the reply (`reply`)."""
+        return self._item.reply is not None
+
+    def reply(self, value: bytes) -> None:
+        """Set the reply to a request (an item put with `WorkQueue.request`); the last call wins, default ``b""``.
+
+        Nothing is written now: the reply is written when the block completes the item, in the same transaction
+        that removes it, so a reply exists exactly when the request was completed. Ignored for an item put
+        with `WorkQueue.put`.
+
+        Raises:
+            TypeError: ``value`` is not bytes.
+        """
+        if not isinstance(value, bytes):
+            raise TypeError(f"a reply is bytes, not {type(value).__name__}")
+        self._reply = value
 
     @property
     def deadline(self) -> float:
@@ -276,6 +314,81 @@ class Task:
         self._deadline = sent + self._visibility - _MARGIN
         if self._scope is not None:
             self._scope.deadline = self._deadline
+
+
+@final
+class PendingRequest:
+    """A request put with `WorkQueue.request`: `result` waits for its reply.
+
+    Attributes:
+        id: the request's item id.
+    """
+
+    def __init__(self, queue: WorkQueue, item_id: str, revision: int) -> None:
+        self._queue = queue
+        self.id = item_id
+        self._revision = revision  # of the put: a view older than it has not seen the item yet
+        self._settled = False
+
+    async def result(self) -> bytes:
+        """Wait (by watch) for the reply the consumer set with `Task.reply`; read it and delete its key.
+
+        If this wait ends any other way (cancelled, ``anyio.fail_after``, an error), the request is withdrawn
+        (`withdraw`), shielded: it is never delivered again.
+
+        Raises:
+            RequestFailedError: the request was dead-lettered (failed ``max_attempts`` times, expired) or removed.
+        """
+        try:
+            return await self._wait()
+        except BaseException:
+            if not self._settled:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._queue.session.ttl or 10):
+                    await self.withdraw()
+            raise
+
+    async def withdraw(self) -> None:
+        """Withdraw the request: one transaction deletes the item, its claim and its reply if any.
+
+        A consumer holding it at that moment is fenced as by `WorkQueue.remove`: its completion is refused
+        (`ClaimLostError`) and no reply is written.
+        """
+        queue, encoded = self._queue, self.id.encode()
+        await retry_call(
+            lambda: queue.session.backend.txn(
+                [], [Delete(queue._items + encoded), Delete(queue._claims + encoded), Delete(queue._replies + encoded)]
+            )
+        )
+        self._settled = True
+
+    async def _wait(self) -> bytes:
+        queue, encoded = self._queue, self.id.encode()
+        item_key, reply_key, dead_key = queue._items + encoded, queue._replies + encoded, queue._dead + encoded
+        subscription = await subscribe(queue.session.backend, queue._prefix)
+        try:
+            while True:
+                state = subscription.state
+                reply = state.get(reply_key)
+                if reply is not None:
+                    # Cleaned when read (the reply was written with the completion: the item is gone too).
+                    await retry_call(lambda: queue.session.backend.txn([], [Delete(reply_key)]))
+                    self._settled = True
+                    return reply.value
+                if subscription.revision >= self._revision and item_key not in state:
+                    self._settled = True
+                    dead = state.get(dead_key)
+                    if dead is None:
+                        raise RequestFailedError(self.id, "removed")
+                    try:
+                        reason = _Item.decode(dead.value).error or "dead-lettered"
+                    except _Undecodable:
+                        reason = "dead-lettered"
+                    raise RequestFailedError(self.id, reason)
+                item = await subscription.next()
+                subscription.state, subscription.revision = apply(subscription.state, item), item.revision
+        finally:
+            with anyio.CancelScope(shield=True):
+                await subscription.aclose()
 
 
 class _Lease:
@@ -369,6 +482,7 @@ class WorkQueue:
         self._claims = self._prefix + b"claims/"
         self._dead = self._prefix + b"dead/"
         self._tail = self._prefix + b"tail"
+        self._replies = self._prefix + b"replies/"
         self._subscription: Subscription | None = None
         self._subscription_busy = False
         # item key -> (mod revision, decoded item or why it cannot be decoded): each record is decoded once
@@ -421,8 +535,26 @@ class WorkQueue:
             RequestTooLargeError: the item is larger than the server accepts. It is stored base64-encoded, so the
                 payload limit is about 1.1 MiB with etcd's default 1.5 MiB request limit.
         """
-        (item_id,) = await self.put_many([payload], priority=priority, not_before=not_before, expires_in=expires_in)
+        (item_id,), _ = await self._put_items([payload], priority, not_before, expires_in, None)
         return item_id
+
+    async def request(
+        self,
+        payload: bytes,
+        *,
+        priority: int = 0,
+        not_before: float | datetime | None = None,
+        expires_in: float | None = None,
+    ) -> PendingRequest:
+        """Put an item that expects a reply; ``await (await queue.request(b"...")).result()`` waits for it.
+
+        The item is delivered like any other (arguments and errors as `put`); the consumer sets the reply with
+        `Task.reply`, and completing the item writes it under ``replies/<id>`` in the completion's transaction,
+        bound to this session's lease if the session is open (so a producer that is gone leaks nothing).
+        """
+        lease = self.session.lease_id if self.session._open and not self.session.lost else 0
+        (item_id,), revision = await self._put_items([payload], priority, not_before, expires_in, lease)
+        return PendingRequest(self, item_id, revision)
 
     async def put_many(
         self,
@@ -437,6 +569,17 @@ class WorkQueue:
         Items of one transaction share a create revision; their ids sort in the order given, and items of one
         revision are offered in id order, so they are offered in the order given. Arguments and errors as `put`.
         """
+        ids, _ = await self._put_items(payloads, priority, not_before, expires_in, None)
+        return ids
+
+    async def _put_items(
+        self,
+        payloads: Iterable[bytes],
+        priority: int,
+        not_before: float | datetime | None,
+        expires_in: float | None,
+        reply: int | None,
+    ) -> tuple[list[str], int]:
         items = list(payloads)
         for payload in items:
             if not isinstance(payload, bytes):
@@ -468,16 +611,20 @@ class WorkQueue:
         # revision, and are offered in key order within it, which is then the order given.
         stem = uuid.uuid4().hex[:24]
         ids = [f"{stem}{i:08x}" for i in range(len(items))] if len(items) > 1 else [uuid.uuid4().hex]
+        revision = 0
         for start in range(0, len(items), _PUT_BATCH):
             ops: list[Op] = [
-                Put(self._items + item_id.encode(), _Item(payload, priority, not_before=due, expires=expires).encode())
+                Put(
+                    self._items + item_id.encode(),
+                    _Item(payload, priority, not_before=due, expires=expires, reply=reply).encode(),
+                )
                 for item_id, payload in zip(
                     ids[start : start + _PUT_BATCH], items[start : start + _PUT_BATCH], strict=True
                 )
             ]
             # The tail moves with every put: a claim that saw the tail unchanged saw every item.
-            await self.session.backend.txn([], [*ops, Put(self._tail, b"")])
-        return ids
+            revision = (await self.session.backend.txn([], [*ops, Put(self._tail, b"")])).revision
+        return ids, revision
 
     def lease(self, *, visibility_timeout: int = 30) -> _Lease:
         """Wait for an item and hold it (``async with``); see the class docstring. Bound with ``anyio.fail_after``."""
@@ -826,17 +973,27 @@ class WorkQueue:
         """Remove the item, fenced by our claim: only while the claim is the one we created."""
         claim, item_key = self._claims + task.id.encode(), self._items + task.id.encode()
         attempts = 0
+        ops: list[Op] = [Delete(item_key), Delete(claim)]
+        lease = task._item.reply
+        if lease is not None:
+            # A request: its reply is written in the completion's transaction, so it exists exactly when the
+            # item was completed. Bound to the producer's session lease, so a producer that is gone leaks nothing.
+            ops.append(Put(self._replies + task.id.encode(), task._reply, lease))
 
         async def complete() -> TxnResult:
             nonlocal attempts
             attempts += 1
             return await self.session.backend.txn(
-                [Compare.create(claim, "==", task._claim_revision)],
-                [Delete(item_key), Delete(claim)],
-                [Range(item_key, keys_only=True)],
+                [Compare.create(claim, "==", task._claim_revision)], ops, [Range(item_key, keys_only=True)]
             )
 
-        result = await retry_call(complete)
+        try:
+            result = await retry_call(complete)
+        except LeaseExpiredError:
+            # The producer's session lease is gone: write the reply without a lease (a producer still waiting
+            # reads and deletes it; one that is gone leaves it, to be cleaned by `withdraw` or by hand).
+            ops[-1] = Put(self._replies + task.id.encode(), task._reply)
+            result = await retry_call(complete)
         if result.succeeded:
             self._forget(item_key, claim)
             return

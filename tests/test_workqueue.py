@@ -466,3 +466,65 @@ async def test_expired_items_are_dead_lettered_not_delivered(harness: Harness) -
         assert await queue.requeue(stale)  # requeued: a fresh item, no longer expiring
         async with queue.lease() as task:
             assert task.id == stale
+
+
+async def test_request_reply_written_with_the_completion_and_cleaned_when_read(harness: Harness) -> None:
+    from coordkit import Range, RequestFailedError
+
+    name = harness.namespace.decode() + "rpc"
+    replies = (name + "/replies/").encode()
+    async with sessions(harness, 2) as (producer, consumer):
+        queue, worker = WorkQueue(producer, name, max_attempts=1), WorkQueue(consumer, name, max_attempts=1)
+        pending = await queue.request(b"2+2")
+        async with worker.lease() as task:
+            assert task.wants_reply and task.id == pending.id
+            task.reply(b"4")
+        (kv,) = (await producer.backend.range(Range(replies, prefix=True))).kvs
+        assert (kv.value, kv.lease) == (b"4", producer.lease_id), "the reply is bound to the producer's session"
+        assert await pending.result() == b"4"
+        assert (await producer.backend.range(Range(replies, prefix=True, count_only=True))).count == 0
+        # A request that fails on its last attempt is answered by an error, not by waiting forever.
+        doomed = await queue.request(b"1/0")
+        with pytest.raises(ZeroDivisionError):
+            async with worker.lease():
+                raise ZeroDivisionError("division by zero")
+        with pytest.raises(RequestFailedError, match="ZeroDivisionError") as failed:
+            await doomed.result()
+        assert failed.value.item_id == doomed.id
+        # A plain item: a reply set by the body is ignored.
+        await queue.put(b"plain")
+        async with worker.lease() as task:
+            assert not task.wants_reply
+            task.reply(b"ignored")
+        assert (await producer.backend.range(Range(replies, prefix=True, count_only=True))).count == 0
+
+
+async def test_a_producer_that_gives_up_withdraws_its_request(harness: Harness) -> None:
+    from coordkit import Range
+
+    name = harness.namespace.decode() + "rpc-withdraw"
+    replies = (name + "/replies/").encode()
+    async with sessions(harness, 2) as (producer, consumer):
+        queue, worker = WorkQueue(producer, name), WorkQueue(consumer, name)
+        pending = await queue.request(b"nobody answers in time")
+        with anyio.move_on_after(1):
+            await pending.result()
+        assert await queue.items() == [], "withdrawn while pending: never delivered"
+        # Withdrawn while a consumer holds it: the holder's completion is fenced, and no reply is written.
+        pending = await queue.request(b"slow")
+        holding = anyio.Event()
+        async with anyio.create_task_group() as tg:
+
+            async def give_up() -> None:
+                await holding.wait()
+                with anyio.move_on_after(0.5):
+                    await pending.result()
+
+            tg.start_soon(give_up)
+            with pytest.raises(ClaimLostError, match="before completion"):
+                async with worker.lease() as task:
+                    task.reply(b"too late")
+                    holding.set()
+                    await anyio.sleep(2)
+        assert await queue.items() == []
+        assert (await producer.backend.range(Range(replies, prefix=True, count_only=True))).count == 0
