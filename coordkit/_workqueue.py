@@ -14,11 +14,16 @@ The "work queue with leases" pattern. Guarantees:
   count, or dead-lettered after ``max_attempts``), passes its visibility timeout (its own clock cancels the body
   and gives the item back; should it not, any other consumer takes the claim back once the timeout has passed by
   its own clock since it saw the claim), or loses its session (the claim goes with the session's lease).
+- **Control, time, replies.** `remove` deletes an item and its claim (fencing the holder); `items` lists the queue
+  from one read; ``not_before`` items are not free until due by the consumer's ``now`` clock (a waiting consumer
+  sets a timer); ``expires_in`` items not completed in time are dead-lettered with "expired"; `WorkQueue.request`
+  items get a reply written in the completion's transaction (``replies/<id>``, bound to the producer's lease).
 - **Bad records never stop the queue.** An item record no consumer can decode (not JSON, missing or mistyped
   fields, a key that is not UTF-8) is moved to the dead letters with the reason, atomically; the rest flows.
 
 Keys under ``<name>/``: ``items/<id>`` (the item record, JSON: see the guide for the format other languages
-write), ``claims/<id>`` (the holder, bound to its session lease), ``dead/<id>`` (dead letters) and ``tail``
+write), ``claims/<id>`` (the holder, bound to its session lease), ``dead/<id>`` (dead letters), ``replies/<id>``
+(request replies) and ``tail``
 (rewritten by every put, so a claim can prove it saw every item). An item costs three writes from put to
 completion: the put, the claim, the completion.
 """
@@ -993,6 +998,7 @@ class WorkQueue:
             # The producer's session lease is gone: write the reply without a lease (a producer still waiting
             # reads and deletes it; one that is gone leaves it, to be cleaned by `withdraw` or by hand).
             ops[-1] = Put(self._replies + task.id.encode(), task._reply)
+            attempts = 0  # that attempt wrote nothing: a refusal now means the claim ended
             result = await retry_call(complete)
         if result.succeeded:
             self._forget(item_key, claim)

@@ -528,3 +528,20 @@ async def test_a_producer_that_gives_up_withdraws_its_request(harness: Harness) 
                     await anyio.sleep(2)
         assert await queue.items() == []
         assert (await producer.backend.range(Range(replies, prefix=True, count_only=True))).count == 0
+
+
+async def test_a_reply_outlives_a_producer_lease_that_is_gone(harness: Harness) -> None:
+    from coordkit import Range
+
+    name = harness.namespace.decode() + "rpc-orphan"
+    replies = (name + "/replies/").encode()
+    async with harness.client() as client, sessions(harness, 1) as (consumer,):
+        async with Session(client, ttl=5) as producer:
+            pending = await WorkQueue(producer, name).request(b"job")
+        # The producer's session ended (its lease revoked): completing still works, the reply has no lease.
+        async with WorkQueue(consumer, name).lease() as task:
+            task.reply(b"done")
+        (kv,) = (await consumer.backend.range(Range(replies, prefix=True))).kvs
+        assert (kv.value, kv.lease) == (b"done", 0)
+        assert await pending.result() == b"done"
+        assert (await consumer.backend.range(Range(replies, prefix=True, count_only=True))).count == 0
