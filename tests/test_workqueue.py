@@ -545,3 +545,28 @@ async def test_a_reply_outlives_a_producer_lease_that_is_gone(harness: Harness) 
         assert (kv.value, kv.lease) == (b"done", 0)
         assert await pending.result() == b"done"
         assert (await consumer.backend.range(Range(replies, prefix=True, count_only=True))).count == 0
+
+
+async def test_consumers_racing_for_expired_items_dead_letter_each_once(harness: Harness) -> None:
+    name = harness.namespace.decode() + "expiring-race"
+    async with sessions(harness, 4) as group:
+        queue = WorkQueue(group[0], name, now=_loop_clock)
+        doomed = await queue.put_many([f"old-{i}".encode() for i in range(6)], expires_in=1)
+        await anyio.sleep(1.5)
+        fresh = await queue.put_many([f"new-{i}".encode() for i in range(6)])
+        done: list[str] = []
+
+        async def consume(session: Session) -> None:
+            consumer = WorkQueue(session, name, now=_loop_clock)
+            while len(done) < len(fresh):
+                with anyio.move_on_after(0.5):
+                    async with consumer.lease() as task:
+                        done.append(task.id)
+
+        async with anyio.create_task_group() as tg:
+            for session in group:
+                tg.start_soon(consume, session)
+        assert sorted(done) == sorted(fresh), "each live item done once, no expired item delivered"
+        letters = await queue.dead_letters()
+        assert sorted(d.id for d in letters) == sorted(doomed)
+        assert {d.error for d in letters} == {"expired"}
