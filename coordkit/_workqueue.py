@@ -14,11 +14,16 @@ The "work queue with leases" pattern. Guarantees:
   count, or dead-lettered after ``max_attempts``), passes its visibility timeout (its own clock cancels the body
   and gives the item back; should it not, any other consumer takes the claim back once the timeout has passed by
   its own clock since it saw the claim), or loses its session (the claim goes with the session's lease).
+- **Control, time, replies.** `remove` deletes an item and its claim (fencing the holder); `items` lists the queue
+  from one read; ``not_before`` items are not free until due by the consumer's ``now`` clock (a waiting consumer
+  sets a timer); ``expires_in`` items not completed in time are dead-lettered with "expired"; `WorkQueue.request`
+  items get a reply written in the completion's transaction (``replies/<id>``, bound to the producer's lease).
 - **Bad records never stop the queue.** An item record no consumer can decode (not JSON, missing or mistyped
   fields, a key that is not UTF-8) is moved to the dead letters with the reason, atomically; the rest flows.
 
 Keys under ``<name>/``: ``items/<id>`` (the item record, JSON: see the guide for the format other languages
-write), ``claims/<id>`` (the holder, bound to its session lease), ``dead/<id>`` (dead letters) and ``tail``
+write), ``claims/<id>`` (the holder, bound to its session lease), ``dead/<id>`` (dead letters), ``replies/<id>``
+(request replies) and ``tail``
 (rewritten by every put, so a claim can prove it saw every item). An item costs three writes from put to
 completion: the put, the claim, the completion.
 """
@@ -30,15 +35,16 @@ import binascii
 import json
 import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, final
 
 import anyio
 import anyio.lowlevel
 
-from ._errors import OwnershipLostError, error_text
+from ._errors import CoordkitError, LeaseExpiredError, OwnershipLostError, error_text
 from ._feed import Subscription, subscribe
 from ._queue import name_prefix
 from ._retry import retry_call
@@ -62,6 +68,20 @@ class ClaimLostError(OwnershipLostError):
     lost. The body was cancelled; the item is offered again (or was completed by someone else)."""
 
 
+class RequestFailedError(CoordkitError):
+    """A request (`WorkQueue.request`) will never be answered: it was dead-lettered or removed.
+
+    Attributes:
+        item_id: the request's item id.
+        reason: the dead letter's error (``"expired"``, the last failure of a body, ...), or "removed".
+    """
+
+    def __init__(self, item_id: str, reason: str) -> None:
+        self.item_id = item_id
+        self.reason = reason
+        super().__init__(f"request {item_id} will not be answered: {reason}")
+
+
 @dataclass(frozen=True, slots=True)
 class QueueDepth:
     """How many items are waiting, held by a consumer, and dead-lettered."""
@@ -69,6 +89,38 @@ class QueueDepth:
     pending: int
     leased: int
     dead: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedItem:
+    """An item in the queue, pending or leased, as `WorkQueue.items` read it.
+
+    Attributes:
+        id: the item id.
+        priority: the item's priority.
+        attempts: deliveries so far (a leased item's current delivery included).
+        leased: whether a consumer holds it.
+        holder: the holder's session lease id (hex), as its claim records it; None when pending.
+        visibility_timeout: the visibility timeout the claim records (seconds); None when pending, or when a
+            foreign claim records none.
+        claim_revision: the claim's create revision (the fencing token of the holder's completion); 0 when pending.
+        not_before: when the item becomes due (aware UTC datetime), if it was put with ``not_before``.
+        expires: when the item expires (aware UTC datetime), if it was put with ``expires_in``.
+    """
+
+    id: str
+    priority: int
+    attempts: int
+    leased: bool
+    holder: str | None = None
+    visibility_timeout: int | None = None
+    claim_revision: int = 0
+    not_before: datetime | None = None
+    expires: datetime | None = None
+
+
+def _utc(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +161,20 @@ class _Item:
     priority: int = 0
     attempts: int = 0
     error: str | None = None
+    not_before: float | None = None  # wall clock, UTC seconds since the epoch: not offered before
+    expires: float | None = None  # wall clock, UTC seconds since the epoch: dead-lettered if not completed by then
+    reply: int | None = None  # a reply is expected: the lease (0: none) the reply key is bound to
 
     def encode(self) -> bytes:
-        record = {"payload": base64.b64encode(self.payload).decode(), "priority": self.priority}
-        return json.dumps({**record, "attempts": self.attempts, "error": self.error}, separators=(",", ":")).encode()
+        record: dict[str, Any] = {"payload": base64.b64encode(self.payload).decode(), "priority": self.priority}
+        record.update(attempts=self.attempts, error=self.error)
+        if self.not_before is not None:
+            record["not_before"] = self.not_before
+        if self.expires is not None:
+            record["expires"] = self.expires
+        if self.reply is not None:
+            record["reply"] = self.reply
+        return json.dumps(record, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> _Item:
@@ -134,7 +196,27 @@ class _Item:
         if error is not None and not isinstance(error, str):
             raise _Undecodable(f"'error' must be a string or null, not {error!r:.80}")
         priority = _int_field(record, "priority", 0, -MAX_INT64 - 1)
-        return cls(raw, priority, _int_field(record, "attempts", 0, 0), error)
+        not_before, expires = _time_field(record, "not_before"), _time_field(record, "expires")
+        reply = None if record.get("reply") is None else _int_field(record, "reply", 0, 0)
+        return cls(raw, priority, _int_field(record, "attempts", 0, 0), error, not_before, expires, reply)
+
+
+def _time_field(record: dict[str, Any], name: str) -> float | None:
+    value = record.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise _Undecodable(f"{name!r} must be a number (UTC seconds since the epoch) or null, not {value!r:.80}")
+    return float(value)
+
+
+def _claim_holder(value: bytes) -> str | None:
+    """The holder a claim records (its session lease id, hex), or None."""
+    try:
+        holder = json.loads(value)["holder"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return holder if isinstance(holder, str) else None
 
 
 def _claim_visibility(value: bytes) -> int | None:
@@ -145,6 +227,15 @@ def _claim_visibility(value: bytes) -> int | None:
     except (ValueError, TypeError, KeyError):
         return None
     return visibility if isinstance(visibility, int) and not isinstance(visibility, bool) else None
+
+
+def _encode_id(item_id: str) -> bytes:
+    if not isinstance(item_id, str):
+        raise TypeError(f"item ids are str, not {type(item_id).__name__}")
+    try:
+        return item_id.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"item id {item_id!r} is not UTF-8") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +268,26 @@ class Task:
         self._visibility = visibility
         self._scope: anyio.CancelScope | None = None
         self._deadline = math.inf
+        self._reply = b""
+
+    @property
+    def wants_reply(self) -> bool:
+        """Whether the item is a request (`WorkQueue.request`): completing it writes the reply (`reply`)."""
+        return self._item.reply is not None
+
+    def reply(self, value: bytes) -> None:
+        """Set the reply to a request (an item put with `WorkQueue.request`); the last call wins, default ``b""``.
+
+        Nothing is written now: the reply is written when the block completes the item, in the same transaction
+        that removes it, so a reply exists exactly when the request was completed. Ignored for an item put
+        with `WorkQueue.put`.
+
+        Raises:
+            TypeError: ``value`` is not bytes.
+        """
+        if not isinstance(value, bytes):
+            raise TypeError(f"a reply is bytes, not {type(value).__name__}")
+        self._reply = value
 
     @property
     def deadline(self) -> float:
@@ -208,6 +319,81 @@ class Task:
         self._deadline = sent + self._visibility - _MARGIN
         if self._scope is not None:
             self._scope.deadline = self._deadline
+
+
+@final
+class PendingRequest:
+    """A request put with `WorkQueue.request`: `result` waits for its reply.
+
+    Attributes:
+        id: the request's item id.
+    """
+
+    def __init__(self, queue: WorkQueue, item_id: str, revision: int) -> None:
+        self._queue = queue
+        self.id = item_id
+        self._revision = revision  # of the put: a view older than it has not seen the item yet
+        self._settled = False
+
+    async def result(self) -> bytes:
+        """Wait (by watch) for the reply the consumer set with `Task.reply`; read it and delete its key.
+
+        If this wait ends any other way (cancelled, ``anyio.fail_after``, an error), the request is withdrawn
+        (`withdraw`), shielded: it is never delivered again.
+
+        Raises:
+            RequestFailedError: the request was dead-lettered (failed ``max_attempts`` times, expired) or removed.
+        """
+        try:
+            return await self._wait()
+        except BaseException:
+            if not self._settled:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._queue.session.ttl or 10):
+                    await self.withdraw()
+            raise
+
+    async def withdraw(self) -> None:
+        """Withdraw the request: one transaction deletes the item, its claim and its reply if any.
+
+        A consumer holding it at that moment is fenced as by `WorkQueue.remove`: its completion is refused
+        (`ClaimLostError`) and no reply is written.
+        """
+        queue, encoded = self._queue, self.id.encode()
+        await retry_call(
+            lambda: queue.session.backend.txn(
+                [], [Delete(queue._items + encoded), Delete(queue._claims + encoded), Delete(queue._replies + encoded)]
+            )
+        )
+        self._settled = True
+
+    async def _wait(self) -> bytes:
+        queue, encoded = self._queue, self.id.encode()
+        item_key, reply_key, dead_key = queue._items + encoded, queue._replies + encoded, queue._dead + encoded
+        subscription = await subscribe(queue.session.backend, queue._prefix)
+        try:
+            while True:
+                state = subscription.state
+                reply = state.get(reply_key)
+                if reply is not None:
+                    # Cleaned when read (the reply was written with the completion: the item is gone too).
+                    await retry_call(lambda: queue.session.backend.txn([], [Delete(reply_key)]))
+                    self._settled = True
+                    return reply.value
+                if subscription.revision >= self._revision and item_key not in state:
+                    self._settled = True
+                    dead = state.get(dead_key)
+                    if dead is None:
+                        raise RequestFailedError(self.id, "removed")
+                    try:
+                        reason = _Item.decode(dead.value).error or "dead-lettered"
+                    except _Undecodable:
+                        reason = "dead-lettered"
+                    raise RequestFailedError(self.id, reason)
+                item = await subscription.next()
+                subscription.state, subscription.revision = apply(subscription.state, item), item.revision
+        finally:
+            with anyio.CancelScope(shield=True):
+                await subscription.aclose()
 
 
 class _Lease:
@@ -279,11 +465,15 @@ class WorkQueue:
             loses its claims within the session's TTL.
         name: the queue's name; keys live under ``<name>/``.
         max_attempts: deliveries before an item is dead-lettered (>= 1).
+        now: the wall clock, returning an aware datetime (default: the system clock). It decides only when a
+            delayed item becomes due and when an item expires; tests pass a clock that follows virtual time.
 
     A consumer's failure is recorded with the item as ``"<type>: <message>"``, cut to 4096 characters.
     """
 
-    def __init__(self, session: Session, name: str, *, max_attempts: int = 5) -> None:
+    def __init__(
+        self, session: Session, name: str, *, max_attempts: int = 5, now: Callable[[], datetime] | None = None
+    ) -> None:
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool):
             raise TypeError(f"max_attempts must be an int, not {type(max_attempts).__name__}")
         if max_attempts < 1:
@@ -291,11 +481,13 @@ class WorkQueue:
         self.session = require_session(session)
         self.name = name
         self.max_attempts = max_attempts
+        self._now = now or (lambda: datetime.now(UTC))
         self._prefix = name_prefix(name)
         self._items = self._prefix + b"items/"
         self._claims = self._prefix + b"claims/"
         self._dead = self._prefix + b"dead/"
         self._tail = self._prefix + b"tail"
+        self._replies = self._prefix + b"replies/"
         self._subscription: Subscription | None = None
         self._subscription_busy = False
         # item key -> (mod revision, decoded item or why it cannot be decoded): each record is decoded once
@@ -319,26 +511,80 @@ class WorkQueue:
         if subscription is not None:
             await subscription.aclose()
 
-    async def put(self, payload: bytes, *, priority: int = 0) -> str:
+    async def put(
+        self,
+        payload: bytes,
+        *,
+        priority: int = 0,
+        not_before: float | datetime | None = None,
+        expires_in: float | None = None,
+    ) -> str:
         """Add an item; return its id. Higher ``priority`` is offered first; equal ones in creation order.
 
         One write: the item and the queue's ``tail`` in one transaction.
 
+        Args:
+            payload: the item.
+            priority: higher is offered first.
+            not_before: do not offer the item before this time: seconds from now, or an aware datetime. Stored
+                as a UTC wall-clock time; each consumer's clock (``now``) decides when it is due. Until then it is
+                not free: items behind it are offered first.
+            expires_in: seconds from now (by this producer's clock); an item not completed by then is never
+                delivered again and goes to the dead letters with the error "expired".
+
         Raises:
-            TypeError: ``payload`` is not bytes, or ``priority`` not an int.
-            ValueError: ``priority`` does not fit a signed 64-bit integer.
+            TypeError: ``payload`` is not bytes, ``priority`` not an int, ``not_before`` neither a number nor a
+                datetime, or ``expires_in`` not a number.
+            ValueError: ``priority`` does not fit a signed 64-bit integer, ``not_before`` is a naive datetime or
+                not finite, or ``expires_in`` is not above 0.
             RequestTooLargeError: the item is larger than the server accepts. It is stored base64-encoded, so the
                 payload limit is about 1.1 MiB with etcd's default 1.5 MiB request limit.
         """
-        (item_id,) = await self.put_many([payload], priority=priority)
+        (item_id,), _ = await self._put_items([payload], priority, not_before, expires_in, None)
         return item_id
 
-    async def put_many(self, payloads: Iterable[bytes], *, priority: int = 0) -> list[str]:
+    async def request(
+        self,
+        payload: bytes,
+        *,
+        priority: int = 0,
+        not_before: float | datetime | None = None,
+        expires_in: float | None = None,
+    ) -> PendingRequest:
+        """Put an item that expects a reply; ``await (await queue.request(b"...")).result()`` waits for it.
+
+        The item is delivered like any other (arguments and errors as `put`); the consumer sets the reply with
+        `Task.reply`, and completing the item writes it under ``replies/<id>`` in the completion's transaction,
+        bound to this session's lease if the session is open (so a producer that is gone leaks nothing).
+        """
+        lease = self.session.lease_id if self.session._open and not self.session.lost else 0
+        (item_id,), revision = await self._put_items([payload], priority, not_before, expires_in, lease)
+        return PendingRequest(self, item_id, revision)
+
+    async def put_many(
+        self,
+        payloads: Iterable[bytes],
+        *,
+        priority: int = 0,
+        not_before: float | datetime | None = None,
+        expires_in: float | None = None,
+    ) -> list[str]:
         """Add several items, in order, in one transaction per 100 items; return their ids.
 
         Items of one transaction share a create revision; their ids sort in the order given, and items of one
-        revision are offered in id order, so they are offered in the order given. Raises as `put`.
+        revision are offered in id order, so they are offered in the order given. Arguments and errors as `put`.
         """
+        ids, _ = await self._put_items(payloads, priority, not_before, expires_in, None)
+        return ids
+
+    async def _put_items(
+        self,
+        payloads: Iterable[bytes],
+        priority: int,
+        not_before: float | datetime | None,
+        expires_in: float | None,
+        reply: int | None,
+    ) -> tuple[list[str], int]:
         items = list(payloads)
         for payload in items:
             if not isinstance(payload, bytes):
@@ -347,20 +593,43 @@ class WorkQueue:
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         if not -MAX_INT64 - 1 <= priority <= MAX_INT64:
             raise ValueError(f"priority must fit a signed 64-bit integer, not {priority}")
+        wall = self._now().timestamp()
+        due: float | None = None
+        if isinstance(not_before, datetime):
+            if not_before.tzinfo is None:
+                raise ValueError("not_before must be an aware datetime (with a time zone), not a naive one")
+            due = not_before.timestamp()
+        elif not_before is not None:
+            if not isinstance(not_before, int | float) or isinstance(not_before, bool):
+                raise TypeError(f"not_before is seconds or a datetime, not {type(not_before).__name__}")
+            if not math.isfinite(not_before):
+                raise ValueError(f"not_before must be finite, not {not_before}")
+            due = wall + not_before
+        expires: float | None = None
+        if expires_in is not None:
+            if not isinstance(expires_in, int | float) or isinstance(expires_in, bool):
+                raise TypeError(f"expires_in is seconds, not {type(expires_in).__name__}")
+            if not 0 < expires_in < math.inf:
+                raise ValueError(f"expires_in must be above 0 and finite, not {expires_in}")
+            expires = wall + expires_in
         # Ids of one call share a random stem and end in a counter: items of one transaction share a create
         # revision, and are offered in key order within it, which is then the order given.
         stem = uuid.uuid4().hex[:24]
         ids = [f"{stem}{i:08x}" for i in range(len(items))] if len(items) > 1 else [uuid.uuid4().hex]
+        revision = 0
         for start in range(0, len(items), _PUT_BATCH):
             ops: list[Op] = [
-                Put(self._items + item_id.encode(), _Item(payload, priority).encode())
+                Put(
+                    self._items + item_id.encode(),
+                    _Item(payload, priority, not_before=due, expires=expires, reply=reply).encode(),
+                )
                 for item_id, payload in zip(
                     ids[start : start + _PUT_BATCH], items[start : start + _PUT_BATCH], strict=True
                 )
             ]
             # The tail moves with every put: a claim that saw the tail unchanged saw every item.
-            await self.session.backend.txn([], [*ops, Put(self._tail, b"")])
-        return ids
+            revision = (await self.session.backend.txn([], [*ops, Put(self._tail, b"")])).revision
+        return ids, revision
 
     def lease(self, *, visibility_timeout: int = 30) -> _Lease:
         """Wait for an item and hold it (``async with``); see the class docstring. Bound with ``anyio.fail_after``."""
@@ -405,18 +674,13 @@ class WorkQueue:
             TypeError: ``item_id`` is not a str.
             ValueError: ``item_id`` is not UTF-8 (a dead letter whose key is not UTF-8 cannot be requeued).
         """
-        if not isinstance(item_id, str):
-            raise TypeError(f"item ids are str, not {type(item_id).__name__}")
-        try:
-            encoded = item_id.encode()
-        except UnicodeEncodeError:
-            raise ValueError(f"item id {item_id!r} is not UTF-8: it cannot be requeued") from None
+        encoded = _encode_id(item_id)
         dead_key = self._dead + encoded
         current = await self.session.backend.range(Range(dead_key))
         if not current.kvs:
             return False
         try:
-            fresh = replace(_Item.decode(current.kvs[0].value), attempts=0, error=None)
+            fresh = replace(_Item.decode(current.kvs[0].value), attempts=0, error=None, not_before=None, expires=None)
         except _Undecodable:
             fresh = _Item(current.kvs[0].value)
         moved = await self.session.backend.txn(
@@ -424,6 +688,96 @@ class WorkQueue:
             [Delete(dead_key), Put(self._items + encoded, fresh.encode()), Put(self._tail, b"")],
         )
         return moved.succeeded
+
+    async def items(self) -> list[QueuedItem]:
+        """Every item in the queue, pending and leased, in the order they are offered (one consistent read).
+
+        A record that cannot be decoded is not listed (the next consumer that looks moves it to the dead letters).
+        """
+        result = await self.session.backend.txn([], [Range(self._items, prefix=True), Range(self._claims, prefix=True)])
+        item_kvs: tuple[KeyValue, ...] = getattr(result.responses[0], "kvs", ())
+        claims = {kv.key[len(self._claims) :]: kv for kv in getattr(result.responses[1], "kvs", ())}
+        listed = []
+        for kv in item_kvs:
+            raw_id = kv.key[len(self._items) :]
+            try:
+                item_id = raw_id.decode()
+                item = _Item.decode(kv.value)
+            except (UnicodeDecodeError, _Undecodable):
+                continue
+            if not item_id:
+                continue
+            claim = claims.get(raw_id)
+            entry = QueuedItem(
+                item_id,
+                item.priority,
+                item.attempts,
+                claim is not None,
+                not_before=_utc(item.not_before),
+                expires=_utc(item.expires),
+            )
+            if claim is not None:
+                entry = replace(
+                    entry,
+                    holder=_claim_holder(claim.value),
+                    visibility_timeout=_claim_visibility(claim.value),
+                    claim_revision=claim.create_revision,
+                )
+            listed.append((-item.priority, kv.create_revision, raw_id, entry))
+        listed.sort(key=lambda row: row[:3])
+        return [row[3] for row in listed]
+
+    async def remove(self, item_id: str) -> bool:
+        """Remove an item, pending or leased, in one transaction; False if there is no such item.
+
+        A leased item is removed with its claim: the holder's body is not interrupted, but its completion (or
+        give-back, or `Task.extend`) is refused, fenced by the claim, so leaving its block raises
+        `ClaimLostError`, and the item is never offered again.
+
+        Raises:
+            TypeError: ``item_id`` is not a str.
+            ValueError: ``item_id`` is not UTF-8.
+        """
+        encoded = _encode_id(item_id)
+        key = self._items + encoded
+        result = await self.session.backend.txn(
+            [Compare.create(key, ">", 0)], [Delete(key), Delete(self._claims + encoded)]
+        )
+        if result.succeeded:
+            self._forget(key, self._claims + encoded)
+        return result.succeeded
+
+    async def trim_dead_letters(self, *, keep: int = 0) -> int:
+        """Delete all but the ``keep`` newest dead letters; return how many were deleted.
+
+        Each deletion is fenced by the dead letter's mod revision, so a dead letter requeued (or rewritten)
+        meanwhile is not deleted. One read, then one transaction per 100 deletions.
+
+        Raises:
+            TypeError: ``keep`` is not an int.
+            ValueError: ``keep`` is negative.
+        """
+        if not isinstance(keep, int) or isinstance(keep, bool):
+            raise TypeError(f"keep must be an int, not {type(keep).__name__}")
+        if keep < 0:
+            raise ValueError(f"keep must be at least 0, not {keep}")
+        result = await self.session.backend.range(Range(self._dead, prefix=True, sort_by="create", keys_only=True))
+        doomed = list(result.kvs[: max(0, len(result.kvs) - keep)])
+        deleted = 0
+        for start in range(0, len(doomed), _PUT_BATCH):
+            # One transaction compares every letter of the batch (etcd allows 128 compares); refused (one of them
+            # changed), it falls back to one transaction per letter.
+            batch = doomed[start : start + _PUT_BATCH]
+            done = await self.session.backend.txn(
+                [Compare.mod(kv.key, "==", kv.mod_revision) for kv in batch], [Delete(kv.key) for kv in batch]
+            )
+            if done.succeeded:
+                deleted += len(batch)
+                continue
+            for kv in batch:
+                one = await self.session.backend.txn([Compare.mod(kv.key, "==", kv.mod_revision)], [Delete(kv.key)])
+                deleted += one.succeeded
+        return deleted
 
     # -- claiming --------------------------------------------------------------------------------------
 
@@ -501,6 +855,7 @@ class WorkQueue:
         fails and we wait for the watch to bring the change.
         """
         now = anyio.current_time()
+        wall = self._now().timestamp()
         entries = []
         for key, kv in state.items():
             if not key.startswith(self._items):
@@ -540,6 +895,14 @@ class WorkQueue:
                 # The holder's visibility timeout passed by our clock since we saw its claim: take it back.
                 taken = await self._take_back(key, kv, item, claim, held)
                 return now if taken else math.inf  # taken: look again at once; else wait for what changed
+            if item.expires is not None and item.expires <= wall:
+                # Expired by our clock and free: never delivered again (fenced by its mod revision).
+                await self._bury(key, kv, replace(item, error="expired"))
+                continue
+            if item.not_before is not None and item.not_before > wall:
+                # Not due yet by our clock, so not free: skip it, and wake when it is due (a timer, no polling).
+                wake = min(wake, now + max(item.not_before - wall, 0.001))
+                continue
             delivered = replace(item, attempts=item.attempts + 1)
             if delivered.attempts > self.max_attempts:
                 # Delivered max_attempts times and no consumer finished (crashes, timeouts): give it up.
@@ -615,17 +978,28 @@ class WorkQueue:
         """Remove the item, fenced by our claim: only while the claim is the one we created."""
         claim, item_key = self._claims + task.id.encode(), self._items + task.id.encode()
         attempts = 0
+        ops: list[Op] = [Delete(item_key), Delete(claim)]
+        lease = task._item.reply
+        if lease is not None:
+            # A request: its reply is written in the completion's transaction, so it exists exactly when the
+            # item was completed. Bound to the producer's session lease, so a producer that is gone leaks nothing.
+            ops.append(Put(self._replies + task.id.encode(), task._reply, lease))
 
         async def complete() -> TxnResult:
             nonlocal attempts
             attempts += 1
             return await self.session.backend.txn(
-                [Compare.create(claim, "==", task._claim_revision)],
-                [Delete(item_key), Delete(claim)],
-                [Range(item_key, keys_only=True)],
+                [Compare.create(claim, "==", task._claim_revision)], ops, [Range(item_key, keys_only=True)]
             )
 
-        result = await retry_call(complete)
+        try:
+            result = await retry_call(complete)
+        except LeaseExpiredError:
+            # The producer's session lease is gone: write the reply without a lease (a producer still waiting
+            # reads and deletes it; one that is gone leaves it, to be cleaned by `withdraw` or by hand).
+            ops[-1] = Put(self._replies + task.id.encode(), task._reply)
+            attempts = 0  # that attempt wrote nothing: a refusal now means the claim ended
+            result = await retry_call(complete)
         if result.succeeded:
             self._forget(item_key, claim)
             return

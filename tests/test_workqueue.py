@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import suppress
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import pytest
@@ -358,3 +359,214 @@ async def test_a_claim_past_its_visibility_timeout_is_taken_back_by_another_cons
         assert len(late) == 1 and "before completion" in str(late[0])
         depth = await WorkQueue(other, name).depth()
         assert (depth.pending, depth.leased, depth.dead) == (0, 0, 0)
+
+
+async def test_items_lists_pending_and_leased_in_order_and_remove_fences_the_holder(harness: Harness) -> None:
+    name = harness.namespace.decode() + "control"
+    async with sessions(harness, 2) as (producer, consumer):
+        queue = WorkQueue(producer, name)
+        first, second, third = await queue.put_many([b"a", b"b", b"c"])
+        urgent = await queue.put(b"u", priority=5)
+        assert [(i.id, i.leased) for i in await queue.items()] == [
+            (urgent, False),
+            (first, False),
+            (second, False),
+            (third, False),
+        ]
+        assert await queue.remove(second)
+        assert not await queue.remove(second), "already removed"
+        with pytest.raises(ClaimLostError, match="before completion"):
+            async with WorkQueue(consumer, name).lease(visibility_timeout=7) as task:
+                assert task.id == urgent
+                (held, *rest) = await queue.items()
+                assert (held.id, held.leased, held.attempts, held.visibility_timeout) == (urgent, True, 1, 7)
+                assert held.holder == f"{consumer.lease_id:x}" and held.claim_revision > 0
+                assert [(i.id, i.leased, i.holder) for i in rest] == [(first, False, None), (third, False, None)]
+                assert await queue.remove(urgent)  # removed while leased: the holder's completion is refused
+        async with WorkQueue(consumer, name).lease() as task:
+            assert task.id == first, "the removed items are never offered"
+        assert [i.id for i in await queue.items()] == [third]
+        with pytest.raises(TypeError):
+            await queue.remove(b"x")  # type: ignore[arg-type]
+
+
+async def test_trim_dead_letters_keeps_the_newest(harness: Harness) -> None:
+    name = harness.namespace.decode() + "trim"
+    async with sessions(harness, 1) as (session,):
+        queue = WorkQueue(session, name, max_attempts=1)
+        for i in range(5):
+            await queue.put(str(i).encode())
+            with pytest.raises(ValueError, match="bad"):
+                async with queue.lease():
+                    raise ValueError("bad")
+        assert [d.payload for d in await queue.dead_letters()] == [b"0", b"1", b"2", b"3", b"4"]
+        assert await queue.trim_dead_letters(keep=2) == 3
+        assert [d.payload for d in await queue.dead_letters()] == [b"3", b"4"]
+        assert await queue.trim_dead_letters(keep=2) == 0
+        assert await queue.trim_dead_letters() == 2
+        assert await queue.dead_letters() == []
+        with pytest.raises(ValueError, match="at least 0"):
+            await queue.trim_dead_letters(keep=-1)
+
+
+_BASE = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def _loop_clock() -> datetime:
+    """A wall clock that follows the event loop's (virtual, for the memory backend) time."""
+    return _BASE + timedelta(seconds=anyio.current_time())
+
+
+async def test_delayed_items_are_not_free_until_due_and_wake_waiting_consumers(harness: Harness) -> None:
+    name = harness.namespace.decode() + "delayed"
+    async with sessions(harness, 2) as (producer, consumer):
+        queue = WorkQueue(producer, name, now=_loop_clock)
+        start = anyio.current_time()
+        later = await queue.put(b"later", not_before=2)
+        dated = await queue.put(b"dated", priority=5, not_before=_loop_clock() + timedelta(seconds=3))
+        await queue.put(b"now")
+        (first, second, third) = await queue.items()
+        assert (first.id, second.id, third.not_before) == (dated, later, None)
+        assert first.not_before is not None and first.not_before >= _BASE + timedelta(seconds=start + 3)
+        assert second.not_before is not None and second.not_before >= _BASE + timedelta(seconds=start + 2)
+        consumers = WorkQueue(consumer, name, now=_loop_clock)
+        order = []
+        with anyio.fail_after(10):
+            for _ in range(3):
+                # The first lease gets the item that is due although two are ahead of it; the next ones wait
+                # (by a timer: nothing is written meanwhile) until each delayed item is due.
+                async with consumers.lease() as task:
+                    due = {b"now": 0, b"later": 2, b"dated": 3}[task.payload]
+                    order.append((task.payload, anyio.current_time() - start >= due))
+        assert order == [(b"now", True), (b"later", True), (b"dated", True)]
+        with pytest.raises(ValueError, match="aware"):
+            await queue.put(b"x", not_before=datetime(2030, 1, 1))
+        with pytest.raises(ValueError, match="above 0"):
+            await queue.put(b"x", expires_in=0)
+        with pytest.raises(TypeError, match="seconds"):
+            await queue.put(b"x", not_before="soon")  # type: ignore[arg-type]
+
+
+async def test_expired_items_are_dead_lettered_not_delivered(harness: Harness) -> None:
+    name = harness.namespace.decode() + "expiring"
+    async with sessions(harness, 1) as (session,):
+        queue = WorkQueue(session, name, now=_loop_clock)
+        stale = await queue.put(b"stale", expires_in=1)
+        held = await queue.put(b"held", expires_in=1, priority=1)
+        async with queue.lease() as task:
+            assert task.id == held
+            await anyio.sleep(1.5)  # expires while held: the holder may still complete it
+        fresh = await queue.put(b"fresh")
+        with anyio.fail_after(5):
+            async with queue.lease() as task:
+                assert task.id == fresh, "the expired item is never delivered"
+        (letter,) = await queue.dead_letters()
+        assert (letter.id, letter.error, letter.attempts) == (stale, "expired", 0)
+        assert await queue.depth() == type(await queue.depth())(0, 0, 1)
+        assert await queue.requeue(stale)  # requeued: a fresh item, no longer expiring
+        async with queue.lease() as task:
+            assert task.id == stale
+
+
+async def test_request_reply_written_with_the_completion_and_cleaned_when_read(harness: Harness) -> None:
+    from coordkit import Range, RequestFailedError
+
+    name = harness.namespace.decode() + "rpc"
+    replies = (name + "/replies/").encode()
+    async with sessions(harness, 2) as (producer, consumer):
+        queue, worker = WorkQueue(producer, name, max_attempts=1), WorkQueue(consumer, name, max_attempts=1)
+        pending = await queue.request(b"2+2")
+        async with worker.lease() as task:
+            assert task.wants_reply and task.id == pending.id
+            task.reply(b"4")
+        (kv,) = (await producer.backend.range(Range(replies, prefix=True))).kvs
+        assert (kv.value, kv.lease) == (b"4", producer.lease_id), "the reply is bound to the producer's session"
+        assert await pending.result() == b"4"
+        assert (await producer.backend.range(Range(replies, prefix=True, count_only=True))).count == 0
+        # A request that fails on its last attempt is answered by an error, not by waiting forever.
+        doomed = await queue.request(b"1/0")
+        with pytest.raises(ZeroDivisionError):
+            async with worker.lease():
+                raise ZeroDivisionError("division by zero")
+        with pytest.raises(RequestFailedError, match="ZeroDivisionError") as failed:
+            await doomed.result()
+        assert failed.value.item_id == doomed.id
+        # A plain item: a reply set by the body is ignored.
+        await queue.put(b"plain")
+        async with worker.lease() as task:
+            assert not task.wants_reply
+            task.reply(b"ignored")
+        assert (await producer.backend.range(Range(replies, prefix=True, count_only=True))).count == 0
+
+
+async def test_a_producer_that_gives_up_withdraws_its_request(harness: Harness) -> None:
+    from coordkit import Range
+
+    name = harness.namespace.decode() + "rpc-withdraw"
+    replies = (name + "/replies/").encode()
+    async with sessions(harness, 2) as (producer, consumer):
+        queue, worker = WorkQueue(producer, name), WorkQueue(consumer, name)
+        pending = await queue.request(b"nobody answers in time")
+        with anyio.move_on_after(1):
+            await pending.result()
+        assert await queue.items() == [], "withdrawn while pending: never delivered"
+        # Withdrawn while a consumer holds it: the holder's completion is fenced, and no reply is written.
+        pending = await queue.request(b"slow")
+        holding = anyio.Event()
+        async with anyio.create_task_group() as tg:
+
+            async def give_up() -> None:
+                await holding.wait()
+                with anyio.move_on_after(0.5):
+                    await pending.result()
+
+            tg.start_soon(give_up)
+            with pytest.raises(ClaimLostError, match="before completion"):
+                async with worker.lease() as task:
+                    task.reply(b"too late")
+                    holding.set()
+                    await anyio.sleep(2)
+        assert await queue.items() == []
+        assert (await producer.backend.range(Range(replies, prefix=True, count_only=True))).count == 0
+
+
+async def test_a_reply_outlives_a_producer_lease_that_is_gone(harness: Harness) -> None:
+    from coordkit import Range
+
+    name = harness.namespace.decode() + "rpc-orphan"
+    replies = (name + "/replies/").encode()
+    async with harness.client() as client, sessions(harness, 1) as (consumer,):
+        async with Session(client, ttl=5) as producer:
+            pending = await WorkQueue(producer, name).request(b"job")
+        # The producer's session ended (its lease revoked): completing still works, the reply has no lease.
+        async with WorkQueue(consumer, name).lease() as task:
+            task.reply(b"done")
+        (kv,) = (await consumer.backend.range(Range(replies, prefix=True))).kvs
+        assert (kv.value, kv.lease) == (b"done", 0)
+        assert await pending.result() == b"done"
+        assert (await consumer.backend.range(Range(replies, prefix=True, count_only=True))).count == 0
+
+
+async def test_consumers_racing_for_expired_items_dead_letter_each_once(harness: Harness) -> None:
+    name = harness.namespace.decode() + "expiring-race"
+    async with sessions(harness, 4) as group:
+        queue = WorkQueue(group[0], name, now=_loop_clock)
+        doomed = await queue.put_many([f"old-{i}".encode() for i in range(6)], expires_in=1)
+        await anyio.sleep(1.5)
+        fresh = await queue.put_many([f"new-{i}".encode() for i in range(6)])
+        done: list[str] = []
+
+        async def consume(session: Session) -> None:
+            consumer = WorkQueue(session, name, now=_loop_clock)
+            while len(done) < len(fresh):
+                with anyio.move_on_after(0.5):
+                    async with consumer.lease() as task:
+                        done.append(task.id)
+
+        async with anyio.create_task_group() as tg:
+            for session in group:
+                tg.start_soon(consume, session)
+        assert sorted(done) == sorted(fresh), "each live item done once, no expired item delivered"
+        letters = await queue.dead_letters()
+        assert sorted(d.id for d in letters) == sorted(doomed)
+        assert {d.error for d in letters} == {"expired"}
