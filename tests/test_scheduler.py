@@ -182,7 +182,10 @@ async def test_misfire_policies_and_history_retention(harness: Harness) -> None:
             await anyio.sleep(3)
         assert ran.count("late") == 1, "the missed tick ran once, late"
         assert ran.count("skip") == 0, "the missed tick was skipped"
-        assert len(await scheduler.history("often")) == 3, "history keeps the newest 3 runs"
+        records = await scheduler.history("often")
+        if records and records[-1].outcome == "running":
+            records.pop()  # claimed just before the exit cancelled it: its end (and the trim after it) never came
+        assert len(records) == 3, "history keeps the newest 3 runs"
 
 
 def test_job_spec_validation() -> None:
