@@ -22,7 +22,7 @@ import anyio
 
 from ._backend import Backend
 from ._errors import CoordkitError, OwnershipLostError
-from ._queue import name_prefix
+from ._queue import name_key, name_prefix
 from ._retry import retry_call
 from ._session import Session, require_session, retry_while_valid
 from ._types import Compare, Delete, EventType, Put, Range, RangeResult
@@ -49,7 +49,7 @@ class Barrier:
     def __init__(self, backend: Backend, name: str) -> None:
         self.backend = backend
         self.name = name
-        self._key = name_prefix(name)[:-1]
+        self._key = name_key(name)
 
     async def hold(self, *, session: Session | None = None) -> bool:
         """Raise the barrier; False if it was already held (by anyone).

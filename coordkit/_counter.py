@@ -15,7 +15,7 @@ from typing import final
 
 from ._backend import Backend
 from ._errors import CoordkitError
-from ._queue import name_prefix
+from ._queue import name_key
 from ._types import MAX_INT64, Compare, KeyValue, Put, Range, RangeResult
 
 #: what a counter's key holds: a decimal int64, optionally signed, surrounded by whitespace at most (int() accepts it)
@@ -67,7 +67,7 @@ class Counter:
     def __init__(self, backend: Backend, name: str) -> None:
         self.backend = backend
         self.name = name
-        self._key = name_prefix(name)[:-1]
+        self._key = name_key(name)
         self._seen = CounterValue(0, 0)  # where the next add starts: the last value this object saw
 
     async def get(self) -> CounterValue:

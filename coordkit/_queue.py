@@ -52,6 +52,11 @@ def name_prefix(name: str) -> bytes:
     return encoded + b"/"
 
 
+def name_key(name: str) -> bytes:
+    """Validate a recipe name and return it as a key of its own (a counter, a barrier), checked as `name_prefix`."""
+    return name_prefix(name)[:-1]
+
+
 @dataclass(frozen=True, slots=True)
 class Held:
     """Proof of ownership of a lock or a semaphore permit.

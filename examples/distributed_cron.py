@@ -72,6 +72,8 @@ async def main() -> None:
             print("w1 stops")
             stops["w1"].set()
             await anyio.sleep(3)
+            alive = sorted(info.worker for info in await admin.workers())
+            print("workers now:", ", ".join(alive))  # w1 left the workers' group when it stopped
             for job in ("heartbeat", "report", "uptime"):
                 await admin.remove_job(job)
             history = {job: await admin.history(job) for job in ("heartbeat", "report", "uptime")}

@@ -16,6 +16,8 @@ from coordkit import (
     Compare,
     EventType,
     Lease,
+    MemoryBackend,
+    MemoryFaults,
     Op,
     Range,
     RangeResult,
@@ -25,7 +27,7 @@ from coordkit import (
     Watch,
     WatchBatch,
 )
-from coordkit.testing import EtcdServer, Harness
+from coordkit.testing import EtcdServer, FaultyBackend, Harness
 
 
 @asynccontextmanager
@@ -128,3 +130,11 @@ class StuckWrites:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+def reply_faults(client: object) -> MemoryFaults | FaultyBackend:
+    """Where a harness client's reply faults are: MemoryBackend.faults, or the FaultyBackend around an etcd client."""
+    if isinstance(client, MemoryBackend):
+        return client.faults
+    assert isinstance(client, FaultyBackend)
+    return client

@@ -186,7 +186,7 @@ async def test_refused_view_fails_its_waiters_outside_the_block(harness: Harness
         with pytest.raises(AuthenticationError):
             async with view, anyio.create_task_group() as waiters:
                 waiters.start_soon(wait)
-                await anyio.sleep(0.1)
+                await anyio.wait_all_tasks_blocked()  # the waiter waits on the view
                 client.inject(lambda: AuthenticationError("injected"), into=["watch"])
                 await anyio.sleep(30)
         assert [type(e) for e in seen] in ([], [AuthenticationError])  # a waiter inside the block is cancelled

@@ -14,16 +14,14 @@ from coordkit import (
     CounterValue,
     CounterValueError,
     DoubleBarrier,
-    MemoryBackend,
-    MemoryFaults,
     Put,
     Range,
     Session,
     TooManyParticipantsError,
 )
-from coordkit.testing import FaultyBackend, Harness
+from coordkit.testing import Harness
 
-from .helpers import queue_length, sessions
+from .helpers import queue_length, reply_faults, sessions
 
 pytestmark = pytest.mark.anyio
 
@@ -199,13 +197,6 @@ async def test_a_participant_lost_inside_is_not_waited_for(harness: Harness) -> 
                     async with DoubleBarrier(steady, name, count=2):
                         pass  # leaves at once; waits for the fragile one, whose lease then ends
             harness.heal(fragile_client)
-
-
-def reply_faults(client: object) -> MemoryFaults | FaultyBackend:
-    if isinstance(client, MemoryBackend):
-        return client.faults
-    assert isinstance(client, FaultyBackend)
-    return client
 
 
 async def test_barrier_hold_survives_a_lost_reply_and_a_cancelled_hold_leaves_it_down(harness: Harness) -> None:

@@ -28,7 +28,7 @@ EXPECTED = {
         "was offered again after the kill and is now done",
         "all 20 items completed exactly once",
     ],
-    "distributed_cron.py": ["killed   on", "on w2 said 'up'", "every tick ran exactly once"],
+    "distributed_cron.py": ["killed   on", "workers now: w2, w3", "on w2 said 'up'", "every tick ran exactly once"],
     "monolith_sidecar.py": [
         "is killed with SIGKILL",
         "s after the crash",

@@ -26,7 +26,6 @@ from coordkit import (
     CompareTarget,
     EtcdBackend,
     MemoryBackend,
-    MemoryFaults,
     Op,
     Range,
     RangeResult,
@@ -36,7 +35,6 @@ from coordkit import (
 from coordkit.testing import (
     UNKNOWN,
     EtcdServer,
-    FaultyBackend,
     Harness,
     KvCas,
     KvDelete,
@@ -52,6 +50,7 @@ from coordkit.testing import (
 )
 
 from .cluster import EtcdCluster
+from .helpers import reply_faults
 from .proxy import TcpProxy
 
 K = b"k"
@@ -492,14 +491,6 @@ async def run_workload(
     async with anyio.create_task_group() as tg:
         for index, backend in enumerate(backends):
             tg.start_soon(client, index, backend)
-
-
-def reply_faults(client: Backend) -> MemoryFaults | FaultyBackend:
-    """Where a harness client's reply faults are: MemoryBackend.faults, or the FaultyBackend around an etcd client."""
-    if isinstance(client, MemoryBackend):
-        return client.faults
-    assert isinstance(client, FaultyBackend)
-    return client
 
 
 async def inject_faults(harness: Harness, clients: Sequence[Backend], rng: random.Random, stop: anyio.Event) -> int:

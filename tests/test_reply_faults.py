@@ -15,7 +15,6 @@ from coordkit import (
     Group,
     Lock,
     MemoryBackend,
-    MemoryFaults,
     Put,
     Range,
     Session,
@@ -26,17 +25,9 @@ from coordkit import (
 )
 from coordkit.testing import FaultyBackend, Harness, MemoryHarness
 
-from .helpers import wait_queue
+from .helpers import reply_faults, wait_queue
 
 pytestmark = pytest.mark.anyio
-
-
-def reply_faults(client: object) -> MemoryFaults | FaultyBackend:
-    """Where a harness client's reply faults are: MemoryBackend.faults, or the FaultyBackend around an etcd client."""
-    if isinstance(client, MemoryBackend):
-        return client.faults
-    assert isinstance(client, FaultyBackend)
-    return client
 
 
 async def count(client: object, prefix: bytes) -> int:
