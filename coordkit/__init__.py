@@ -2,65 +2,10 @@
 
 from __future__ import annotations
 
-from ._backend import Backend as Backend
-from ._barrier import (
-    Barrier as Barrier,
-    BarrierLostError as BarrierLostError,
-    DoubleBarrier as DoubleBarrier,
-    TooManyParticipantsError as TooManyParticipantsError,
-)
-from ._codec import JSON as JSON, Codec as Codec, JsonCodec as JsonCodec
-from ._config import (
-    ConfigChange as ConfigChange,
-    ConfigStatistics as ConfigStatistics,
-    ConfigView as ConfigView,
-    publish as publish,
-    publish_many as publish_many,
-)
-from ._counter import Counter as Counter, CounterValue as CounterValue, CounterValueError as CounterValueError
-from ._election import (
-    Election as Election,
-    Leader as Leader,
-    LeaderLatch as LeaderLatch,
-    Leadership as Leadership,
-    LeadershipLostError as LeadershipLostError,
-    run_while_leader as run_while_leader,
-)
-from ._errors import (
-    AuthenticationError as AuthenticationError,
-    BackendError as BackendError,
-    CompactedError as CompactedError,
-    CoordkitError as CoordkitError,
-    LeaseExpiredError as LeaseExpiredError,
-    NotOwnerError as NotOwnerError,
-    OwnershipLostError as OwnershipLostError,
-    RequestTooLargeError as RequestTooLargeError,
-    SessionClosedError as SessionClosedError,
-    UnavailableError as UnavailableError,
-)
-from ._etcd import EtcdBackend as EtcdBackend
-from ._group import (
-    Group as Group,
-    GroupView as GroupView,
-    MemberExistsError as MemberExistsError,
-    Membership as Membership,
-    MembershipLostError as MembershipLostError,
-)
-from ._lock import Lock as Lock, LockLostError as LockLostError
-from ._memory import MemoryBackend as MemoryBackend, MemoryFaults as MemoryFaults, MemoryStore as MemoryStore
-from ._once import ComputationLostError as ComputationLostError, invalidate_once as invalidate_once, once as once
-from ._queue import Held as Held, LockStatistics as LockStatistics
-from ._rwlock import ReadWriteLock as ReadWriteLock, ReadWriteLockLostError as ReadWriteLockLostError
-from ._scheduler import (
-    JobSpec as JobSpec,
-    RunContext as RunContext,
-    RunRecord as RunRecord,
-    Scheduler as Scheduler,
-    WorkerInfo as WorkerInfo,
-)
-from ._semaphore import PermitLostError as PermitLostError, Semaphore as Semaphore
-from ._session import Session as Session, SessionStatistics as SessionStatistics
-from ._types import (
+from ._backends.etcd import EtcdBackend as EtcdBackend
+from ._backends.memory import MemoryBackend as MemoryBackend, MemoryFaults as MemoryFaults, MemoryStore as MemoryStore
+from ._backends.protocol import Backend as Backend
+from ._backends.types import (
     Compare as Compare,
     CompareTarget as CompareTarget,
     Delete as Delete,
@@ -78,14 +23,65 @@ from ._types import (
     TxnResult as TxnResult,
     WatchBatch as WatchBatch,
 )
-from ._version import __version__ as __version__
-from ._watch import (
-    Snapshot as Snapshot,
-    Watch as Watch,
-    WatchStatistics as WatchStatistics,
-    wait_deleted as wait_deleted,
+from ._codec import JSON as JSON, Codec as Codec, JsonCodec as JsonCodec
+from ._errors import (
+    AuthenticationError as AuthenticationError,
+    BackendError as BackendError,
+    CompactedError as CompactedError,
+    CoordkitError as CoordkitError,
+    LeaseExpiredError as LeaseExpiredError,
+    NotOwnerError as NotOwnerError,
+    OwnershipLostError as OwnershipLostError,
+    RequestTooLargeError as RequestTooLargeError,
+    SessionClosedError as SessionClosedError,
+    UnavailableError as UnavailableError,
 )
-from ._workqueue import (
+from ._recipes.barrier import (
+    Barrier as Barrier,
+    BarrierLostError as BarrierLostError,
+    DoubleBarrier as DoubleBarrier,
+    TooManyParticipantsError as TooManyParticipantsError,
+)
+from ._recipes.config import (
+    ConfigChange as ConfigChange,
+    ConfigStatistics as ConfigStatistics,
+    ConfigView as ConfigView,
+    publish as publish,
+    publish_many as publish_many,
+)
+from ._recipes.contenders import Held as Held, LockStatistics as LockStatistics
+from ._recipes.counter import Counter as Counter, CounterValue as CounterValue, CounterValueError as CounterValueError
+from ._recipes.election import (
+    Election as Election,
+    Leader as Leader,
+    LeaderLatch as LeaderLatch,
+    Leadership as Leadership,
+    LeadershipLostError as LeadershipLostError,
+    run_while_leader as run_while_leader,
+)
+from ._recipes.group import (
+    Group as Group,
+    GroupView as GroupView,
+    MemberExistsError as MemberExistsError,
+    Membership as Membership,
+    MembershipLostError as MembershipLostError,
+)
+from ._recipes.lock import Lock as Lock, LockLostError as LockLostError
+from ._recipes.once import (
+    ComputationLostError as ComputationLostError,
+    invalidate_once as invalidate_once,
+    once as once,
+)
+from ._recipes.rwlock import ReadWriteLock as ReadWriteLock, ReadWriteLockLostError as ReadWriteLockLostError
+from ._recipes.scheduler import (
+    JobSpec as JobSpec,
+    RunContext as RunContext,
+    RunRecord as RunRecord,
+    Scheduler as Scheduler,
+    WorkerInfo as WorkerInfo,
+)
+from ._recipes.semaphore import PermitLostError as PermitLostError, Semaphore as Semaphore
+from ._recipes.workqueue import (
     ClaimLostError as ClaimLostError,
     DeadLetter as DeadLetter,
     PendingRequest as PendingRequest,
@@ -94,6 +90,14 @@ from ._workqueue import (
     RequestFailedError as RequestFailedError,
     Task as Task,
     WorkQueue as WorkQueue,
+)
+from ._session import Session as Session, SessionStatistics as SessionStatistics
+from ._version import __version__ as __version__
+from ._watch import (
+    Snapshot as Snapshot,
+    Watch as Watch,
+    WatchStatistics as WatchStatistics,
+    wait_deleted as wait_deleted,
 )
 
 __all__ = (

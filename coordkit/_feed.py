@@ -15,8 +15,8 @@ from weakref import WeakKeyDictionary
 
 import anyio
 
-from ._backend import Backend
-from ._types import KeyValue, WatchBatch
+from ._backends.protocol import Backend
+from ._backends.types import KeyValue, WatchBatch
 from ._watch import Snapshot, Watch, apply
 
 

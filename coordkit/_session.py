@@ -20,7 +20,8 @@ import anyio
 import anyio.abc
 
 from . import _telemetry
-from ._backend import Backend
+from ._backends.protocol import Backend
+from ._backends.types import Lease, check_ttl
 from ._errors import (
     LeaseExpiredError,
     OwnershipLostError,
@@ -29,7 +30,6 @@ from ._errors import (
     is_permanent,
 )
 from ._retry import Backoff, retry_call
-from ._types import Lease, check_ttl
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,10 @@ from typing import final
 import anyio
 
 from . import _telemetry
-from ._backend import Backend
+from ._backends.protocol import Backend
+from ._backends.types import EventType, KeyValue, Range, WatchBatch, check_start_revision
 from ._errors import CompactedError, UnavailableError
 from ._retry import Backoff, retry_call
-from ._types import EventType, KeyValue, Range, WatchBatch, check_start_revision
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ from coordkit import (
     run_while_leader,
     wait_deleted,
 )
-from coordkit._types import MAX_INT64, MAX_LEASE_TTL, MAX_REQUEST_BYTES
+from coordkit._backends.types import MAX_INT64, MAX_LEASE_TTL, MAX_REQUEST_BYTES
 from coordkit.testing import Harness, MemoryHarness
 
 pytestmark = pytest.mark.anyio

@@ -77,10 +77,10 @@ from coordkit import (
     RequestTooLargeError,
     WatchBatch,
 )
-from coordkit._backend import Backend
-from coordkit._etcd._backend import _compare, _request_op
+from coordkit._backends.etcd.backend import _compare, _request_op
+from coordkit._backends.protocol import Backend
+from coordkit._backends.types import MAX_LEASE_TTL, MAX_REQUEST_BYTES, CompareTarget, check_txn
 from coordkit._keys import prefix_end
-from coordkit._types import MAX_LEASE_TTL, MAX_REQUEST_BYTES, CompareTarget, check_txn
 from coordkit.testing import EtcdServer, Harness
 
 SEQUENCES = int(os.environ.get("COORDKIT_DIFF_SEQUENCES", "10000"))
@@ -929,7 +929,7 @@ def test_the_differential_catches_a_broken_memory_backend(
     diff_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Proof that the comparison can fail: an off-by-one mod_revision on a key's third write is found and shrunk."""
-    from coordkit._memory import MemoryStore
+    from coordkit._backends.memory import MemoryStore
 
     put = MemoryStore._put
 

@@ -1,6 +1,6 @@
 """etcd-specific tests of EtcdBackend against a real etcd (the protocol itself is the shared conformance suite).
 
-Most tests guard a workaround of a known etcd3-py / aiohttp defect (see coordkit/_etcd/_adapter.py), so that an
+Most tests guard a workaround of a known etcd3-py / aiohttp defect (see coordkit/_backends/etcd/gateway.py), so that an
 upgrade that breaks one fails here, loudly.
 """
 
@@ -17,6 +17,8 @@ import anyio
 import etcd3.errors
 import pytest
 
+from coordkit._backends.etcd import EtcdBackend
+from coordkit._backends.types import Compare, Delete, EventType, Put, Range, WatchBatch
 from coordkit._errors import (
     AuthenticationError,
     BackendError,
@@ -25,8 +27,6 @@ from coordkit._errors import (
     RequestTooLargeError,
     UnavailableError,
 )
-from coordkit._etcd import EtcdBackend
-from coordkit._types import Compare, Delete, EventType, Put, Range, WatchBatch
 from coordkit._watch import Snapshot, Watch
 from coordkit.testing._etcd_server import EtcdServer
 
@@ -84,14 +84,14 @@ async def _collect(batches: AsyncIterator[WatchBatch], events: int) -> list[Watc
 
 
 def test_import_does_not_load_the_etcd_extra() -> None:
-    code = "import sys, coordkit._etcd; assert not {'aiohttp', 'etcd3'} & set(sys.modules), sys.modules.keys()"
+    code = "import sys, coordkit._backends.etcd; assert not {'aiohttp', 'etcd3'} & set(sys.modules), sys.modules.keys()"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_missing_extra_names_it() -> None:
     code = (
         "import sys; sys.modules['aiohttp'] = None\n"
-        "from coordkit._etcd import EtcdBackend\n"
+        "from coordkit._backends.etcd import EtcdBackend\n"
         "try:\n    EtcdBackend('http://127.0.0.1:1')\n"
         "except ImportError as exc:\n    assert \"pip install 'coordkit[etcd]'\" in str(exc), exc\n"
         "else:\n    raise SystemExit('no ImportError')\n"

@@ -47,7 +47,7 @@ from coordkit import (
     once,
     publish,
 )
-from coordkit._etcd._adapter import GatewayClient
+from coordkit._backends.etcd.gateway import GatewayClient
 from coordkit.testing import EtcdServer
 
 pytestmark = pytest.mark.anyio

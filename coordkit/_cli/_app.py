@@ -30,9 +30,9 @@ from typing import Any, NoReturn
 import anyio
 import click
 
+from .._backends.etcd import EtcdBackend
 from .._errors import AuthenticationError, CoordkitError, OwnershipLostError, UnavailableError
-from .._etcd import EtcdBackend
-from .._queue import name_prefix
+from .._keys import name_prefix
 from .._version import __version__
 from ._child import CommandError
 from ._output import error

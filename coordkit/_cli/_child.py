@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import anyio
 from anyio.abc import Process
 
-from .._command import guarded_argv, stop_group
+from .._recipes.command import guarded_argv, stop_group
 
 #: Shell conventions for a command that could not be started.
 EXIT_COMMAND_NOT_EXECUTABLE = 126

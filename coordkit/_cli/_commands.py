@@ -14,19 +14,19 @@ from typing import Any
 import anyio
 import click
 
-from .._backend import Backend
-from .._command import kill_deadline
-from .._config import ConfigView, publish
-from .._election import Election, LeadershipLostError, observe_leader
+from .._backends.memory import MemoryBackend
+from .._backends.protocol import Backend
+from .._backends.types import MAX_REQUEST_BYTES, Range
 from .._errors import OwnershipLostError, UnavailableError
-from .._group import Group, GroupView
-from .._lock import Lock
-from .._memory import MemoryBackend
-from .._once import once as once_
-from .._queue import name_prefix
+from .._keys import name_prefix
+from .._recipes.command import kill_deadline
+from .._recipes.config import ConfigView, publish
+from .._recipes.election import Election, LeadershipLostError, observe_leader
+from .._recipes.group import Group, GroupView
+from .._recipes.lock import Lock
+from .._recipes.once import once as once_
 from .._retry import Backoff
 from .._session import Session
-from .._types import MAX_REQUEST_BYTES, Range
 from ._app import (
     EXIT_CONFLICT,
     EXIT_LOST,

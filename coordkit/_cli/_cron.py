@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import click
 
-from .._scheduler import JobSpec, RunRecord, Scheduler, _check_job_name
+from .._recipes.scheduler import JobSpec, RunRecord, Scheduler, _check_job_name
 from .._session import Session
 from ._app import EXIT_NOT_FOUND, Connection, Failure, check_name, cli, connection_options, json_option, run
 from ._output import Output

@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import anyio
 
-from .._backend import Backend
-from .._election import Election, Leadership
+from .._backends.protocol import Backend
 from .._errors import OwnershipLostError
-from .._group import Group
+from .._recipes.election import Election, Leadership
+from .._recipes.group import Group
 from .._session import Session
 from ..testing import FaultyBackend
 from ._output import Output

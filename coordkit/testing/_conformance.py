@@ -10,9 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 
-from .._backend import Backend
-from .._errors import CompactedError, LeaseExpiredError, RequestTooLargeError
-from .._types import (
+from .._backends.protocol import Backend
+from .._backends.types import (
     Compare,
     Delete,
     DeleteResult,
@@ -23,6 +22,7 @@ from .._types import (
     RangeResult,
     WatchBatch,
 )
+from .._errors import CompactedError, LeaseExpiredError, RequestTooLargeError
 from ._harness import Harness
 
 Check = Callable[[Harness], Awaitable[None]]

@@ -11,10 +11,10 @@ from typing import Protocol, TypeVar, final
 import anyio
 import anyio.to_thread
 
-from .._backend import Backend
+from .._backends.memory import MemoryBackend, MemoryStore
+from .._backends.protocol import Backend
+from .._backends.types import Compare, Lease, Op, Range, RangeResult, TxnResult, WatchBatch
 from .._errors import BackendError, UnavailableError
-from .._memory import MemoryBackend, MemoryStore
-from .._types import Compare, Lease, Op, Range, RangeResult, TxnResult, WatchBatch
 
 _T = TypeVar("_T")
 _namespaces = itertools.count(1)
@@ -274,7 +274,7 @@ class EtcdHarness:
 
     @asynccontextmanager
     async def client(self) -> AsyncIterator[Backend]:
-        from .._etcd import EtcdBackend
+        from .._backends.etcd import EtcdBackend
 
         async with EtcdBackend(self.endpoint) as backend:
             yield FaultyBackend(backend)

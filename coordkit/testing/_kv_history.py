@@ -18,9 +18,9 @@ from typing import Any, NamedTuple, final
 
 import anyio
 
-from .._backend import Backend
+from .._backends.protocol import Backend
+from .._backends.types import Compare, Delete, DeleteResult, Put, Range
 from .._errors import BackendError
-from .._types import Compare, Delete, DeleteResult, Put, Range
 from ._linearizability import UNKNOWN, Operation
 
 __all__ = ("KvCas", "KvClient", "KvDelete", "KvGet", "KvModel", "KvPut", "KvRecorder", "KvReply")

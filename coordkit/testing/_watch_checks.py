@@ -25,7 +25,7 @@ import bisect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal, final
 
-from .._types import EventType, KeyValue, WatchBatch
+from .._backends.types import EventType, KeyValue, WatchBatch
 from .._watch import Snapshot
 
 WatchCheck = Literal["ordered", "unique", "atomic", "reliable", "resumable", "announced"]

@@ -19,15 +19,16 @@ from typing import final
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _telemetry
-from ._backend import Backend
-from ._errors import NotOwnerError, OwnershipLostError, UnavailableError
-from ._queue import Held, Mutex, name_prefix
-from ._retry import Backoff
-from ._session import Session, require_session
-from ._supervisor import supervised
-from ._types import Compare, KeyValue, Put, Range, check_ttl
-from ._watch import Watch, apply
+from .. import _telemetry
+from .._backends.protocol import Backend
+from .._backends.types import Compare, KeyValue, Put, Range, check_ttl
+from .._errors import NotOwnerError, OwnershipLostError, UnavailableError
+from .._keys import name_prefix
+from .._retry import Backoff
+from .._session import Session, require_session
+from .._supervisor import supervised
+from .._watch import Watch, apply
+from .contenders import Held, Mutex
 
 
 class LeadershipLostError(OwnershipLostError):

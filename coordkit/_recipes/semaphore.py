@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import final
 
-from ._errors import OwnershipLostError
-from ._queue import Contender
-from ._session import Session
-from ._types import MAX_INT64, EventType, RangeResult
-from ._watch import Snapshot, Watch
+from .._backends.types import MAX_INT64, EventType, RangeResult
+from .._errors import OwnershipLostError
+from .._session import Session
+from .._watch import Snapshot, Watch
+from .contenders import Contender
 
 
 class PermitLostError(OwnershipLostError):

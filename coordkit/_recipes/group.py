@@ -17,12 +17,12 @@ from weakref import WeakKeyDictionary
 
 import anyio
 
-from ._errors import CoordkitError, NotOwnerError, OwnershipLostError
-from ._queue import name_prefix
-from ._retry import retry_call
-from ._session import Session, require_session, retry_while_valid
-from ._types import Compare, Delete, EventType, KeyValue, Put, Range, RangeResult
-from ._watch import Snapshot, Watch
+from .._backends.types import Compare, Delete, EventType, KeyValue, Put, Range, RangeResult
+from .._errors import CoordkitError, NotOwnerError, OwnershipLostError
+from .._keys import name_prefix
+from .._retry import retry_call
+from .._session import Session, require_session, retry_while_valid
+from .._watch import Snapshot, Watch
 
 
 class MembershipLostError(OwnershipLostError):

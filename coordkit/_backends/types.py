@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypeAlias
 
-from ._keys import in_range, prefix_end
+from .._keys import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES, in_range, prefix_end
 
 CompareOp = Literal["==", "!=", "<", ">"]
 _COMPARE_OPS = frozenset(("==", "!=", "<", ">"))
@@ -224,8 +224,6 @@ class WatchBatch(NamedTuple):
     events: tuple[Event, ...] = ()
 
 
-#: etcd's default ``--max-request-bytes`` (1.5 MiB): a larger request is refused.
-MAX_REQUEST_BYTES = 1536 * 1024
 #: etcd's largest lease TTL in seconds.
 MAX_LEASE_TTL = 9_000_000_000
 #: etcd's revisions, lease ids and compare operands are int64: larger numbers are refused.

@@ -43,7 +43,7 @@ import etcd3.errors as etcd_errors
 from etcd3.baseclient import BaseClient, sem
 from etcd3.errors.go_grpc_codes import codeText
 
-from .._errors import (
+from ..._errors import (
     AuthenticationError,
     BackendError,
     CompactedError,
@@ -51,7 +51,7 @@ from .._errors import (
     RequestTooLargeError,
     UnavailableError,
 )
-from .._retry import retry_call
+from ..._retry import retry_call
 
 JSON = dict[str, Any]
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import final
 
-from ._errors import OwnershipLostError
-from ._queue import Held, Mutex, contends, name_prefix
-from ._session import Session, require_session
-from ._types import Range, RangeResult
+from .._backends.types import Range, RangeResult
+from .._errors import OwnershipLostError
+from .._keys import name_prefix
+from .._session import Session, require_session
+from .contenders import Held, Mutex, contends
 
 
 class ReadWriteLockLostError(OwnershipLostError):

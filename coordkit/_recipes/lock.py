@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import final
 
-from ._errors import OwnershipLostError
-from ._queue import Mutex
+from .._errors import OwnershipLostError
+from .contenders import Mutex
 
 
 class LockLostError(OwnershipLostError):

@@ -27,14 +27,14 @@ from typing import Any, Generic, TypeVar, final, overload
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _telemetry
-from ._backend import Backend
-from ._codec import JSON, Codec
-from ._errors import CoordkitError
-from ._feed import Subscription, subscribe
-from ._supervisor import keep_following, supervised
-from ._types import Compare, Delete, EventType, KeyValue, Op, Put
-from ._watch import Snapshot
+from .. import _telemetry
+from .._backends.protocol import Backend
+from .._backends.types import Compare, Delete, EventType, KeyValue, Op, Put
+from .._codec import JSON, Codec
+from .._errors import CoordkitError
+from .._feed import Subscription, subscribe
+from .._supervisor import keep_following, supervised
+from .._watch import Snapshot
 
 T = TypeVar("T")
 

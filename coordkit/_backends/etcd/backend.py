@@ -1,7 +1,7 @@
 """EtcdBackend: the backend protocol on a real etcd v3 cluster, through its gRPC-JSON gateway.
 
 This module encodes coordkit's requests as the gateway's JSON and decodes the replies; the transport (aiohttp,
-etcd3-py, failover, auth, TLS, error mapping) is in `_adapter`, imported only when a backend is built so
+etcd3-py, failover, auth, TLS, error mapping) is in `gateway`, imported only when a backend is built so
 that ``import coordkit`` does not need the ``etcd`` extra.
 """
 
@@ -18,9 +18,9 @@ from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, final
 from urllib.parse import urlsplit
 
-from .._errors import BackendError, LeaseExpiredError, UnavailableError
-from .._keys import prefix_end
-from .._types import (
+from ..._errors import BackendError, LeaseExpiredError, UnavailableError
+from ..._keys import prefix_end
+from ..types import (
     Compare,
     CompareTarget,
     Delete,
@@ -45,7 +45,7 @@ from .._types import (
 )
 
 if TYPE_CHECKING:
-    from ._adapter import GatewayClient, WatchStream
+    from .gateway import GatewayClient, WatchStream
 
 JSON = dict[str, Any]
 
@@ -61,14 +61,14 @@ _SORT_TARGET = {"key": "KEY", "create": "CREATE", "mod": "MOD", "version": "VERS
 _DEFAULT_PORT = {"http": 2379, "https": 2379}
 
 
-def _load_adapter() -> ModuleType:
+def _load_gateway() -> ModuleType:
     try:
-        from . import _adapter
+        from . import gateway
     except ImportError as exc:
         raise ImportError(
             f"EtcdBackend needs etcd3-py and aiohttp ({exc}): pip install 'coordkit[etcd]'", name=exc.name
         ) from exc
-    return _adapter
+    return gateway
 
 
 def _parse_endpoint(url: str) -> str:
@@ -288,7 +288,7 @@ class EtcdBackend:
         uses_tls = any(url.startswith("https:") for url in self.endpoints)
         if (ssl_context is not None or tls_files) and not uses_tls:
             raise ValueError("TLS options were given but no endpoint is https://")
-        adapter = _load_adapter()
+        adapter = _load_gateway()
         if uses_tls and ssl_context is None:
             ssl_context = adapter.build_ssl_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         self._client: GatewayClient = adapter.GatewayClient(

@@ -25,9 +25,9 @@ from typing import TypeVar, final
 import anyio
 import anyio.lowlevel
 
-from ._errors import BackendError, CompactedError, LeaseExpiredError, RequestTooLargeError, UnavailableError
-from ._keys import in_range, prefix_end
-from ._types import (
+from .._errors import BackendError, CompactedError, LeaseExpiredError, RequestTooLargeError, UnavailableError
+from .._keys import in_range, prefix_end
+from .types import (
     MAX_REQUEST_BYTES,
     Compare,
     CompareTarget,

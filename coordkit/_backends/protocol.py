@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-from ._types import Compare, Lease, Op, Range, RangeResult, TxnResult, WatchBatch
+from .types import Compare, Lease, Op, Range, RangeResult, TxnResult, WatchBatch
 
 
 @runtime_checkable

@@ -16,15 +16,15 @@ from weakref import WeakKeyDictionary
 
 import anyio
 
-from . import _telemetry
-from ._backend import Backend
-from ._codec import Codec
-from ._errors import OwnershipLostError, UnavailableError
-from ._queue import name_prefix
-from ._retry import retry_call
-from ._session import Session, require_session, retry_while_valid
-from ._types import Compare, Delete, Op, Put, Range, RangeResult, check_ttl
-from ._watch import wait_deleted
+from .. import _telemetry
+from .._backends.protocol import Backend
+from .._backends.types import Compare, Delete, Op, Put, Range, RangeResult, check_ttl
+from .._codec import Codec
+from .._errors import OwnershipLostError, UnavailableError
+from .._keys import name_prefix
+from .._retry import retry_call
+from .._session import Session, require_session, retry_while_valid
+from .._watch import wait_deleted
 
 T = TypeVar("T")
 

@@ -44,13 +44,13 @@ from typing import Any, final
 import anyio
 import anyio.lowlevel
 
-from ._errors import CoordkitError, LeaseExpiredError, OwnershipLostError, error_text
-from ._feed import Subscription, subscribe
-from ._queue import name_prefix
-from ._retry import retry_call
-from ._session import Session, require_session
-from ._types import MAX_INT64, Compare, Delete, KeyValue, Op, Put, Range, TxnResult, check_ttl
-from ._watch import apply
+from .._backends.types import MAX_INT64, Compare, Delete, KeyValue, Op, Put, Range, TxnResult, check_ttl
+from .._errors import CoordkitError, LeaseExpiredError, OwnershipLostError, error_text
+from .._feed import Subscription, subscribe
+from .._keys import name_prefix
+from .._retry import retry_call
+from .._session import Session, require_session
+from .._watch import apply
 
 #: etcd refuses more than 128 compares in one transaction: a claim compares its candidate, its claim key, the
 #: tail and at most this many claims ahead of it (see "Order" in the guide for what happens beyond).

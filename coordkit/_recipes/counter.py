@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass
 from typing import final
 
-from ._backend import Backend
-from ._errors import CoordkitError
-from ._queue import name_key
-from ._types import MAX_INT64, Compare, KeyValue, Put, Range, RangeResult
+from .._backends.protocol import Backend
+from .._backends.types import MAX_INT64, Compare, KeyValue, Put, Range, RangeResult
+from .._errors import CoordkitError
+from .._keys import name_key
 
 #: what a counter's key holds: a decimal int64, optionally signed, surrounded by whitespace at most (int() accepts it)
 _DECIMAL = re.compile(rb"\s*[-+]?[0-9]{1,19}\s*")

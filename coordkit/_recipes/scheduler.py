@@ -34,18 +34,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import anyio
 import anyio.lowlevel
 
-from . import _telemetry
-from ._command import CommandOutcome, kill_deadline, run_command
-from ._config import ConfigChange, ConfigView, publish
-from ._errors import LeaseExpiredError, OwnershipLostError, error_text, is_permanent
-from ._group import Group, Membership
-from ._queue import name_prefix
-from ._retry import retry_call
-from ._session import Session, require_session, retry_while_valid
-from ._supervisor import Supervisor, keep_following, supervised
-from ._types import Compare, CompareTarget, Delete, EventType, Op, Put, Range, RangeResult, TxnResult
-from ._version import __version__
-from ._watch import Snapshot, Watch
+from .. import _telemetry
+from .._backends.types import Compare, CompareTarget, Delete, EventType, Op, Put, Range, RangeResult, TxnResult
+from .._errors import LeaseExpiredError, OwnershipLostError, error_text, is_permanent
+from .._keys import name_prefix
+from .._retry import retry_call
+from .._session import Session, require_session, retry_while_valid
+from .._supervisor import Supervisor, keep_following, supervised
+from .._version import __version__
+from .._watch import Snapshot, Watch
+from .command import CommandOutcome, kill_deadline, run_command
+from .config import ConfigChange, ConfigView, publish
+from .group import Group, Membership
 
 Outcome = Literal["running", "ok", "error", "killed", "timeout", "lost", "skipped", "missed"]
 

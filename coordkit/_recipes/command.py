@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from ._session import Session
+from .._session import Session
 
 #: Shell conventions for a command that could not be started.
 EXIT_NOT_EXECUTABLE = 126

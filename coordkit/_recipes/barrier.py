@@ -20,13 +20,13 @@ from typing import final
 
 import anyio
 
-from ._backend import Backend
-from ._errors import CoordkitError, OwnershipLostError
-from ._queue import name_key, name_prefix
-from ._retry import retry_call
-from ._session import Session, require_session, retry_while_valid
-from ._types import Compare, Delete, EventType, Put, Range, RangeResult
-from ._watch import Snapshot, Watch, wait_deleted
+from .._backends.protocol import Backend
+from .._backends.types import Compare, Delete, EventType, Put, Range, RangeResult
+from .._errors import CoordkitError, OwnershipLostError
+from .._keys import name_key, name_prefix
+from .._retry import retry_call
+from .._session import Session, require_session, retry_while_valid
+from .._watch import Snapshot, Watch, wait_deleted
 
 #: how long a cancelled hold keeps trying to take back the write it may have made
 _CLEANUP_SECONDS = 10

@@ -3,6 +3,6 @@
 
 from __future__ import annotations
 
-from ._backend import EtcdBackend as EtcdBackend
+from .backend import EtcdBackend as EtcdBackend
 
 __all__ = ("EtcdBackend",)

@@ -17,44 +17,16 @@ from weakref import WeakKeyDictionary
 
 import anyio
 
-from . import _telemetry
-from ._errors import OwnershipLostError
-from ._retry import retry_call
-from ._session import Session, require_session, retry_while_valid
-from ._types import MAX_REQUEST_BYTES, Compare, Delete, Put, PutResult, Range, RangeResult
-from ._watch import wait_deleted
+from .. import _telemetry
+from .._backends.types import Compare, Delete, Put, PutResult, Range, RangeResult
+from .._errors import OwnershipLostError
+from .._keys import name_prefix
+from .._retry import retry_call
+from .._session import Session, require_session, retry_while_valid
+from .._watch import wait_deleted
 
 # session -> key -> id of the task that contends with it (reserved from acquire until release)
 _reserved: WeakKeyDictionary[Session, dict[bytes, int]] = WeakKeyDictionary()
-
-
-def name_prefix(name: str) -> bytes:
-    """Validate a recipe name and return its key prefix ``<name>/``.
-
-    Raises:
-        TypeError: not a str.
-        ValueError: empty, not valid UTF-8 (lone surrogates), containing NUL, or longer than a whole request may
-            be (1.5 MiB: every request of a recipe carries its name).
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"names are str, not {type(name).__name__}")
-    if not name:
-        raise ValueError("the name must not be empty")
-    shown = repr(name) if len(name) <= 100 else f"{name[:100]!r}..."
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"the name must be valid UTF-8 text: {shown}") from exc
-    if len(encoded) > MAX_REQUEST_BYTES:
-        raise ValueError(f"the name is {len(encoded)} bytes long; etcd refuses requests over {MAX_REQUEST_BYTES}")
-    if "\x00" in name:
-        raise ValueError(f"the name must not contain NUL characters: {shown}")
-    return encoded + b"/"
-
-
-def name_key(name: str) -> bytes:
-    """Validate a recipe name and return it as a key of its own (a counter, a barrier), checked as `name_prefix`."""
-    return name_prefix(name)[:-1]
 
 
 @dataclass(frozen=True, slots=True)

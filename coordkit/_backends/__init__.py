@@ -1,0 +1,1 @@
+"""The backends: the protocol every store implements, its types, and the implementations."""

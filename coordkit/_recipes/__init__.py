@@ -1,0 +1,1 @@
+"""The recipes, each written once above the Session and Backend layers; one module per recipe."""
