@@ -29,7 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .. import _telemetry
 from .._backends.protocol import Backend
-from .._backends.types import Compare, Delete, EventType, KeyValue, Op, Put
+from .._backends.types import Compare, Delete, EventType, KeyValue, Op, Put, WatchBatch
 from .._codec import JSON, Codec
 from .._errors import CoordkitError
 from .._feed import Subscription, subscribe
@@ -98,7 +98,9 @@ class ConfigView(Generic[T]):
         backend: the store.
         prefix: the key prefix to follow (text; ``""`` follows every key).
         codec: decodes values (default JSON). A value that fails to decode keeps the previous good one and is
-            listed in `errors`.
+            listed in `errors`. Each stored value is decoded once for all the views of the prefix in this
+            process that use the same codec object, and they share the decoded object: treat values as
+            read-only (copy one before changing it).
 
     Raises:
         TypeError, ValueError: (at once) the prefix is not UTF-8 text.
@@ -127,6 +129,7 @@ class ConfigView(Generic[T]):
         self._listeners: set[MemoryObjectSendStream[ConfigChange[T]]] = set()
         self._stack: AsyncExitStack | None = None
         self._failure: CoordkitError | None = None
+        self._frozen: Mapping[str, T] | None = None  # the snapshot of the current revision, once taken
 
     @property
     def revision(self) -> int:
@@ -157,8 +160,10 @@ class ConfigView(Generic[T]):
         return self._mod_revisions.get(key, 0)
 
     def snapshot(self) -> Mapping[str, T]:
-        """Every value now, as an immutable mapping."""
-        return MappingProxyType(dict(self._values))
+        """Every value now, as an immutable mapping (one copy per revision, however many readers take it)."""
+        if self._frozen is None:
+            self._frozen = MappingProxyType(dict(self._values))
+        return self._frozen
 
     async def wait_for(self, predicate: Callable[[Mapping[str, T]], bool]) -> Mapping[str, T]:
         """Wait until ``predicate(snapshot)`` holds; return that snapshot. Bound it with ``anyio.fail_after``.
@@ -197,7 +202,7 @@ class ConfigView(Generic[T]):
         if self._subscription is not None:
             raise RuntimeError(f"ConfigView {self.prefix!r} can be entered once; create another view")
         async with AsyncExitStack() as stack:
-            self._subscription = subscription = await subscribe(self.backend, self._prefix)
+            self._subscription = subscription = await subscribe(self.backend, self._prefix, deliver=self._deliver)
             stack.push_async_callback(subscription.aclose)
             stack.callback(self._close_listeners)  # after the follower stopped: iterators end (or raise why)
             for kv in subscription.state.values():
@@ -227,20 +232,24 @@ class ConfigView(Generic[T]):
             raise
 
     async def _follow(self) -> None:
+        # The views of a prefix take turns reading the shared watch; whichever reads hands each change to every
+        # view's `_deliver`, in its own task: one task wakes per change, not one per view.
         assert self._subscription is not None
-        while True:
-            item = await self._subscription.next()
-            if isinstance(item, Snapshot):
-                self._resync(item)
-            else:
-                for event in item.events:
-                    if event.type is EventType.PUT:
-                        self._apply_put(event.kv, item.revision, resync=False, report=True)
-                    else:
-                        self._apply_delete(self._relative(event.kv.key), item.revision, resync=False)
-            self._revision = item.revision
-            self._changed.set()
-            self._changed = anyio.Event()
+        await self._subscription.follow()
+
+    def _deliver(self, item: Snapshot | WatchBatch) -> None:
+        if isinstance(item, Snapshot):
+            self._resync(item)
+        else:
+            for event in item.events:
+                if event.type is EventType.PUT:
+                    self._apply_put(event.kv, item.revision, resync=False, report=True)
+                else:
+                    self._apply_delete(self._relative(event.kv.key), item.revision, resync=False)
+        self._revision = item.revision
+        self._frozen = None
+        self._changed.set()
+        self._changed = anyio.Event()
 
     def _relative(self, key: bytes) -> str:
         # Faithful for any bytes (see the module docstring): distinct keys never collapse into one entry.
@@ -250,9 +259,9 @@ class ConfigView(Generic[T]):
         key = self._relative(kv.key)
         self._mod_revisions[key] = kv.mod_revision
         previous = self._values.get(key)
-        try:
-            value = self._codec.decode(kv.value)
-        except Exception as exc:  # a bad publish must not take the consumer down: keep the last good value
+        assert self._subscription is not None
+        value, exc = self._subscription.decoded(self._codec, kv)  # decoded once for every view of the prefix
+        if exc is not None:  # a bad publish must not take the consumer down: keep the last good value
             self._errors[key] = exc
             _telemetry.config_decode_errors.add(1, {"coordkit.backend": self.backend.name})
             if report:
