@@ -14,10 +14,11 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
+import anyio.abc
 from _measure import percentile
 
 from coordkit import Backend, ConfigView, EtcdBackend, MemoryBackend, publish
@@ -31,10 +32,20 @@ async def fanout(
     await publish(admin, prefix + "value", 0, expected_revision=None)
     per_view: list[float] = []
     last: list[float] = []
-    async with AsyncExitStack() as stack:
-        views: list[ConfigView[Any]] = []
+    views: list[ConfigView[Any]] = []
+    done = anyio.Event()
+
+    async def hold(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # Each view held by a task of its own, as the components of a service would hold theirs (1,000 views
+        # entered in one task would nest 1,000 cancel scopes, and anyio walks that chain at every task exit).
+        async with ConfigView(service, prefix) as view:
+            views.append(view)
+            task_status.started()
+            await done.wait()
+
+    async with anyio.create_task_group() as holders:
         for _ in range(views_count):
-            views.append(await stack.enter_async_context(ConfigView(service, prefix)))
+            await holders.start(hold)
         for change in range(1, changes + 1):
             arrived: list[float] = []
 
@@ -52,6 +63,7 @@ async def fanout(
             last.append(max(arrived) - sent)
         assert all(view.statistics().followers == views_count for view in views)
         streams = views[0].statistics().watch_streams
+        done.set()
     return per_view, last, streams
 
 
