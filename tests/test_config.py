@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import aclosing
+import json
+from contextlib import AsyncExitStack, aclosing
 from typing import Any
 
 import anyio
@@ -216,6 +217,48 @@ async def test_views_of_one_prefix_share_one_watch(harness: Harness) -> None:
             assert all(view.revision >= (revision or 0) for view in views)
             assert views[0].statistics().watch_streams == 1, "one backend watch for all views"
             done.set()
+
+
+class CountingCodec:
+    """JSON that counts its decodes, and refuses the value "bad"."""
+
+    def __init__(self) -> None:
+        self.decodes = 0
+
+    def encode(self, value: Any) -> bytes:
+        return json.dumps(value).encode()
+
+    def decode(self, data: bytes) -> Any:
+        self.decodes += 1
+        value = json.loads(data)
+        if value == "bad":
+            raise ValueError("bad value")
+        return value
+
+
+async def test_views_of_one_prefix_decode_each_value_once_per_codec(harness: Harness) -> None:
+    """Ten views sharing a codec decode each stored value once between them, share the object, and share the
+    error of a value that does not decode; a view with another codec decodes for itself."""
+    prefix = harness.namespace.decode() + "decoded/"
+    shared, other = CountingCodec(), CountingCodec()
+    async with harness.client() as admin, harness.client() as service:
+        await publish(admin, prefix + "v", {"n": 0}, expected_revision=0)
+        async with AsyncExitStack() as stack:
+            views = [await stack.enter_async_context(ConfigView(service, prefix, codec=shared)) for _ in range(10)]
+            alone = await stack.enter_async_context(ConfigView(service, prefix, codec=other))
+            assert shared.decodes == 1 and other.decodes == 1, "the state they started from was decoded once each"
+            for n, value in enumerate([{"n": 1}, "bad", {"n": 2}], start=1):
+                revision = await publish(admin, prefix + "v", value, expected_revision=None)
+                with anyio.fail_after(15):
+                    while any(view.revision < (revision or 0) for view in [*views, alone]):  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                assert (shared.decodes, other.decodes) == (n + 1, n + 1)
+                if value == "bad":
+                    errors = {id(view.errors["v"]) for view in views}
+                    assert len(errors) == 1, "one decoding error, shared by the views of the codec"
+                    assert views[0].get("v") == {"n": 1}, "the previous good value is kept"
+            assert all(view.get("v") is views[0].get("v") for view in views), "one decoded object, shared"
+            assert alone.get("v") == {"n": 2} and alone.get("v") is not views[0].get("v")
 
 
 @pytest.mark.parametrize("kind", ["etcd"])
