@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 
 import anyio
 import pytest
@@ -13,12 +13,15 @@ from coordkit import (
     Backend,
     Compare,
     ComputationLostError,
+    Lease,
     Op,
     Put,
     Range,
+    RangeResult,
     Session,
     TxnResult,
     UnavailableError,
+    WatchBatch,
     invalidate_once,
     once,
 )
@@ -232,3 +235,118 @@ async def test_claim_applied_but_reply_lost_is_adopted(harness: Harness) -> None
         with anyio.fail_after(3):
             assert await once(session, name, build) == b"built"
     assert calls == 1
+
+
+class Counted:
+    """A client that counts the store requests made through it, and can hold the replies of txns."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner, self.name = inner, inner.name
+        self.txns = self.watches = 0
+        self.hold_replies: anyio.Event | None = None  # while set up, txn replies wait for it (the txn is applied)
+        self.held = anyio.Event()
+
+    async def range(self, request: Range) -> RangeResult:
+        return await self.inner.range(request)
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        self.txns += 1
+        result = await self.inner.txn(compare, success, failure)
+        if self.hold_replies is not None:
+            self.held.set()
+            await self.hold_replies.wait()
+        return result
+
+    async def grant(self, ttl: int) -> Lease:
+        return await self.inner.grant(ttl)
+
+    async def refresh(self, lease_id: int) -> int:
+        return await self.inner.refresh(lease_id)
+
+    async def revoke(self, lease_id: int) -> None:
+        await self.inner.revoke(lease_id)
+
+    def watch(
+        self, key: bytes, *, prefix: bool = False, start_revision: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
+        self.watches += 1
+        return self.inner.watch(key, prefix=prefix, start_revision=start_revision)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def __aenter__(self) -> Counted:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+async def test_callers_in_one_process_share_one_attempt(harness: Harness) -> None:
+    """Sixty callers on one client (five sessions) while another client computes: one watch and a handful of
+    txns between them, not one each; fn runs once."""
+    name = harness.namespace.decode() + "shared"
+    computing, release = anyio.Event(), anyio.Event()
+
+    async def build() -> bytes:
+        computing.set()
+        await release.wait()
+        return b"built"
+
+    async with harness.client() as other, harness.client() as inner, Session(other, ttl=10) as computer:
+        client = Counted(inner)
+        results: list[bytes] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(once, computer, name, build)
+            await computing.wait()
+            async with AsyncExitStack() as stack:
+                group = [await stack.enter_async_context(Session(client, ttl=10)) for _ in range(5)]
+
+                async def caller(session: Session) -> None:
+                    results.append(await once(session, name, build))
+
+                async with anyio.create_task_group() as callers:
+                    for i in range(60):
+                        callers.start_soon(caller, group[i % 5])
+                    await anyio.wait_all_tasks_blocked()
+                    release.set()
+        assert results == [b"built"] * 60
+        assert client.watches == 1, "one caller watched the claim for all of them"
+        assert client.txns <= 3, f"{client.txns} txns: the callers shared one attempt"
+
+
+async def test_a_caller_never_takes_a_result_read_before_it_called(harness: Harness) -> None:
+    """A caller that joins another's attempt while that attempt's read is in flight does not take what the read
+    found (the result may have been replaced before the caller called): it reads for itself."""
+    name = harness.namespace.decode() + "fresh"
+    result_key = name.encode() + b"/result"
+
+    async def never() -> bytes:
+        raise AssertionError("the result exists: nobody computes")
+
+    async with harness.client() as writer, harness.client() as inner:
+        await writer.txn([], [Put(result_key, b"old")])
+        client = Counted(inner)
+        async with Session(client, ttl=10) as session, anyio.create_task_group() as tg:
+            client.hold_replies = release = anyio.Event()
+            first: list[bytes] = []
+
+            async def first_caller() -> None:
+                first.append(await once(session, name, never))
+
+            tg.start_soon(first_caller)
+            await client.held.wait()  # its read found "old"; the reply is held
+            client.hold_replies = None
+            later = anyio.Event()
+            second: list[bytes] = []
+
+            async def second_caller() -> None:
+                later.set()
+                second.append(await once(session, name, never))
+
+            tg.start_soon(second_caller)
+            await later.wait()
+            await anyio.wait_all_tasks_blocked()
+            await writer.txn([], [Put(result_key, b"new")])  # replaced after the second caller called
+            release.set()
+        assert first == [b"old"] and second == [b"new"]

@@ -11,6 +11,7 @@ newer result; a failing ``fn`` raises in its caller and releases the claim, so a
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 from weakref import WeakKeyDictionary
 
@@ -58,7 +59,8 @@ async def once(
     The first caller to claim ``<name>/claim`` (bound to its session's lease) runs ``fn`` in a guarded block
     and publishes the result at ``<name>/result``; callers that find a claim wait for it to go, then read the
     result (or, if the computer failed or died, race to claim it themselves). Bound the wait with
-    ``anyio.fail_after``.
+    ``anyio.fail_after``. The callers of one name on one backend object in a process share one attempt: one of
+    them goes to the store and the others take the result it read or published after they called.
 
     Args:
         session: the caller's session (the claim is bound to its lease).
@@ -85,50 +87,90 @@ async def once(
         raise TypeError(f"once({name!r}): fn must be a coroutine function, not {type(fn).__name__}")
     if result_ttl is not None:
         check_ttl(result_ttl)
+    async with session.guarded(ComputationLostError, what=f"once({name!r})"):
+        # Callers in this process share one attempt per name and backend: the others wait for it and take its
+        # result (one watch and one read for all of them, not one each), unless it found nothing they may use.
+        attempts = _attempts.setdefault(session.backend, {})
+        while (leader := attempts.get(prefix)) is not None:
+            joined = leader.reads
+            await leader.done.wait()
+            if leader.result is not None and leader.result[0] > joined:
+                # Read (or published) after we joined: a result the store held during our call.
+                data = leader.result[1]
+                return data if codec is None else _decode(codec, data, name)
+        attempt = attempts[prefix] = _Attempt()
+        try:
+            return await _once_in_store(session, name, fn, codec, result_ttl, prefix, attempt)
+        finally:
+            del attempts[prefix]
+            attempt.done.set()
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One caller's attempt at ``once(name)``, which the other callers of the process wait for."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    reads: int = 0  # store reads (and publishes) begun so far
+    result: tuple[int, bytes] | None = None  # the number of the read that found the result, or published it; bytes
+
+
+# backend -> name prefix -> the attempt in progress in this process
+_attempts: WeakKeyDictionary[Backend, dict[bytes, _Attempt]] = WeakKeyDictionary()
+
+
+async def _once_in_store(
+    session: Session,
+    name: str,
+    fn: Callable[[], Awaitable[Any]],
+    codec: Codec[Any] | None,
+    result_ttl: int | None,
+    prefix: bytes,
+    attempt: _Attempt,
+) -> Any:
     claim, result_key = prefix + b"claim", prefix + b"result"
     backend = session.backend
     computing = _computing.setdefault(session, set())
-    async with session.guarded(ComputationLostError, what=f"once({name!r})"):
-        while True:
-            # One round trip: the result if there is one, else the claim if nobody holds it. Retried: a claim made
-            # by an attempt whose answer was lost shows up below with our lease, and is adopted.
-            try:
-                attempt = await retry_call(
-                    lambda: backend.txn(
-                        [Compare.create(result_key, "==", 0), Compare.create(claim, "==", 0)],
-                        [Put(claim, b"", session.lease_id)],
-                        [Range(result_key), Range(claim)],
-                    )
+    while True:
+        # One round trip: the result if there is one, else the claim if nobody holds it. Retried: a claim made
+        # by an attempt whose answer was lost shows up below with our lease, and is adopted.
+        attempt.reads += 1
+        read = attempt.reads
+        try:
+            found = await retry_call(
+                lambda: backend.txn(
+                    [Compare.create(result_key, "==", 0), Compare.create(claim, "==", 0)],
+                    [Put(claim, b"", session.lease_id)],
+                    [Range(result_key), Range(claim)],
                 )
-            except BaseException:
-                # Cancelled (or failed) with the claim's write in flight: it may have been applied, unanswered.
-                # A claim of ours that nobody here computes would block every other caller for as long as our
-                # session lives: drop it (only ours: the lease compare).
-                if claim not in computing:
-                    with anyio.CancelScope(shield=True):
-                        await _drop_stray_claim(session, claim)
-                raise
-            claim_revision = attempt.revision if attempt.succeeded else 0
-            if not attempt.succeeded:
-                published, claimed = attempt.responses
-                assert isinstance(published, RangeResult) and isinstance(claimed, RangeResult)
-                if published.kvs:
-                    data = published.kvs[0].value
-                    value = data if codec is None else _decode(codec, data, name)
-                    break
-                mine = claimed.kvs[0] if claimed.kvs else None
-                if mine is not None and mine.lease == session.lease_id and claim not in computing:
-                    claim_revision = mine.create_revision  # ours, from an attempt whose reply was lost
-            if claim_revision:
-                computing.add(claim)
-                try:
-                    value = await _compute(session, name, fn, codec, result_ttl, claim, result_key, claim_revision)
-                finally:
-                    computing.discard(claim)
-                break
-            # Claimed by someone else: when the claim goes (published, failed or died), look again.
-            await wait_deleted(backend, claim, revision=attempt.revision)
-    return value
+            )
+        except BaseException:
+            # Cancelled (or failed) with the claim's write in flight: it may have been applied, unanswered.
+            # A claim of ours that nobody here computes would block every other caller for as long as our
+            # session lives: drop it (only ours: the lease compare).
+            if claim not in computing:
+                with anyio.CancelScope(shield=True):
+                    await _drop_stray_claim(session, claim)
+            raise
+        claim_revision = found.revision if found.succeeded else 0
+        if not found.succeeded:
+            published, claimed = found.responses
+            assert isinstance(published, RangeResult) and isinstance(claimed, RangeResult)
+            if published.kvs:
+                data = published.kvs[0].value
+                attempt.result = (read, data)
+                return data if codec is None else _decode(codec, data, name)
+            mine = claimed.kvs[0] if claimed.kvs else None
+            if mine is not None and mine.lease == session.lease_id and claim not in computing:
+                claim_revision = mine.create_revision  # ours, from an attempt whose reply was lost
+        if claim_revision:
+            computing.add(claim)
+            try:
+                return await _compute(session, name, fn, codec, result_ttl, claim, result_key, claim_revision, attempt)
+            finally:
+                computing.discard(claim)
+        # Claimed by someone else: when the claim goes (published, failed or died), look again.
+        await wait_deleted(backend, claim, revision=found.revision)
 
 
 async def _drop_stray_claim(session: Session, claim: bytes) -> None:
@@ -151,6 +193,7 @@ async def _compute(
     claim: bytes,
     result_key: bytes,
     claim_revision: int,
+    attempt: _Attempt,
 ) -> Any:
     backend = session.backend
     attrs = _telemetry.attributes(backend=backend.name, lease_id=session.lease_id, name=name)
@@ -166,8 +209,11 @@ async def _compute(
                     else f"once({name!r}): the codec encoded fn's result as {type(data).__name__}, not bytes"
                 )
             lease = (await backend.grant(result_ttl)).id if result_ttl is not None else 0
+            attempt.reads += 1
+            publish = attempt.reads
             try:
                 await _publish(session, name, claim, claim_revision, result_key, data, lease)
+                attempt.result = (publish, data)
             except Exception:  # not published (e.g. too large, claim lost): the result's lease would linger unused
                 if lease:
                     with anyio.CancelScope(shield=True):
