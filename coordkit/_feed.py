@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncGenerator
+from contextlib import AsyncExitStack
 from typing import Any, final
 from weakref import WeakKeyDictionary
 
@@ -36,6 +37,7 @@ class _Feed:
         self._base = 0  # absolute index of _log[0]
         self._cursors: dict[int, int] = {}  # subscriber id -> next absolute index
         self._watch: Watch | None = None
+        self._stack: AsyncExitStack | None = None  # holds the open watch, if any
         self._items: AsyncGenerator[Snapshot | WatchBatch, None] | None = None
         self._reading = False
         self._arrived = anyio.Event()
@@ -45,18 +47,18 @@ class _Feed:
         if self._items is None:
             # The first time: a snapshot, then changes. After a broken read: resume after what we have.
             start = self.revision + 1 if self.revision else None
-            self._watch = Watch(self.backend, self.prefix, prefix=True, start_revision=start)
-            await self._watch.__aenter__()
-            self._items = aiter(self._watch)
+            self._stack = AsyncExitStack()
+            self._watch = watch = await self._stack.enter_async_context(
+                Watch(self.backend, self.prefix, prefix=True, start_revision=start)
+            )
+            self._items = aiter(watch)
             self.streams_opened += 1
         try:
             item = await anext(self._items)
         except BaseException:
             # Cancelled (or failed) mid-read: this generator is finished. Reopen from our revision next time.
-            watch, self._watch, self._items = self._watch, None, None
-            if watch is not None:
-                with anyio.CancelScope(shield=True):
-                    await watch.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
             raise
         self.state = apply(self.state, item)
         self.revision = item.revision
@@ -108,9 +110,10 @@ class _Feed:
             self._base = lowest
 
     async def aclose(self) -> None:
-        if self._watch is not None:
-            await self._watch.__aexit__(None, None, None)
-        self._watch = self._items = None
+        """Close the backend watch, if one is open (the next read opens another)."""
+        stack, self._stack, self._watch, self._items = self._stack, None, None, None
+        if stack is not None:
+            await stack.aclose()
 
 
 # backend -> prefix -> feed

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import final
 
 import anyio
-import anyio.abc
 
 from . import _telemetry
 from ._backends.protocol import Backend
@@ -95,7 +94,7 @@ class Session:
         self._lost_reason = ""
         self._lost_cause: BaseException | None = None  # the refusal or last failure that lost it, for __cause__
         self._guards: set[anyio.CancelScope] = set()
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None  # the keepalive task's group, then the revoke
         self._keepalives = 0
         self._keepalive_failures = 0
 
@@ -229,9 +228,12 @@ class Session:
         lease = await retry_call(grant, attempts=5)
         self._lease_id, self._ttl = lease.id, lease.ttl
         self._deadline = sent + lease.ttl - self._margin
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._keep_alive, sent)
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(self._revoke)  # last on exit: once the keepalive has stopped
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)  # first on exit: stop the keepalive
+            task_group.start_soon(self._keep_alive, sent)
+            self._stack = stack.pop_all()
         self._open = True
         return self
 
@@ -241,9 +243,13 @@ class Session:
         self._open = False
         self._lost_reason = self._lost_reason or "session closed"
         self._cancel_guards()  # blocks still running in other tasks no longer own anything
-        assert self._task_group is not None
-        self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(None, None, None)
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        # Closed, not handed the body's outcome: the keepalive's group is cancelled and has nothing to report
+        # (its task never raises), and the body's own exception goes on untouched.
+        await stack.aclose()
+
+    async def _revoke(self) -> None:
         # The lease expires by itself within its TTL if the revoke cannot get through (unreachable, or refused:
         # credentials revoked meanwhile): nothing more to do, and nothing to raise over the body's own outcome.
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._ttl):

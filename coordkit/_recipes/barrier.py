@@ -229,15 +229,12 @@ class DoubleBarrier:
 
     async def __aenter__(self) -> DoubleBarrier:
         await self.enter()
-        stack = AsyncExitStack()
-        try:
+        async with AsyncExitStack() as stack:
+            stack.push_async_exit(self._depart)  # after the guarded block; at once if it cannot be entered
             await stack.enter_async_context(
                 self.session.guarded(BarrierLostError, what=f"double barrier {self.name!r}")
             )
-        except BaseException:  # the session went between entering and the body: leave no key behind
-            await self._drop_key()
-            raise
-        self._stack = stack
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -245,13 +242,14 @@ class DoubleBarrier:
     ) -> bool | None:
         stack, self._stack = self._stack, None
         assert stack is not None
-        try:
-            await stack.__aexit__(exc_type, exc, tb)  # the guard: BarrierLostError if the session was lost
-        except BaseException:
-            await self._drop_key()
-            raise
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    async def _depart(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Leave after the body: with ``exc`` (the body failed or was cancelled, or the guard raised
+        BarrierLostError because the session was lost) at once, without waiting; else wait for the others."""
         if exc is None:
-            await self.leave()  # and wait for the others
+            await self.leave()
         else:
-            await self._drop_key()  # the body failed or was cancelled: leave at once, without waiting
-        return None
+            await self._drop_key()

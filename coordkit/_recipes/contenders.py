@@ -10,9 +10,9 @@ honours it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 from weakref import WeakKeyDictionary
 
 import anyio
@@ -93,7 +93,9 @@ class Contender(ABC):
         self._waiting = 0
         self._held: Held | None = None
         self._held_since = 0.0
-        self._guard: Any = None
+        # task id -> what its ``async with`` entered (the guarded block, the release): one entry at a time, but a
+        # release from another task ends a turn early, so the next task's entry may start before the first exits
+        self._entries: dict[int, AsyncExitStack] = {}
 
     # -- what differs between Lock and Semaphore -------------------------------------------------------
 
@@ -234,23 +236,23 @@ class Contender(ABC):
 
     async def __aenter__(self) -> Held:
         held = await self.acquire()
-        guard = self.session.guarded(self._lost_error, what=self._what)
-        try:
-            await guard.__aenter__()
-        except BaseException:
-            await self.release()
-            raise
-        self._guard = guard
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(self._release_entry, held)  # also if the guarded block cannot be entered
+            await stack.enter_async_context(self.session.guarded(self._lost_error, what=self._what))
+            self._entries[anyio.get_current_task().id] = stack.pop_all()
         return held
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        guard, self._guard = self._guard, None
-        try:
-            return bool(await guard.__aexit__(exc_type, exc, tb))
-        finally:
-            await self.release()
+        stack = self._entries.pop(anyio.get_current_task().id)
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    async def _release_entry(self, held: Held) -> None:
+        """Release what an ``async with`` acquired, unless another task released it meanwhile (RuntimeError)."""
+        if self._held is not held:  # released from another task (and maybe acquired again by another one)
+            raise RuntimeError(f"{type(self).__name__} {self.name!r} is not held")
+        await self.release()
 
     # -- the algorithm ---------------------------------------------------------------------------------
 

@@ -10,9 +10,10 @@ unique in a group: a second join with the same id is refused, not duplicated.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Iterable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any, final
+from typing import final
 from weakref import WeakKeyDictionary
 
 import anyio
@@ -75,7 +76,7 @@ class Membership:
         self.key = group._prefix + member_id.encode()
         self.revision = 0
         self._metadata = metadata
-        self._guard: Any = None
+        self._stack: AsyncExitStack | None = None  # the guarded block, while a member
 
     @property
     def metadata(self) -> bytes:
@@ -102,15 +103,13 @@ class Membership:
 
     async def __aenter__(self) -> Membership:
         session = self._group.session
-        # Entering the guarded block first refuses a session that is not open, before anything is written.
-        guard = session.guarded(MembershipLostError, what=f"member {self.member_id!r} of group {self._group.name!r}")
-        await guard.__aenter__()
-        try:
+        async with AsyncExitStack() as stack:
+            # Entering the guarded block first refuses a session that is not open, before anything is written.
+            await stack.enter_async_context(
+                session.guarded(MembershipLostError, what=f"member {self.member_id!r} of group {self._group.name!r}")
+            )
             await self._join()
-        except BaseException as exc:
-            await guard.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._guard = guard
+            self._stack = stack.pop_all()
         return self
 
     async def _join(self) -> None:
@@ -149,9 +148,10 @@ class Membership:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        guard, self._guard = self._guard, None
+        stack, self._stack = self._stack, None
+        assert stack is not None
         try:
-            return bool(await guard.__aexit__(exc_type, exc, tb))
+            return await stack.__aexit__(exc_type, exc, tb)
         finally:
             await self._leave()
 
