@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import final
 
@@ -42,6 +42,34 @@ class SessionStatistics:
     keepalives: int
     keepalive_failures: int
     guarded_blocks: int
+
+
+@dataclass(slots=True)
+class KeysInUse:
+    """The keys this process's tasks use under one session: the per-session state of the recipes.
+
+    The store knows which keys a lease holds, not which task of this process holds them or why; the recipes keep
+    that here, on the `Session` that owns it (``session._in_use``), so that it lives exactly as long as the session:
+    it is emptied when the session exits. Only the recipes read and write it, from the event loop's thread.
+
+    Attributes:
+        contenders: key -> id of the task that holds it or waits with it (Lock, Semaphore, ReadWriteLock,
+            Election: ``contenders.py``). A task that contends twice for one name in one session would wait for
+            itself, and is refused; other tasks get keys of their own.
+        members: the Group member keys this session has joined with (a second join with one id is refused).
+        computing: the once() claim keys this session's tasks are computing. A claim with the session's lease that
+            is not listed was made by an attempt whose reply was lost, and is adopted.
+    """
+
+    contenders: dict[bytes, int] = field(default_factory=dict)
+    members: set[bytes] = field(default_factory=set)
+    computing: set[bytes] = field(default_factory=set)
+
+    def clear(self) -> None:
+        """Forget everything (the session has ended: nothing it held is held any more)."""
+        self.contenders.clear()
+        self.members.clear()
+        self.computing.clear()
 
 
 @final
@@ -97,6 +125,7 @@ class Session:
         self._stack: AsyncExitStack | None = None  # the keepalive task's group, then the revoke
         self._keepalives = 0
         self._keepalive_failures = 0
+        self._in_use = KeysInUse()  # the recipes' per-session state, emptied on exit
 
     # -- public state ----------------------------------------------------------------------------------
 
@@ -248,6 +277,7 @@ class Session:
         # Closed, not handed the body's outcome: the keepalive's group is cancelled and has nothing to report
         # (its task never raises), and the body's own exception goes on untouched.
         await stack.aclose()
+        self._in_use.clear()
 
     async def _revoke(self) -> None:
         # The lease expires by itself within its TTL if the revoke cannot get through (unreachable, or refused:

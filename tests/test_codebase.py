@@ -4,6 +4,7 @@
   ``AsyncExitStack``, never by calling ``__aenter__``/``__aexit__`` by hand. The one call allowed is an object's own
   ``__aexit__`` handing its arguments, unchanged, to the ``AsyncExitStack`` that holds what it entered (a stack is
   the only way to give an exit the body's exception).
+- No module-level registry keyed by session: per-session state lives on the `Session`.
 """
 
 from __future__ import annotations
@@ -93,3 +94,14 @@ def test_the_dunder_scan_finds_what_it_forbids() -> None:
     )
     found = sorted(_dunder_calls(iter([("m.py", ast.parse(code))])))
     assert found == [("m.py:A.__aenter__", 3), ("m.py:B.__aexit__", 8), ("m.py:B.__aexit__", 9)]
+
+
+def test_no_module_level_state_keyed_by_session() -> None:
+    """Per-session state lives on the Session (``KeysInUse``), emptied with it: no module-level registry of it."""
+    found = []
+    for path, tree in _modules():
+        for node in tree.body:
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            if isinstance(node, ast.AnnAssign | ast.Assign) and "Session" in names:
+                found.append(f"{path} (line {node.lineno}): {ast.unparse(node)}")
+    assert found == []

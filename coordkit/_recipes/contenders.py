@@ -13,7 +13,6 @@ from abc import ABC, abstractmethod
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from weakref import WeakKeyDictionary
 
 import anyio
 
@@ -24,9 +23,6 @@ from .._keys import name_prefix
 from .._retry import retry_call
 from .._session import Session, require_session, retry_while_valid
 from .._watch import wait_deleted
-
-# session -> key -> id of the task that contends with it (reserved from acquire until release)
-_reserved: WeakKeyDictionary[Session, dict[bytes, int]] = WeakKeyDictionary()
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +324,7 @@ def _created(mine: RangeResult | PutResult) -> int:
 def _reserve(session: Session, prefix: bytes) -> bytes:
     """This session's key for one more contender under ``prefix``, reserved for the calling task."""
     task = anyio.get_current_task().id
-    keys = _reserved.setdefault(session, {})
+    keys = session._in_use.contenders  # reserved from acquire until release
     base = prefix + format(session.lease_id, "x").encode()
     for key, owner in keys.items():
         if owner == task and key.startswith(base) and key[len(base) : len(base) + 1] in (b"", b"_"):
@@ -347,11 +343,11 @@ def _reserve(session: Session, prefix: bytes) -> bytes:
 def contends(session: Session, prefix: bytes) -> bool:
     """Whether the calling task holds or waits for a key under ``prefix`` in ``session``."""
     task = anyio.get_current_task().id
-    return any(owner == task and key.startswith(prefix) for key, owner in _reserved.get(session, {}).items())
+    return any(owner == task and key.startswith(prefix) for key, owner in session._in_use.contenders.items())
 
 
 def _free(session: Session, key: bytes) -> None:
-    _reserved.get(session, {}).pop(key, None)
+    session._in_use.contenders.pop(key, None)
 
 
 async def _delete(session: Session, key: bytes, revision: int) -> None:

@@ -14,7 +14,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import final
-from weakref import WeakKeyDictionary
 
 import anyio
 
@@ -54,10 +53,6 @@ class GroupView:
     left: frozenset[str] = field(default_factory=frozenset)
     updated: frozenset[str] = field(default_factory=frozenset)
     resync: bool = False
-
-
-# session -> member keys this session has joined with
-_joined: WeakKeyDictionary[Session, set[bytes]] = WeakKeyDictionary()
 
 
 @final
@@ -114,7 +109,7 @@ class Membership:
 
     async def _join(self) -> None:
         session = self._group.session
-        mine = _joined.setdefault(session, set())
+        mine = session._in_use.members
         if self.key in mine:
             raise MemberExistsError(f"this session already joined group {self._group.name!r} as {self.member_id!r}")
         # Create our key unless it exists. If it does with our lease, an earlier attempt of this join got through.
@@ -157,7 +152,7 @@ class Membership:
 
     async def _leave(self) -> None:
         session = self._group.session
-        _joined.get(session, set()).discard(self.key)
+        session._in_use.members.discard(self.key)
         # Leave at once, even when cancelled; once the session is lost, its lease ends and takes the key anyway.
         with anyio.CancelScope(shield=True):
             await retry_while_valid(

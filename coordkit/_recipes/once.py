@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
-from weakref import WeakKeyDictionary
 
 import anyio
 
@@ -87,7 +86,7 @@ async def once(
         check_ttl(result_ttl)
     claim, result_key = prefix + b"claim", prefix + b"result"
     backend = session.backend
-    computing = _computing.setdefault(session, set())
+    computing = session._in_use.computing  # a claim with our lease but not here is a lost reply's
     async with session.guarded(ComputationLostError, what=f"once({name!r})"):
         while True:
             # One round trip: the result if there is one, else the claim if nobody holds it. Retried: a claim made
@@ -136,10 +135,6 @@ async def _drop_stray_claim(session: Session, claim: bytes) -> None:
     await retry_while_valid(
         session, lambda: backend.txn([Compare.lease(claim, "==", session.lease_id)], [Delete(claim)])
     )
-
-
-# session -> claim keys its tasks are computing right now (a claim with our lease but not here is a lost reply's)
-_computing: WeakKeyDictionary[Session, set[bytes]] = WeakKeyDictionary()
 
 
 async def _compute(
