@@ -33,7 +33,17 @@ from ._retry import Backoff, retry_call
 
 @dataclass(frozen=True, slots=True)
 class SessionStatistics:
-    """State and counters of a `Session`."""
+    """State and counters of a `Session`.
+
+    Attributes:
+        lease_id: the session's lease (0 before it is entered).
+        ttl: the TTL the server granted, in seconds.
+        deadline: local time (``anyio.current_time()``) until which the lease is known to be valid.
+        lost: whether the session is lost.
+        keepalives: keepalives acknowledged so far.
+        keepalive_failures: keepalives that failed or got no answer in time (each retried until the deadline).
+        guarded_blocks: guarded blocks (and `Session.wait_lost` calls) open now.
+    """
 
     lease_id: int
     ttl: int
@@ -173,6 +183,7 @@ class Session:
             raise SessionClosedError("the session has exited; it was not lost")
 
     def statistics(self) -> SessionStatistics:
+        """The session's lease, deadline and state, and its keepalive counters, now."""
         return SessionStatistics(
             self._lease_id,
             self._ttl,

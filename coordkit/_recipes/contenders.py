@@ -356,6 +356,7 @@ async def _delete(session: Session, key: bytes, revision: int) -> None:
     Retried through short outages for as long as the session is valid; once it is lost, its lease ends anyway
     (the session's exit revokes it) and with it the key.
     """
+    # Only our own key: a key of the same name created since (after our lease ended) is someone else's turn.
     compare = Compare.create(key, "==", revision) if revision else Compare.lease(key, "==", session.lease_id)
     await retry_while_valid(session, lambda: session.backend.txn([compare], [Delete(key)]))
 

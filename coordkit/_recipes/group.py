@@ -89,6 +89,8 @@ class Membership:
         if not self.revision:
             raise NotOwnerError(f"member {self.member_id!r} has not joined group {self._group.name!r}")
         session = self._group.session
+        # Only while our key is the one we created: a member that rejoined with this id since (after our lease
+        # ended) must not have its metadata overwritten, nor our key be created again after it left.
         result = await session.backend.txn(
             [Compare.create(self.key, "==", self.revision)], [Put(self.key, metadata, session.lease_id)]
         )
@@ -154,6 +156,7 @@ class Membership:
         session = self._group.session
         session._in_use.members.discard(self.key)
         # Leave at once, even when cancelled; once the session is lost, its lease ends and takes the key anyway.
+        # Only our key (created at our revision): a member that joined with this id since stays.
         with anyio.CancelScope(shield=True):
             await retry_while_valid(
                 session,
