@@ -5,11 +5,17 @@
   ``__aexit__`` handing its arguments, unchanged, to the ``AsyncExitStack`` that holds what it entered (a stack is
   the only way to give an exit the body's exception).
 - No module-level registry keyed by session: per-session state lives on the `Session`.
+- No function over 50 lines (``end_lineno - lineno``, docstring included).
+- Every public method and property of the public classes (``coordkit.__all__``) has a docstring, and every field
+  of a public dataclass or named tuple is described in its class's docstring.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import inspect
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +29,20 @@ ALLOWED_DUNDER_CALLS = {
     "_recipes/workqueue.py:_Lease.__aenter__",
     "_recipes/workqueue.py:_Lease.__aexit__",
 }
+MAX_FUNCTION_LINES = 50
+ALLOWED_LONG_FUNCTIONS = {
+    # The work queue: its owner shortens these (issue 14); the lead removes them at merge.
+    "_recipes/workqueue.py:WorkQueue._put_items",
+    "_recipes/workqueue.py:WorkQueue._claim_one",
+    # Files other helpers were editing at the same time (the CLI, coordkit.testing): left to them, not touched
+    # here to keep the merges clean. The lead removes each one once it is short.
+    "_cli/_commands.py:elect",
+    "_cli/_demo.py:demo",
+    "testing/_linearizability.py:_search",
+    "testing/_watch_checks.py:check_watch_items",
+}
+# The work queue's statistics dataclass (its owner documents the fields); the lead removes it at merge.
+ALLOWED_UNDOCUMENTED = {"QueueDepth.pending", "QueueDepth.leased", "QueueDepth.dead"}
 
 
 def _modules() -> Iterator[tuple[str, ast.Module]]:
@@ -105,3 +125,50 @@ def test_no_module_level_state_keyed_by_session() -> None:
             if isinstance(node, ast.AnnAssign | ast.Assign) and "Session" in names:
                 found.append(f"{path} (line {node.lineno}): {ast.unparse(node)}")
     assert found == []
+
+
+def test_no_long_functions() -> None:
+    found = {
+        f"{path}:{qualname}": function.end_lineno - function.lineno
+        for path, tree in _modules()
+        for qualname, function in _functions(tree)
+        if function.end_lineno is not None and function.end_lineno - function.lineno > MAX_FUNCTION_LINES
+    }
+    assert {where: lines for where, lines in found.items() if where not in ALLOWED_LONG_FUNCTIONS} == {}
+    assert set(found) >= ALLOWED_LONG_FUNCTIONS, "an allowed function is short now: take it off the list"
+
+
+def _described(docstring: str) -> set[str]:
+    """Names a docstring describes: ``name:`` (or ``a, b:``) starting a line, or ``name`` in double backquotes."""
+    described = set(re.findall(r"``(\w+)``", docstring))
+    for line in docstring.splitlines():
+        if match := re.match(r"\s*(\w+(?:, \w+)*):", line):
+            described.update(match.group(1).split(", "))
+    return described
+
+
+def _undocumented() -> Iterator[str]:
+    for name in coordkit.__all__:
+        public = getattr(coordkit, name)
+        if not inspect.isclass(public):
+            continue
+        for cls in public.__mro__:
+            if not cls.__module__.startswith("coordkit"):
+                continue  # object, tuple, Enum...: documented where they are defined
+            for attribute, value in vars(cls).items():
+                function = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+                if not attribute.startswith("_") and inspect.isfunction(function) and not function.__doc__:
+                    yield f"{name}.{attribute}"
+        fields: tuple[str, ...] = getattr(public, "_fields", ())  # a named tuple's
+        if dataclasses.is_dataclass(public):
+            fields = tuple(f.name for f in dataclasses.fields(public))
+        described = _described(public.__doc__ or "")
+        for field in fields:
+            if field not in described:
+                yield f"{name}.{field}"
+
+
+def test_public_methods_properties_and_fields_are_documented() -> None:
+    missing = set(_undocumented())
+    assert sorted(missing - ALLOWED_UNDOCUMENTED) == []
+    assert missing >= ALLOWED_UNDOCUMENTED, "an allowed name is documented now: take it off the list"
