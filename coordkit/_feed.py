@@ -185,6 +185,7 @@ class _Feed:
             self._base = lowest
 
     async def aclose(self) -> None:
+        """Close the backend watch, if one is open (the next read opens another)."""
         closer, self._closer, self._watch, self._items = self._closer, None, None, None
         if closer is not None:
             await closer.aclose()

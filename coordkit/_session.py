@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import final
 
 import anyio
-import anyio.abc
 
 from . import _telemetry
 from ._backends.protocol import Backend
@@ -34,7 +33,17 @@ from ._retry import Backoff, retry_call
 
 @dataclass(frozen=True, slots=True)
 class SessionStatistics:
-    """State and counters of a `Session`."""
+    """State and counters of a `Session`.
+
+    Attributes:
+        lease_id: the session's lease (0 before it is entered).
+        ttl: the TTL the server granted, in seconds.
+        deadline: local time (``anyio.current_time()``) until which the lease is known to be valid.
+        lost: whether the session is lost.
+        keepalives: keepalives acknowledged so far.
+        keepalive_failures: keepalives that failed or got no answer in time (each retried until the deadline).
+        guarded_blocks: guarded blocks (and `Session.wait_lost` calls) open now.
+    """
 
     lease_id: int
     ttl: int
@@ -43,6 +52,34 @@ class SessionStatistics:
     keepalives: int
     keepalive_failures: int
     guarded_blocks: int
+
+
+@dataclass(slots=True)
+class KeysInUse:
+    """The keys this process's tasks use under one session: the per-session state of the recipes.
+
+    The store knows which keys a lease holds, not which task of this process holds them or why; the recipes keep
+    that here, on the `Session` that owns it (``session._in_use``), so that it lives exactly as long as the session:
+    it is emptied when the session exits. Only the recipes read and write it, from the event loop's thread.
+
+    Attributes:
+        contenders: key -> id of the task that holds it or waits with it (Lock, Semaphore, ReadWriteLock,
+            Election: ``contenders.py``). A task that contends twice for one name in one session would wait for
+            itself, and is refused; other tasks get keys of their own.
+        members: the Group member keys this session has joined with (a second join with one id is refused).
+        computing: the once() claim keys this session's tasks are computing. A claim with the session's lease that
+            is not listed was made by an attempt whose reply was lost, and is adopted.
+    """
+
+    contenders: dict[bytes, int] = field(default_factory=dict)
+    members: set[bytes] = field(default_factory=set)
+    computing: set[bytes] = field(default_factory=set)
+
+    def clear(self) -> None:
+        """Forget everything (the session has ended: nothing it held is held any more)."""
+        self.contenders.clear()
+        self.members.clear()
+        self.computing.clear()
 
 
 @final
@@ -95,9 +132,10 @@ class Session:
         self._lost_reason = ""
         self._lost_cause: BaseException | None = None  # the refusal or last failure that lost it, for __cause__
         self._guards: set[anyio.CancelScope] = set()
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None  # the keepalive task's group, then the revoke
         self._keepalives = 0
         self._keepalive_failures = 0
+        self._in_use = KeysInUse()  # the recipes' per-session state, emptied on exit
 
     # -- public state ----------------------------------------------------------------------------------
 
@@ -145,6 +183,7 @@ class Session:
             raise SessionClosedError("the session has exited; it was not lost")
 
     def statistics(self) -> SessionStatistics:
+        """The session's lease, deadline and state, and its keepalive counters, now."""
         return SessionStatistics(
             self._lease_id,
             self._ttl,
@@ -229,9 +268,12 @@ class Session:
         lease = await retry_call(grant, attempts=5)
         self._lease_id, self._ttl = lease.id, lease.ttl
         self._deadline = sent + lease.ttl - self._margin
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._keep_alive, sent)
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(self._revoke)  # last on exit: once the keepalive has stopped
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)  # first on exit: stop the keepalive
+            task_group.start_soon(self._keep_alive, sent)
+            self._stack = stack.pop_all()
         self._open = True
         return self
 
@@ -241,9 +283,14 @@ class Session:
         self._open = False
         self._lost_reason = self._lost_reason or "session closed"
         self._cancel_guards()  # blocks still running in other tasks no longer own anything
-        assert self._task_group is not None
-        self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(None, None, None)
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        # Closed, not handed the body's outcome: the keepalive's group is cancelled and has nothing to report
+        # (its task never raises), and the body's own exception goes on untouched.
+        await stack.aclose()
+        self._in_use.clear()
+
+    async def _revoke(self) -> None:
         # The lease expires by itself within its TTL if the revoke cannot get through (unreachable, or refused:
         # credentials revoked meanwhile): nothing more to do, and nothing to raise over the body's own outcome.
         with anyio.CancelScope(shield=True), anyio.move_on_after(self._ttl):

@@ -40,7 +40,14 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class WatchStatistics:
-    """Counters of a `Watch`."""
+    """Counters of a `Watch`.
+
+    Attributes:
+        revision: the revision of the state delivered so far (0 before the first item).
+        reconnects: times the backend stream broke and was resumed.
+        resyncs: snapshots delivered after a compaction (``Snapshot.resync``).
+        batches: batches of events delivered.
+    """
 
     revision: int
     reconnects: int
@@ -92,6 +99,7 @@ class Watch:
         return self._revision
 
     def statistics(self) -> WatchStatistics:
+        """The revision delivered so far, and how often the watch reconnected and resynchronised."""
         return WatchStatistics(self._revision, self._reconnects, self._resyncs, self._batches)
 
     async def __aenter__(self) -> Watch:

@@ -3,9 +3,10 @@ leaves the store as it was.
 
 Covered: release twice; use before a session is entered and after it exited; recipes on a lost session; a
 campaign while already leading; proclaiming after resigning or after losing; a candidate giving up before it
-leads; one Lock object entered by two tasks at once, or twice by one; once() with a result its codec cannot
-encode; WorkQueue: extending a claim after completing it or after its timeout, entering the queue twice; joining a
-group twice with one id; views and workers entered twice; failures whose message is too large to record.
+leads; one Lock object entered by two tasks at once, or twice by one, or released by another task under its
+block; once() with a result its codec cannot encode; WorkQueue: extending a claim after completing it or after its
+timeout, entering the queue twice; joining a group twice with one id; views and workers entered twice; failures
+whose message is too large to record.
 """
 
 from __future__ import annotations
@@ -231,6 +232,33 @@ async def test_one_lock_object_shared_by_tasks_and_entered_twice_by_one(harness:
             await fails(RuntimeError, lock.acquire(), repr(name))
             await fails(RuntimeError, lock.try_acquire(), repr(name))
             await fails(RuntimeError, Lock(session, name).acquire(), repr(name), "deadlock")
+        assert await keys(harness, session.backend) == []
+
+
+async def test_a_block_whose_lock_another_task_released_leaves_the_next_holder_alone(harness: Harness) -> None:
+    """A released the shared Lock object from another task, B then entered it: A's exit raises, B keeps it."""
+    name = harness.namespace.decode() + "handed-on"
+    async with sessions(harness, 1) as (session,):
+        lock = Lock(session, name)
+        b_inside, a_done = anyio.Event(), anyio.Event()
+        b_held: list[bool] = []
+
+        async def b() -> None:
+            async with lock as held:
+                b_inside.set()
+                await a_done.wait()
+                b_held.append(lock.held == held)
+                assert [kv.key for kv in (await session.backend.range(Range(held.key))).kvs] == [held.key]
+
+        with anyio.fail_after(BOUND):
+            async with anyio.create_task_group() as tg:
+                with pytest.raises(RuntimeError, match="not held"):
+                    async with lock:
+                        tg.start_soon(lock.release)  # another task gives the name back: the turn ends early
+                        tg.start_soon(b)
+                        await b_inside.wait()
+                a_done.set()
+        assert b_held == [True], "the first block's exit must not release (or leave the guard of) the next holder"
         assert await keys(harness, session.backend) == []
 
 

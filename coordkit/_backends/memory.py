@@ -364,6 +364,7 @@ class MemoryStore:
     # -- leases ----------------------------------------------------------------------------------------
 
     def grant(self, ttl: int) -> Lease:
+        """A new lease of ``ttl`` seconds (at least etcd's minimum), expiring by the event loop's clock."""
         ttl = max(ttl, MIN_LEASE_TTL)
         lease_id = self._rng.getrandbits(62) + 1
         while lease_id in self._leases:
@@ -374,6 +375,7 @@ class MemoryStore:
         return Lease(lease_id, ttl)
 
     def refresh(self, lease_id: int) -> int:
+        """Start the lease's TTL again; returns the TTL. Raises LeaseExpiredError for a lease that is gone."""
         lease = self._leases.get(lease_id)
         if lease is None:
             raise LeaseExpiredError(lease_id)
@@ -428,6 +430,7 @@ class MemoryStore:
         return revision
 
     def batches_from(self, revision: int) -> list[WatchBatch]:
+        """The history from ``revision`` on, one batch per revision. Raises CompactedError if it was compacted."""
         if revision < self.compact_revision:
             raise CompactedError(self.compact_revision)
         start = bisect.bisect_left(self._history, revision, key=lambda batch: batch.revision)
@@ -549,6 +552,8 @@ class MemoryBackend:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close this client: its open watches end (UnavailableError) and later calls fail. The store lives on
+        for its other clients."""
         self._closed = True
         self.faults.break_watches()
         await anyio.lowlevel.checkpoint()
@@ -596,31 +601,58 @@ class MemoryBackend:
             raise UnavailableError("reply lost (MemoryFaults.lose_replies): the request was applied")
 
     async def range(self, request: Range) -> RangeResult:
+        """Read one key or a prefix, as `Backend.range` (linearizable: the store is in-process).
+
+        Raises:
+            UnavailableError: the client is closed, or a fault was injected. TypeError, ValueError,
+                RequestTooLargeError: a request etcd would refuse.
+        """
         if not isinstance(request, Range):
             raise TypeError(f"range takes a Range, not {type(request).__name__}")
         _check_range_size(request)
         return await self._apply(lambda: self.store._range(request))
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        """Apply a transaction atomically at one revision, as `Backend.txn` (with etcd's limits and checks).
+
+        Raises:
+            LeaseExpiredError: the branch that ran puts a key with a lease the store does not have.
+            UnavailableError: the client is closed, or a fault was injected (a lost reply: it was applied).
+            TypeError, ValueError, RequestTooLargeError: a request etcd would refuse.
+        """
         check_txn(compare, success, failure)
         _check_txn(compare, success, failure)
         return await self._apply(lambda: self.store.txn(compare, success, failure))
 
     async def grant(self, ttl: int) -> Lease:
+        """Grant a lease of ``ttl`` seconds (etcd's minimum applies), timed by the event loop's clock."""
         check_ttl(ttl)
         return await self._apply(lambda: self.store.grant(ttl))
 
     async def refresh(self, lease_id: int) -> int:
+        """Keep a lease alive (its TTL starts again); returns the TTL. Held back by `MemoryFaults.partition` and
+        `MemoryFaults.suspend_keepalives`.
+
+        Raises:
+            LeaseExpiredError: the lease expired or was revoked.
+        """
         check_lease_id(lease_id)
         return await self._apply(lambda: self.store.refresh(lease_id), keepalive=True)
 
     async def revoke(self, lease_id: int) -> None:
+        """Revoke a lease, deleting its keys at one revision; a lease that is gone already is no error."""
         check_lease_id(lease_id)
         await self._apply(lambda: self.store.revoke(lease_id))
 
     def watch(
         self, key: bytes, *, prefix: bool = False, start_revision: int
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
+        """Watch a key or a prefix from ``start_revision`` on (0: from now, after a notice), as `Backend.watch`.
+
+        Raises:
+            CompactedError: (on entering) the start revision was compacted.
+            UnavailableError: the stream was broken (`MemoryFaults.break_watches`) or the client closed.
+        """
         check_watch_key(key, prefix)
         check_start_revision(start_revision)
         return self._watch(key, prefix, start_revision)

@@ -15,7 +15,16 @@ SortBy = Literal["key", "create", "mod", "version", "value"]
 
 
 class KeyValue(NamedTuple):
-    """One key as stored: its value, revisions, version and the lease it is bound to (0 for none)."""
+    """One key as stored: its value, revisions, version and the lease it is bound to (0 for none).
+
+    Attributes:
+        key: the key.
+        value: its value.
+        create_revision: the revision that created the key (this incarnation of it).
+        mod_revision: the revision of its last change.
+        version: puts since it was created (1 after the first).
+        lease: the lease it is bound to (0: none); the key goes when the lease ends.
+    """
 
     key: bytes
     value: bytes
@@ -42,6 +51,12 @@ class Compare:
     As in etcd, a value comparison on a missing key is false whatever the operator, and the key cannot be empty
     (etcd refuses the whole transaction: "key is not provided"). Build them with the
     class methods: ``Compare.create(key, "==", 0)`` (key absent), ``Compare.mod(key, "==", rev)`` (unchanged).
+
+    Attributes:
+        key: the key compared.
+        target: what of it is compared.
+        op: the operator: the key's ``target`` is on its left, ``operand`` on its right.
+        operand: a revision, version or lease id (int), or a value (bytes).
     """
 
     key: bytes
@@ -161,7 +176,14 @@ Op: TypeAlias = Put | Delete | Range
 
 @dataclass(frozen=True, slots=True)
 class RangeResult:
-    """Keys read, the number that matched (before ``limit``), and the store revision of the read."""
+    """Keys read, the number that matched (before ``limit``), and the store revision of the read.
+
+    Attributes:
+        kvs: the keys read, in the requested order (none with ``count_only``).
+        count: how many keys matched, before ``limit``.
+        more: whether ``limit`` left some out.
+        revision: the store revision of the read.
+    """
 
     kvs: tuple[KeyValue, ...]
     count: int
@@ -176,7 +198,12 @@ class PutResult(NamedTuple):
 
 
 class DeleteResult(NamedTuple):
-    """How many keys a delete removed."""
+    """How many keys a delete removed.
+
+    Attributes:
+        deleted: the number of keys removed.
+        revision: the transaction's revision.
+    """
 
     deleted: int
     revision: int
@@ -189,6 +216,11 @@ class TxnResult(NamedTuple):
     """Which branch ran, the results of its operations in order, and the store revision after the transaction.
 
     A transaction that wrote nothing leaves the revision unchanged.
+
+    Attributes:
+        succeeded: whether every compare held (the success branch ran), or not (the failure branch).
+        responses: one result per operation of the branch that ran, in order.
+        revision: the store revision after the transaction.
     """
 
     succeeded: bool
@@ -197,7 +229,12 @@ class TxnResult(NamedTuple):
 
 
 class Lease(NamedTuple):
-    """A granted lease: its id and the TTL the server granted, in seconds."""
+    """A granted lease: its id and the TTL the server granted, in seconds.
+
+    Attributes:
+        id: the lease id.
+        ttl: the TTL granted, in seconds (the server may grant more than asked).
+    """
 
     id: int
     ttl: int
@@ -211,14 +248,24 @@ class EventType(enum.Enum):
 
 
 class Event(NamedTuple):
-    """One change. For a DELETE, ``kv`` carries the key and the deletion revision as ``mod_revision``."""
+    """One change. For a DELETE, ``kv`` carries the key and the deletion revision as ``mod_revision``.
+
+    Attributes:
+        type: a put or a delete.
+        kv: the key after the change.
+    """
 
     type: EventType
     kv: KeyValue
 
 
 class WatchBatch(NamedTuple):
-    """Every event of one store revision that matched a watch, in the order they were applied."""
+    """Every event of one store revision that matched a watch, in the order they were applied.
+
+    Attributes:
+        revision: the store revision.
+        events: its events (none in the notice a watch from now starts with).
+    """
 
     revision: int
     events: tuple[Event, ...] = ()

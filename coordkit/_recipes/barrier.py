@@ -71,6 +71,7 @@ class Barrier:
             )
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_SECONDS):
+                # Only if it holds this call's token: the write may have landed unanswered; another holder's stays.
                 await retry_call(lambda: self.backend.txn([Compare.value(self._key, "==", token)], [Delete(self._key)]))
             raise
         if result.succeeded:
@@ -81,6 +82,7 @@ class Barrier:
 
     async def release(self) -> bool:
         """Lower the barrier, releasing every waiter; False if it was not held."""
+        # The compare only tells whether it was held (deleting a missing key succeeds too).
         result = await self.backend.txn([Compare.create(self._key, ">", 0)], [Delete(self._key)])
         return result.succeeded
 
@@ -153,7 +155,7 @@ class DoubleBarrier:
         self._key = self._waiters + format(session.lease_id, "x").encode()
         async with session.guarded(BarrierLostError, what=f"double barrier {self.name!r}"):
             # Our key, and who is inside at its revision: the arrival that makes the count is the one that opens.
-            # Not retried: the count must be read at our key's revision.
+            # Not retried: the count must be read at our key's revision. Create-only: a session enters once.
             try:
                 result = await backend.txn(
                     [Compare.create(self._key, "==", 0)],
@@ -172,7 +174,7 @@ class DoubleBarrier:
                     raise TooManyParticipantsError(
                         f"double barrier {self.name!r} already has its {self.count} participants inside"
                     )
-                if inside.count == self.count:
+                if inside.count == self.count:  # no compare: whoever completes the count opens (a put is idempotent)
                     await backend.txn([], [Put(self._ready, b"")])
                 else:
                     await self._wait_ready()
@@ -229,15 +231,12 @@ class DoubleBarrier:
 
     async def __aenter__(self) -> DoubleBarrier:
         await self.enter()
-        stack = AsyncExitStack()
-        try:
+        async with AsyncExitStack() as stack:
+            stack.push_async_exit(self._depart)  # after the guarded block; at once if it cannot be entered
             await stack.enter_async_context(
                 self.session.guarded(BarrierLostError, what=f"double barrier {self.name!r}")
             )
-        except BaseException:  # the session went between entering and the body: leave no key behind
-            await self._drop_key()
-            raise
-        self._stack = stack
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -245,13 +244,14 @@ class DoubleBarrier:
     ) -> bool | None:
         stack, self._stack = self._stack, None
         assert stack is not None
-        try:
-            await stack.__aexit__(exc_type, exc, tb)  # the guard: BarrierLostError if the session was lost
-        except BaseException:
-            await self._drop_key()
-            raise
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    async def _depart(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Leave after the body: with ``exc`` (the body failed or was cancelled, or the guard raised
+        BarrierLostError because the session was lost) at once, without waiting; else wait for the others."""
         if exc is None:
-            await self.leave()  # and wait for the others
+            await self.leave()
         else:
-            await self._drop_key()  # the body failed or was cancelled: leave at once, without waiting
-        return None
+            await self._drop_key()

@@ -142,6 +142,7 @@ class ConfigView(Generic[T]):
         return MappingProxyType(self._errors)
 
     def statistics(self) -> ConfigStatistics:
+        """The revision and size of the view, its decode errors, and what its shared watch costs."""
         feed = self._subscription.feed if self._subscription is not None else None
         return ConfigStatistics(
             self._revision,
@@ -356,5 +357,6 @@ async def publish_many(
         Delete(_encode_key(key, "key")) if value is None else Put(_encode_key(key, "key"), codec.encode(value))
         for key, value in values.items()
     ]
+    # Every listed key must still be as the caller saw it (compare-and-swap), so no concurrent publish is lost.
     result = await backend.txn(compares, ops)
     return result.revision if result.succeeded else None

@@ -10,10 +10,9 @@ honours it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
-from weakref import WeakKeyDictionary
 
 import anyio
 
@@ -24,9 +23,6 @@ from .._keys import name_prefix
 from .._retry import retry_call
 from .._session import Session, require_session, retry_while_valid
 from .._watch import wait_deleted
-
-# session -> key -> id of the task that contends with it (reserved from acquire until release)
-_reserved: WeakKeyDictionary[Session, dict[bytes, int]] = WeakKeyDictionary()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +89,9 @@ class Contender(ABC):
         self._waiting = 0
         self._held: Held | None = None
         self._held_since = 0.0
-        self._guard: Any = None
+        # task id -> what its ``async with`` entered (the guarded block, the release): one entry at a time, but a
+        # release from another task ends a turn early, so the next task's entry may start before the first exits
+        self._entries: dict[int, AsyncExitStack] = {}
 
     # -- what differs between Lock and Semaphore -------------------------------------------------------
 
@@ -234,23 +232,23 @@ class Contender(ABC):
 
     async def __aenter__(self) -> Held:
         held = await self.acquire()
-        guard = self.session.guarded(self._lost_error, what=self._what)
-        try:
-            await guard.__aenter__()
-        except BaseException:
-            await self.release()
-            raise
-        self._guard = guard
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(self._release_entry, held)  # also if the guarded block cannot be entered
+            await stack.enter_async_context(self.session.guarded(self._lost_error, what=self._what))
+            self._entries[anyio.get_current_task().id] = stack.pop_all()
         return held
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        guard, self._guard = self._guard, None
-        try:
-            return bool(await guard.__aexit__(exc_type, exc, tb))
-        finally:
-            await self.release()
+        stack = self._entries.pop(anyio.get_current_task().id)
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    async def _release_entry(self, held: Held) -> None:
+        """Release what an ``async with`` acquired, unless another task released it meanwhile (RuntimeError)."""
+        if self._held is not held:  # released from another task (and maybe acquired again by another one)
+            raise RuntimeError(f"{type(self).__name__} {self.name!r} is not held")
+        await self.release()
 
     # -- the algorithm ---------------------------------------------------------------------------------
 
@@ -326,7 +324,7 @@ def _created(mine: RangeResult | PutResult) -> int:
 def _reserve(session: Session, prefix: bytes) -> bytes:
     """This session's key for one more contender under ``prefix``, reserved for the calling task."""
     task = anyio.get_current_task().id
-    keys = _reserved.setdefault(session, {})
+    keys = session._in_use.contenders  # reserved from acquire until release
     base = prefix + format(session.lease_id, "x").encode()
     for key, owner in keys.items():
         if owner == task and key.startswith(base) and key[len(base) : len(base) + 1] in (b"", b"_"):
@@ -345,11 +343,11 @@ def _reserve(session: Session, prefix: bytes) -> bytes:
 def contends(session: Session, prefix: bytes) -> bool:
     """Whether the calling task holds or waits for a key under ``prefix`` in ``session``."""
     task = anyio.get_current_task().id
-    return any(owner == task and key.startswith(prefix) for key, owner in _reserved.get(session, {}).items())
+    return any(owner == task and key.startswith(prefix) for key, owner in session._in_use.contenders.items())
 
 
 def _free(session: Session, key: bytes) -> None:
-    _reserved.get(session, {}).pop(key, None)
+    session._in_use.contenders.pop(key, None)
 
 
 async def _delete(session: Session, key: bytes, revision: int) -> None:
@@ -358,6 +356,7 @@ async def _delete(session: Session, key: bytes, revision: int) -> None:
     Retried through short outages for as long as the session is valid; once it is lost, its lease ends anyway
     (the session's exit revokes it) and with it the key.
     """
+    # Only our own key: a key of the same name created since (after our lease ended) is someone else's turn.
     compare = Compare.create(key, "==", revision) if revision else Compare.lease(key, "==", session.lease_id)
     await retry_while_valid(session, lambda: session.backend.txn([compare], [Delete(key)]))
 

@@ -123,6 +123,7 @@ class Counter:
         if not isinstance(expected_revision, int) or isinstance(expected_revision, bool):
             raise TypeError(f"expected_revision is an int, not {type(expected_revision).__name__}")
         _check_int64(value)
+        # Compare-and-swap: only over the revision the caller based its value on, so no update is lost unseen.
         result = await self.backend.txn(
             [Compare.mod(self._key, "==", expected_revision)], [Put(self._key, str(value).encode())]
         )

@@ -113,9 +113,12 @@ class _Campaign:
 
     def __init__(self, candidate: _Candidate) -> None:
         self._candidate = candidate
+        self._entries: dict[int, AsyncExitStack] = {}  # task id -> its entry (tasks may share a campaign object)
 
     async def __aenter__(self) -> Leadership:
-        held = await self._candidate.__aenter__()
+        async with AsyncExitStack() as stack:
+            held = await stack.enter_async_context(self._candidate)
+            self._entries[anyio.get_current_task().id] = stack.pop_all()
         attrs = {**self._candidate._metric_attrs(), "coordkit.transition": "gained"}
         _telemetry.election_transitions.add(1, attrs)
         return Leadership(self._candidate, held)
@@ -123,9 +126,10 @@ class _Campaign:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
+        stack = self._entries.pop(anyio.get_current_task().id)
         transition = "resigned"
         try:
-            return await self._candidate.__aexit__(exc_type, exc, tb)
+            return await stack.__aexit__(exc_type, exc, tb)
         except LeadershipLostError:
             transition = "lost"
             raise

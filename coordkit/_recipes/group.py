@@ -10,10 +10,10 @@ unique in a group: a second join with the same id is refused, not duplicated.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Iterable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any, final
-from weakref import WeakKeyDictionary
+from typing import final
 
 import anyio
 
@@ -55,10 +55,6 @@ class GroupView:
     resync: bool = False
 
 
-# session -> member keys this session has joined with
-_joined: WeakKeyDictionary[Session, set[bytes]] = WeakKeyDictionary()
-
-
 @final
 class Membership:
     """Being a member, inside ``async with group.join(member_id) as member``.
@@ -75,7 +71,7 @@ class Membership:
         self.key = group._prefix + member_id.encode()
         self.revision = 0
         self._metadata = metadata
-        self._guard: Any = None
+        self._stack: AsyncExitStack | None = None  # the guarded block, while a member
 
     @property
     def metadata(self) -> bytes:
@@ -93,6 +89,8 @@ class Membership:
         if not self.revision:
             raise NotOwnerError(f"member {self.member_id!r} has not joined group {self._group.name!r}")
         session = self._group.session
+        # Only while our key is the one we created: a member that rejoined with this id since (after our lease
+        # ended) must not have its metadata overwritten, nor our key be created again after it left.
         result = await session.backend.txn(
             [Compare.create(self.key, "==", self.revision)], [Put(self.key, metadata, session.lease_id)]
         )
@@ -102,20 +100,18 @@ class Membership:
 
     async def __aenter__(self) -> Membership:
         session = self._group.session
-        # Entering the guarded block first refuses a session that is not open, before anything is written.
-        guard = session.guarded(MembershipLostError, what=f"member {self.member_id!r} of group {self._group.name!r}")
-        await guard.__aenter__()
-        try:
+        async with AsyncExitStack() as stack:
+            # Entering the guarded block first refuses a session that is not open, before anything is written.
+            await stack.enter_async_context(
+                session.guarded(MembershipLostError, what=f"member {self.member_id!r} of group {self._group.name!r}")
+            )
             await self._join()
-        except BaseException as exc:
-            await guard.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._guard = guard
+            self._stack = stack.pop_all()
         return self
 
     async def _join(self) -> None:
         session = self._group.session
-        mine = _joined.setdefault(session, set())
+        mine = session._in_use.members
         if self.key in mine:
             raise MemberExistsError(f"this session already joined group {self._group.name!r} as {self.member_id!r}")
         # Create our key unless it exists. If it does with our lease, an earlier attempt of this join got through.
@@ -149,16 +145,18 @@ class Membership:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        guard, self._guard = self._guard, None
+        stack, self._stack = self._stack, None
+        assert stack is not None
         try:
-            return bool(await guard.__aexit__(exc_type, exc, tb))
+            return await stack.__aexit__(exc_type, exc, tb)
         finally:
             await self._leave()
 
     async def _leave(self) -> None:
         session = self._group.session
-        _joined.get(session, set()).discard(self.key)
+        session._in_use.members.discard(self.key)
         # Leave at once, even when cancelled; once the session is lost, its lease ends and takes the key anyway.
+        # Only our key (created at our revision): a member that joined with this id since stays.
         with anyio.CancelScope(shield=True):
             await retry_while_valid(
                 session,

@@ -19,7 +19,7 @@ import anyio
 
 from .. import _telemetry
 from .._backends.protocol import Backend
-from .._backends.types import Compare, Delete, Op, Put, Range, RangeResult, check_ttl
+from .._backends.types import Compare, Delete, Op, Put, Range, RangeResult, TxnResult, check_ttl
 from .._codec import Codec
 from .._errors import OwnershipLostError, UnavailableError
 from .._keys import name_prefix
@@ -88,22 +88,33 @@ async def once(
     if result_ttl is not None:
         check_ttl(result_ttl)
     async with session.guarded(ComputationLostError, what=f"once({name!r})"):
-        # Callers in this process share one attempt per name and backend: the others wait for it and take its
-        # result (one watch and one read for all of them, not one each), unless it found nothing they may use.
-        attempts = _attempts.setdefault(session.backend, {})
-        while (leader := attempts.get(prefix)) is not None:
-            joined = leader.reads
-            await leader.done.wait()
-            if leader.result is not None and leader.result[0] > joined:
-                # Read (or published) after we joined: a result the store held during our call.
-                data = leader.result[1]
-                return data if codec is None else _decode(codec, data, name)
-        attempt = attempts[prefix] = _Attempt()
-        try:
-            return await _once_in_store(session, name, fn, codec, result_ttl, prefix, attempt)
-        finally:
-            del attempts[prefix]
-            attempt.done.set()
+        return await _join_or_attempt(session, name, fn, codec, result_ttl, prefix)
+
+
+async def _join_or_attempt(
+    session: Session,
+    name: str,
+    fn: Callable[[], Awaitable[Any]],
+    codec: Codec[Any] | None,
+    result_ttl: int | None,
+    prefix: bytes,
+) -> Any:
+    """Callers in this process share one attempt per name and backend: the others wait for it and take its
+    result (one watch and one read for all of them, not one each), unless it found nothing they may use."""
+    attempts = _attempts.setdefault(session.backend, {})
+    while (leader := attempts.get(prefix)) is not None:
+        joined = leader.reads
+        await leader.done.wait()
+        if leader.result is not None and leader.result[0] > joined:
+            # Read (or published) after we joined: a result the store held during our call.
+            data = leader.result[1]
+            return data if codec is None else _decode(codec, data, name)
+    attempt = attempts[prefix] = _Attempt()
+    try:
+        return await _once_in_store(session, name, fn, codec, result_ttl, prefix, attempt)
+    finally:
+        del attempts[prefix]
+        attempt.done.set()
 
 
 @dataclass(eq=False)
@@ -115,7 +126,8 @@ class _Attempt:
     result: tuple[int, bytes] | None = None  # the number of the read that found the result, or published it; bytes
 
 
-# backend -> name prefix -> the attempt in progress in this process
+# backend -> name prefix -> the attempt in progress in this process (per backend, not per session: every
+# session of a client shares its attempts)
 _attempts: WeakKeyDictionary[Backend, dict[bytes, _Attempt]] = WeakKeyDictionary()
 
 
@@ -128,60 +140,68 @@ async def _once_in_store(
     prefix: bytes,
     attempt: _Attempt,
 ) -> Any:
-    claim, result_key = prefix + b"claim", prefix + b"result"
-    backend = session.backend
-    computing = _computing.setdefault(session, set())
+    """Take the published result, or compute it under our claim, or wait for another's claim to go; again."""
     while True:
-        # One round trip: the result if there is one, else the claim if nobody holds it. Retried: a claim made
-        # by an attempt whose answer was lost shows up below with our lease, and is adopted.
         attempt.reads += 1
         read = attempt.reads
-        try:
-            found = await retry_call(
-                lambda: backend.txn(
-                    [Compare.create(result_key, "==", 0), Compare.create(claim, "==", 0)],
-                    [Put(claim, b"", session.lease_id)],
-                    [Range(result_key), Range(claim)],
-                )
-            )
-        except BaseException:
-            # Cancelled (or failed) with the claim's write in flight: it may have been applied, unanswered.
-            # A claim of ours that nobody here computes would block every other caller for as long as our
-            # session lives: drop it (only ours: the lease compare).
-            if claim not in computing:
-                with anyio.CancelScope(shield=True):
-                    await _drop_stray_claim(session, claim)
-            raise
-        claim_revision = found.revision if found.succeeded else 0
-        if not found.succeeded:
-            published, claimed = found.responses
-            assert isinstance(published, RangeResult) and isinstance(claimed, RangeResult)
-            if published.kvs:
-                data = published.kvs[0].value
-                attempt.result = (read, data)
-                return data if codec is None else _decode(codec, data, name)
-            mine = claimed.kvs[0] if claimed.kvs else None
-            if mine is not None and mine.lease == session.lease_id and claim not in computing:
-                claim_revision = mine.create_revision  # ours, from an attempt whose reply was lost
+        found = await _claim_unless_published(session, prefix + b"claim", prefix + b"result")
+        published, claim_revision = _found(session, found, prefix + b"claim")
+        if published is not None:
+            attempt.result = (read, published)
+            return published if codec is None else _decode(codec, published, name)
         if claim_revision:
-            computing.add(claim)
-            try:
-                return await _compute(session, name, fn, codec, result_ttl, claim, result_key, claim_revision, attempt)
-            finally:
-                computing.discard(claim)
+            return await _compute(session, name, fn, codec, result_ttl, prefix, claim_revision, attempt)
         # Claimed by someone else: when the claim goes (published, failed or died), look again.
-        await wait_deleted(backend, claim, revision=found.revision)
+        await wait_deleted(session.backend, prefix + b"claim", revision=found.revision)
+
+
+async def _claim_unless_published(session: Session, claim: bytes, result_key: bytes) -> TxnResult:
+    """One round trip: the result if there is one, else the claim if nobody holds it.
+
+    Retried: a claim made by an attempt whose answer was lost shows up (in the failure branch's read of the claim)
+    with our lease, and is adopted by `_found`.
+    """
+    backend = session.backend
+    try:
+        return await retry_call(
+            lambda: backend.txn(
+                # Claim only if nothing is published (else there is nothing to compute) and nobody claims (else
+                # they compute); otherwise read both, to take the result or wait for the claim to go.
+                [Compare.create(result_key, "==", 0), Compare.create(claim, "==", 0)],
+                [Put(claim, b"", session.lease_id)],
+                [Range(result_key), Range(claim)],
+            )
+        )
+    except BaseException:
+        # Cancelled (or failed) with the claim's write in flight: it may have been applied, unanswered. A claim of
+        # ours that nobody here computes would block every other caller for as long as our session lives: drop it
+        # (only ours: the lease compare).
+        if claim not in session._in_use.computing:
+            with anyio.CancelScope(shield=True):
+                await _drop_stray_claim(session, claim)
+        raise
+
+
+def _found(session: Session, attempt: TxnResult, claim: bytes) -> tuple[bytes | None, int]:
+    """What a claim attempt found: the published result (or None), and our claim's revision (or 0)."""
+    if attempt.succeeded:
+        return None, attempt.revision
+    published, claimed = attempt.responses
+    assert isinstance(published, RangeResult) and isinstance(claimed, RangeResult)
+    if published.kvs:
+        return published.kvs[0].value, 0
+    mine = claimed.kvs[0] if claimed.kvs else None
+    if mine is not None and mine.lease == session.lease_id and claim not in session._in_use.computing:
+        return None, mine.create_revision  # ours, from an attempt whose reply was lost
+    return None, 0
 
 
 async def _drop_stray_claim(session: Session, claim: bytes) -> None:
     backend = session.backend
+    # Only a claim bound to our lease: if our write never landed, the claim there is another caller's.
     await retry_while_valid(
         session, lambda: backend.txn([Compare.lease(claim, "==", session.lease_id)], [Delete(claim)])
     )
-
-
-# session -> claim keys its tasks are computing right now (a claim with our lease but not here is a lost reply's)
-_computing: WeakKeyDictionary[Session, set[bytes]] = WeakKeyDictionary()
 
 
 async def _compute(
@@ -190,44 +210,64 @@ async def _compute(
     fn: Callable[[], Awaitable[Any]],
     codec: Codec[Any] | None,
     result_ttl: int | None,
-    claim: bytes,
-    result_key: bytes,
+    prefix: bytes,
+    claim_revision: int,
+    attempt: _Attempt,
+) -> Any:
+    """Run ``fn`` under our claim (created at ``claim_revision``) and publish its result, fenced by the claim."""
+    claim = prefix + b"claim"
+    computing = session._in_use.computing  # a claim with our lease but not listed here is a lost reply's
+    computing.add(claim)
+    try:
+        return await _compute_and_publish(session, name, fn, codec, result_ttl, prefix, claim_revision, attempt)
+    except BaseException:
+        # Release our claim (only ours: the create-revision compare: a successor's claim stays), so a waiter
+        # computes instead; shielded, as cancellation must not leave the claim to block everyone until the lease
+        # ends.
+        with anyio.CancelScope(shield=True):
+            await retry_while_valid(
+                session,
+                lambda: session.backend.txn([Compare.create(claim, "==", claim_revision)], [Delete(claim)]),
+            )
+        raise
+    finally:
+        computing.discard(claim)
+
+
+async def _compute_and_publish(
+    session: Session,
+    name: str,
+    fn: Callable[[], Awaitable[Any]],
+    codec: Codec[Any] | None,
+    result_ttl: int | None,
+    prefix: bytes,
     claim_revision: int,
     attempt: _Attempt,
 ) -> Any:
     backend = session.backend
     attrs = _telemetry.attributes(backend=backend.name, lease_id=session.lease_id, name=name)
     attrs["coordkit.fencing_token"] = claim_revision
-    try:
-        with _telemetry.span("coordkit.once.compute", attrs):
-            value = await fn()
-            data = value if codec is None else _encode(codec, value, name)
-            if not isinstance(data, bytes):
-                raise TypeError(
-                    f"once({name!r}): fn returned {type(data).__name__}; give a codec or return bytes"
-                    if codec is None
-                    else f"once({name!r}): the codec encoded fn's result as {type(data).__name__}, not bytes"
-                )
-            lease = (await backend.grant(result_ttl)).id if result_ttl is not None else 0
-            attempt.reads += 1
-            publish = attempt.reads
-            try:
-                await _publish(session, name, claim, claim_revision, result_key, data, lease)
-                attempt.result = (publish, data)
-            except Exception:  # not published (e.g. too large, claim lost): the result's lease would linger unused
-                if lease:
-                    with anyio.CancelScope(shield=True):
-                        await retry_while_valid(session, lambda: backend.revoke(lease))
-                raise
-            return value
-    except BaseException:
-        # Release our claim (only ours: the compare), so a waiter computes instead; shielded, as cancellation
-        # must not leave the claim to block everyone until the lease ends.
-        with anyio.CancelScope(shield=True):
-            await retry_while_valid(
-                session, lambda: backend.txn([Compare.create(claim, "==", claim_revision)], [Delete(claim)])
+    with _telemetry.span("coordkit.once.compute", attrs):
+        value = await fn()
+        data = value if codec is None else _encode(codec, value, name)
+        if not isinstance(data, bytes):
+            raise TypeError(
+                f"once({name!r}): fn returned {type(data).__name__}; give a codec or return bytes"
+                if codec is None
+                else f"once({name!r}): the codec encoded fn's result as {type(data).__name__}, not bytes"
             )
-        raise
+        lease = (await backend.grant(result_ttl)).id if result_ttl is not None else 0
+        attempt.reads += 1
+        publish = attempt.reads
+        try:
+            await _publish(session, name, prefix + b"claim", claim_revision, prefix + b"result", data, lease)
+            attempt.result = (publish, data)
+        except Exception:  # not published (e.g. too large, claim lost): the result's lease would linger unused
+            if lease:
+                with anyio.CancelScope(shield=True):
+                    await retry_while_valid(session, lambda: backend.revoke(lease))
+            raise
+        return value
 
 
 def _encode(codec: Codec[Any], value: Any, name: str) -> bytes:
@@ -251,6 +291,7 @@ async def _publish(
 ) -> None:
     """Write the result and drop the claim atomically, only while the claim is the one we created."""
     backend = session.backend
+    # Fenced by our claim: a computer that lost it (paused past its lease) cannot overwrite a successor's result.
     fenced = [Compare.create(claim, "==", claim_revision)]
     ops: list[Op] = [Put(result_key, data, lease), Delete(claim)]
     try:
@@ -270,6 +311,7 @@ async def _publish(
 
 async def invalidate_once(backend: Backend, name: str) -> bool:
     """Delete the published result of ``name``, so the next `once` computes again. True if there was one."""
+    # No compare: whoever published it, the result goes (a computation in flight still publishes its own).
     result = await backend.txn([], [Delete(name_prefix(name) + b"result")])
     deleted = result.responses[0]
     return bool(getattr(deleted, "deleted", 0))

@@ -274,7 +274,14 @@ class RunRecord:
 
 @dataclass(frozen=True, slots=True)
 class RunContext:
-    """What a job's coroutine receives: which job, run and tick it runs, and where."""
+    """What a job's coroutine receives: which job, run and tick it runs, and where.
+
+    Attributes:
+        job: the job's name.
+        tick: the scheduled time (UTC) this run is for.
+        worker: the name of the worker running it.
+        run: the run's id (`RunRecord.run`): what ``kill(job, run=...)`` takes.
+    """
 
     job: str
     tick: datetime
@@ -319,6 +326,44 @@ class _Run:
     run: str
     claimed: int  # the store revision of its claim: kill requests written after it do not concern it
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+
+def _check_options(
+    worker: str | None,
+    now: Callable[[], datetime] | None,
+    misfire_grace: float,
+    history: int,
+    history_age: float | None,
+    run_commands: bool,
+    stop_grace: float,
+    capacity: int | None,
+) -> None:
+    """`Scheduler`'s argument checks: TypeError or ValueError, at once, before anything is started."""
+    if not isinstance(history, int) or isinstance(history, bool):
+        raise TypeError(f"history is an int number of runs, not {type(history).__name__}")
+    if history < 1:
+        raise ValueError("history must keep at least one run")
+    for what, value, optional in (
+        ("misfire_grace", misfire_grace, False),
+        ("history_age", history_age, True),
+        ("stop_grace", stop_grace, False),
+    ):
+        if value is None and optional:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise TypeError(f"{what} is a number of seconds, not {type(value).__name__}")
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{what} must be a finite number of seconds >= 0, not {value!r}")
+    if worker is not None and not isinstance(worker, str):
+        raise TypeError(f"worker is a str, not {type(worker).__name__}")
+    if now is not None and not callable(now):
+        raise TypeError(f"now is a function returning a datetime, not {type(now).__name__}")
+    if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)):
+        raise TypeError(f"capacity is an int number of runs, or None, not {type(capacity).__name__}")
+    if capacity is not None and capacity < 1:
+        raise ValueError(f"capacity must be at least 1 run, not {capacity}")
+    if not isinstance(run_commands, bool):
+        raise TypeError(f"run_commands is a bool, not {type(run_commands).__name__}")
 
 
 @final
@@ -370,31 +415,7 @@ class Scheduler:
         stop_grace: float = 5.0,
         capacity: int | None = None,
     ) -> None:
-        if not isinstance(history, int) or isinstance(history, bool):
-            raise TypeError(f"history is an int number of runs, not {type(history).__name__}")
-        if history < 1:
-            raise ValueError("history must keep at least one run")
-        for what, value, optional in (
-            ("misfire_grace", misfire_grace, False),
-            ("history_age", history_age, True),
-            ("stop_grace", stop_grace, False),
-        ):
-            if value is None and optional:
-                continue
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise TypeError(f"{what} is a number of seconds, not {type(value).__name__}")
-            if not 0 <= value < math.inf:
-                raise ValueError(f"{what} must be a finite number of seconds >= 0, not {value!r}")
-        if worker is not None and not isinstance(worker, str):
-            raise TypeError(f"worker is a str, not {type(worker).__name__}")
-        if now is not None and not callable(now):
-            raise TypeError(f"now is a function returning a datetime, not {type(now).__name__}")
-        if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool)):
-            raise TypeError(f"capacity is an int number of runs, or None, not {type(capacity).__name__}")
-        if capacity is not None and capacity < 1:
-            raise ValueError(f"capacity must be at least 1 run, not {capacity}")
-        if not isinstance(run_commands, bool):
-            raise TypeError(f"run_commands is a bool, not {type(run_commands).__name__}")
+        _check_options(worker, now, misfire_grace, history, history_age, run_commands, stop_grace, capacity)
         self.session = require_session(session)
         self.prefix = prefix
         self._prefix = name_prefix(prefix)
@@ -456,6 +477,7 @@ class Scheduler:
             _check_job_name(run)
             key += b"/" + run.encode()
         lease = await self.session.backend.grant(10)
+        # No compare: a newer request supersedes an older one (its revision is what runs are compared with).
         await self.session.backend.txn([], [Put(key, b"", lease.id)])
 
     async def workers(self) -> list[WorkerInfo]:
@@ -676,6 +698,8 @@ class Scheduler:
                 compares.append(Compare.create(active_key, "==", 0))
             elif spec.overlap == "replace":  # a kill request for every run claimed before this one
                 writes.append(Put(self._prefix + b"killer/" + job, b"", session.lease_id))
+        # Compares (see the docstring): no record yet, a tick after the newest claimed, no active run (overlap
+        # "forbid"). A failure reads all three: taken, past or busy, or a last/ compare that did not fit (retried).
         last_compare = Compare.value(last_key, "<", run_id.encode())
         for _ in range(4):
             result = await session.backend.txn(
@@ -766,6 +790,13 @@ class Scheduler:
         finally:
             self._running.get(spec.name, set()).discard(run)
             self._changed()
+        await self._finish(spec.name, record.run, self._ended(record, outcome, error, command))
+
+    def _ended(
+        self, record: RunRecord, outcome: Outcome, error: str | None, command: CommandOutcome | None
+    ) -> RunRecord:
+        """The record of a run that ended now (with a command's exit status and output: a failing status is an
+        error)."""
         extra: dict[str, Any] = {}
         if command is not None:
             extra = {
@@ -775,10 +806,9 @@ class Scheduler:
             }
             if outcome == "ok" and command.status != 0:
                 outcome, error = "error", command.error or f"exit status {command.status}"
-        final = RunRecord(
+        return RunRecord(
             **{**asdict(record), "ended": self._now().isoformat(), "outcome": outcome, "error": error, **extra}
         )
-        await self._finish(spec.name, record.run, final)
 
     async def _run_command(self, spec: JobSpec, context: RunContext, outcome: CommandOutcome) -> None:
         argv = ["/bin/sh", "-c", spec.command] if isinstance(spec.command, str) else list(spec.command or ())
@@ -832,7 +862,7 @@ class Scheduler:
         if self._history_age is not None:
             oldest = _run_id(self._now() - timedelta(seconds=self._history_age)).encode()
             excess += [kv for kv in records.kvs[len(excess) :] if kv.key.rpartition(b"/")[2] < oldest]
-        if excess:
+        if excess:  # no compare: the records are finished ones, and trimming twice deletes nothing more
             await self.session.backend.txn([], [Delete(kv.key) for kv in excess])
 
     async def _follow_kills(self) -> None:
