@@ -46,6 +46,7 @@ from .types import (
     TxnResult,
     WatchBatch,
     check_lease_id,
+    check_range,
     check_start_revision,
     check_ttl,
     check_txn,
@@ -596,8 +597,7 @@ class MemoryBackend:
             raise UnavailableError("reply lost (MemoryFaults.lose_replies): the request was applied")
 
     async def range(self, request: Range) -> RangeResult:
-        if not isinstance(request, Range):
-            raise TypeError(f"range takes a Range, not {type(request).__name__}")
+        check_range(request)
         _check_range_size(request)
         return await self._apply(lambda: self.store._range(request))
 

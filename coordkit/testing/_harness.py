@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import itertools
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -263,40 +264,74 @@ class FaultyBackend:
         await self.inner.aclose()
 
 
-@final
-class EtcdHarness:
-    """Harness for `EtcdBackend` against a running etcd; faults come from FaultyBackend."""
+class HarnessBase(abc.ABC):
+    """A `Harness` for a backend with no fault hooks of its own: subclass it to run the conformance suite.
 
-    def __init__(self, endpoint: str, *, compact: Compactor) -> None:
-        self.endpoint = endpoint
-        self.namespace = new_namespace("etcd")
-        self._compact = compact
+    Implement `connect` (a new client of the store under test) and `compact`; every client the suite gets from
+    `client` is wrapped in a `FaultyBackend`, which injects the faults the suite needs (hanging keepalives, a
+    partition, broken watch streams) on the client's side, as a lost network would. `expire_lease` revokes the
+    lease: override it where the store can force a real expiry.
+
+    Args:
+        tag: goes into `namespace` (``ck-<tag>-<n>/``), unique per harness in a process, so that checks
+            can share one server.
+    """
+
+    def __init__(self, *, tag: str = "backend") -> None:
+        self.namespace = new_namespace(tag)
+
+    @abc.abstractmethod
+    def connect(self) -> AbstractAsyncContextManager[Backend]:
+        """A new client of the store under test, not wrapped: `client` wraps it. Closed when the context exits."""
+
+    @abc.abstractmethod
+    async def compact(self, revision: int) -> None:
+        """Compact the store's history up to ``revision``."""
 
     @asynccontextmanager
     async def client(self) -> AsyncIterator[Backend]:
-        from .._backends.etcd import EtcdBackend
-
-        async with EtcdBackend(self.endpoint) as backend:
+        """A new client (`connect`) wrapped in a `FaultyBackend`, for the fault methods below."""
+        async with self.connect() as backend:
             yield FaultyBackend(backend)
 
-    async def compact(self, revision: int) -> None:
-        await anyio.to_thread.run_sync(self._compact, revision)
-
     async def expire_lease(self, lease_id: int) -> None:
+        """Revoke the lease from a new client (expiry cannot be forced from the client side)."""
         async with self.client() as client:
             await client.revoke(lease_id)
 
     def suspend_keepalives(self, client: Backend) -> None:
+        """``client``'s lease refreshes hang until `heal` (`FaultyBackend.suspend_keepalives`)."""
         _faulty(client).suspend_keepalives()
 
     def partition(self, client: Backend) -> None:
+        """Cut ``client`` off until `heal` (`FaultyBackend.partition`)."""
         _faulty(client).partition()
 
     def break_watches(self, client: Backend) -> None:
+        """Break ``client``'s open watch streams (`FaultyBackend.break_watches`)."""
         _faulty(client).break_watches()
 
     def heal(self, client: Backend) -> None:
+        """Undo the faults injected on ``client`` (`FaultyBackend.heal`)."""
         _faulty(client).heal()
+
+
+@final
+class EtcdHarness(HarnessBase):
+    """Harness for `EtcdBackend` against a running etcd; faults come from FaultyBackend."""
+
+    def __init__(self, endpoint: str, *, compact: Compactor) -> None:
+        super().__init__(tag="etcd")
+        self.endpoint = endpoint
+        self._compact = compact
+
+    def connect(self) -> AbstractAsyncContextManager[Backend]:
+        from .._backends.etcd import EtcdBackend
+
+        return EtcdBackend(self.endpoint)
+
+    async def compact(self, revision: int) -> None:
+        await anyio.to_thread.run_sync(self._compact, revision)
 
 
 class Compactor(Protocol):
@@ -304,5 +339,5 @@ class Compactor(Protocol):
 
 
 def _faulty(client: Backend) -> FaultyBackend:
-    assert isinstance(client, FaultyBackend), "EtcdHarness faults apply to its own clients"
+    assert isinstance(client, FaultyBackend), "a HarnessBase's faults apply to its own clients"
     return client
