@@ -7,8 +7,9 @@ tests over `CONFORMANCE_CHECKS`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
@@ -466,19 +467,37 @@ async def check_concurrent_cas(h: Harness) -> None:
 
 @_check
 async def check_bad_input(h: Harness) -> None:
-    """Malformed requests raise TypeError/ValueError before anything is sent."""
+    """Malformed requests raise TypeError/ValueError before anything is sent.
+
+    The malformed requests are made as a foreign caller could make them, without the constructors' own
+    validation (``Put(b"", b"x")`` raises by itself): the backend must refuse them too.
+    """
+    ns = h.namespace + b"bad/"
     async with h.client() as b:
-        for call in (
-            lambda: b.grant(0),
-            lambda: b.grant(-5),
-            lambda: b.txn([], [Put(b"", b"x")]),
-            lambda: b.range(Range(b"")),
-            lambda: b.txn([], [Put("text", b"x")]),  # type: ignore[arg-type]
-            lambda: b.txn(["not a compare"], []),  # type: ignore[list-item]
-        ):
+        cases: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("grant(0)", lambda: b.grant(0)),
+            ("grant(-5)", lambda: b.grant(-5)),
+            ("a Put of the empty key", lambda: b.txn([], [_forged(Put(ns, b"x"), key=b"")])),
+            ("a Range of the empty key (not a prefix)", lambda: b.range(_forged(Range(ns), key=b""))),
+            ("a Put of a str key", lambda: b.txn([], [_forged(Put(ns, b"x"), key="text")])),
+            ("a compare that is not a Compare", lambda: b.txn(["not a compare"], [])),  # type: ignore[list-item]
+        ]
+        for what, call in cases:
             try:
                 await call()
             except (TypeError, ValueError):
                 pass
             else:
-                raise AssertionError("bad input must raise TypeError or ValueError")
+                raise AssertionError(f"bad input must raise TypeError or ValueError: {what} did not")
+        assert (await b.range(Range(ns, prefix=True))).kvs == (), "a refused request writes nothing"
+
+
+_D = TypeVar("_D")
+
+
+def _forged(valid: _D, **changes: object) -> _D:
+    """A copy of the dataclass ``valid`` with ``changes``, made without running its validation (``__post_init__``)."""
+    forged = object.__new__(type(valid))
+    for f in dataclasses.fields(valid):  # type: ignore[arg-type]
+        object.__setattr__(forged, f.name, changes.get(f.name, getattr(valid, f.name)))
+    return forged
