@@ -36,6 +36,8 @@ from coordkit import (
 from coordkit.testing import CONFORMANCE_CHECKS, in_range
 from coordkit.testing._harness import new_namespace
 
+from .helpers import PassThrough
+
 pytestmark = pytest.mark.anyio
 
 
@@ -44,42 +46,10 @@ def anyio_backend() -> Any:
     return ("trio", {"clock": MockClock(autojump_threshold=0)})
 
 
-class Wrapper:
-    """A client that passes every call to a MemoryBackend unchanged; each mutant overrides one method."""
+class Wrapper(PassThrough):
+    """A MemoryBackend client passing every call through unchanged; each mutant overrides one method."""
 
-    name = "memory"
-
-    def __init__(self, inner: MemoryBackend) -> None:
-        self.inner = inner
-
-    async def range(self, request: Range) -> RangeResult:
-        return await self.inner.range(request)
-
-    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
-        return await self.inner.txn(compare, success, failure)
-
-    async def grant(self, ttl: int) -> Lease:
-        return await self.inner.grant(ttl)
-
-    async def refresh(self, lease_id: int) -> int:
-        return await self.inner.refresh(lease_id)
-
-    async def revoke(self, lease_id: int) -> None:
-        await self.inner.revoke(lease_id)
-
-    def watch(
-        self, key: bytes, *, prefix: bool = False, start_revision: int
-    ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
-        return self.inner.watch(key, prefix=prefix, start_revision=start_revision)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    async def __aenter__(self) -> Wrapper:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    inner: MemoryBackend
 
 
 class MutantHarness:

@@ -102,19 +102,19 @@ class HarnessBase(abc.ABC):
 
     def suspend_keepalives(self, client: Backend) -> None:
         """``client``'s lease refreshes hang until `heal`."""
-        _faults(client).suspend_keepalives()
+        client_faults(client).suspend_keepalives()
 
     def partition(self, client: Backend) -> None:
         """Cut ``client`` off until `heal`: its calls hang, its watch streams break."""
-        _faults(client).partition()
+        client_faults(client).partition()
 
     def break_watches(self, client: Backend) -> None:
         """Break ``client``'s open watch streams (they raise UnavailableError)."""
-        _faults(client).break_watches()
+        client_faults(client).break_watches()
 
     def heal(self, client: Backend) -> None:
         """Undo the faults injected on ``client``."""
-        _faults(client).heal()
+        client_faults(client).heal()
 
 
 @final
@@ -141,7 +141,7 @@ class MemoryHarness(HarnessBase):
         self.store.revoke(lease_id)
 
 
-def _faults(client: Backend) -> ClientFaults:
+def client_faults(client: Backend) -> ClientFaults:
     """The fault hooks of a harness's client: a MemoryBackend's own, or those of the FaultyBackend wrapping it."""
     if isinstance(client, MemoryBackend):
         return client.faults
