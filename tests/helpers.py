@@ -16,8 +16,6 @@ from coordkit import (
     Compare,
     EventType,
     Lease,
-    MemoryBackend,
-    MemoryFaults,
     Op,
     Range,
     RangeResult,
@@ -27,7 +25,9 @@ from coordkit import (
     Watch,
     WatchBatch,
 )
-from coordkit.testing import EtcdServer, FaultyBackend, Harness
+from coordkit._backends.faults import ClientFaults
+from coordkit.testing import EtcdServer, Harness
+from coordkit.testing._harness import client_faults
 
 
 @asynccontextmanager
@@ -77,33 +77,17 @@ async def etcdctl(server: EtcdServer, *args: str) -> AsyncIterator[anyio.abc.Pro
         await process.aclose()
 
 
-class StuckWrites:
-    """A client whose transactions hang while `stuck` (until `unstick`) and whose other calls go through.
-
-    What a client sees when its write was forwarded to an etcd leader that just died: the write waits for the
-    server's request timeout, while its lease keepalives reach the new leader and keep the session valid.
-    """
+class PassThrough:
+    """A client that passes every call to ``inner`` unchanged: subclass it and override the calls to change."""
 
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.name = inner.name
-        self.stuck = False
-        self._unstuck = anyio.Event()
-
-    def stick(self) -> None:
-        self.stuck = True
-
-    def unstick(self) -> None:
-        self.stuck = False
-        self._unstuck.set()
-        self._unstuck = anyio.Event()
 
     async def range(self, request: Range) -> RangeResult:
         return await self.inner.range(request)
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
-        while self.stuck:
-            await self._unstuck.wait()
         return await self.inner.txn(compare, success, failure)
 
     async def grant(self, ttl: int) -> Lease:
@@ -132,9 +116,32 @@ class StuckWrites:
         await self.aclose()
 
 
-def reply_faults(client: object) -> MemoryFaults | FaultyBackend:
+class StuckWrites(PassThrough):
+    """A client whose transactions hang while `stuck` (until `unstick`) and whose other calls go through.
+
+    What a client sees when its write was forwarded to an etcd leader that just died: the write waits for the
+    server's request timeout, while its lease keepalives reach the new leader and keep the session valid.
+    """
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.stuck = False
+        self._unstuck = anyio.Event()
+
+    def stick(self) -> None:
+        self.stuck = True
+
+    def unstick(self) -> None:
+        self.stuck = False
+        self._unstuck.set()
+        self._unstuck = anyio.Event()
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        while self.stuck:
+            await self._unstuck.wait()
+        return await self.inner.txn(compare, success, failure)
+
+
+def reply_faults(client: Backend) -> ClientFaults:
     """Where a harness client's reply faults are: MemoryBackend.faults, or the FaultyBackend around an etcd client."""
-    if isinstance(client, MemoryBackend):
-        return client.faults
-    assert isinstance(client, FaultyBackend)
-    return client
+    return client_faults(client)

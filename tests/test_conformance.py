@@ -1,15 +1,8 @@
-"""The backend protocol's contract, run against both backends."""
+"""The backend protocol's contract, run against every backend the ``harness`` fixture gives, with the same runner
+a third-party backend uses (`coordkit.testing.conformance_tests`)."""
 
 from __future__ import annotations
 
-import pytest
+from coordkit.testing import conformance_tests
 
-from coordkit.testing import CONFORMANCE_CHECKS, Harness
-from coordkit.testing._conformance import Check
-
-pytestmark = pytest.mark.anyio
-
-
-@pytest.mark.parametrize("check", list(CONFORMANCE_CHECKS.values()), ids=list(CONFORMANCE_CHECKS))
-async def test_conformance(harness: Harness, check: Check) -> None:
-    await check(harness)
+test_conformance = conformance_tests("harness")

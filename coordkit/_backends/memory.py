@@ -14,7 +14,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import math
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -27,6 +26,7 @@ import anyio.lowlevel
 
 from .._errors import BackendError, CompactedError, LeaseExpiredError, RequestTooLargeError, UnavailableError
 from .._keys import in_range, prefix_end
+from .faults import ClientFaults
 from .types import (
     MAX_REQUEST_BYTES,
     Compare,
@@ -46,6 +46,7 @@ from .types import (
     TxnResult,
     WatchBatch,
     check_lease_id,
+    check_range,
     check_start_revision,
     check_ttl,
     check_txn,
@@ -438,23 +439,23 @@ class MemoryStore:
 
 
 @final
-class MemoryFaults:
+class MemoryFaults(ClientFaults):
     """Fault hooks of one `MemoryBackend` client (and of its store), for tests.
 
     Client faults (partition, suspended keepalives, broken watches, latency, failing calls, lost and late
     replies) hit only this client; store faults (``expire_lease``, ``compact``) hit everyone, as on a real cluster.
+    The client faults that any backend can have are `ClientFaults`', shared with
+    ``coordkit.testing.FaultyBackend``.
     """
 
+    _hook = "MemoryFaults"
+    _lost_reply = "the request was applied"
+
     def __init__(self, store: MemoryStore) -> None:
+        super().__init__()
         self._store = store
         self.latency = 0.0
         self._fail_calls = 0
-        self._lose_replies = 0
-        self._reply_delay = 0.0
-        self._partitioned = False
-        self._keepalives_suspended = False
-        self._watch_epoch = 0
-        self._healed: anyio.Event | None = None
 
     # store-wide
     def expire_lease(self, lease_id: int) -> None:
@@ -466,59 +467,24 @@ class MemoryFaults:
         return self._store.compact(revision)
 
     # this client only
-    def partition(self) -> None:
-        """Cut this client off: its calls hang (cancellably) until `heal`; its watch streams break."""
-        self._partitioned = True
-        self.break_watches()
-
-    def heal(self) -> None:
-        """End a partition and resume suspended keepalives."""
-        self._partitioned = False
-        self._keepalives_suspended = False
-        if self._healed is not None:
-            self._healed.set()
-            self._healed = None
-
-    def suspend_keepalives(self) -> None:
-        """Make this client's lease refreshes hang (a lost keepalive stream) until `heal`."""
-        self._keepalives_suspended = True
-
-    def break_watches(self) -> None:
-        """Break every watch stream this client has open: each raises UnavailableError."""
-        self._watch_epoch += 1
-        self._store._notify()
-
     def fail_calls(self, count: int) -> None:
-        """Make this client's next ``count`` calls raise UnavailableError without reaching the store."""
+        """Make this client's next ``count`` calls raise UnavailableError without reaching the store.
+
+        Calls refused this way do not count for `lose_replies`.
+        """
         self._fail_calls = count
 
     def set_latency(self, seconds: float) -> None:
-        """Delay every call of this client by ``seconds`` (of the event loop's clock) before it applies."""
+        """Delay every call of this client by ``seconds`` (of the event loop's clock) before it applies.
+
+        `delay_replies` delays replies instead.
+        """
         if seconds < 0:
             raise ValueError("latency cannot be negative")
         self.latency = seconds
 
-    def lose_replies(self, count: int) -> None:
-        """Apply this client's next ``count`` calls, then lose their replies: each raises UnavailableError.
-
-        The ambiguous failure of a real network (the connection drops after the request was sent): the store
-        changed, the caller cannot know it. Counts unary calls (range, txn, grant, refresh, revoke) that reach the
-        store; calls refused by `fail_calls` do not count. ``lose_replies(0)`` ends it.
-        """
-        if not isinstance(count, int) or count < 0:
-            raise ValueError(f"count must be an int >= 0, not {count!r}")
-        self._lose_replies = count
-
-    def delay_replies(self, seconds: float) -> None:
-        """Make the reply of every call of this client arrive ``seconds`` after the call applied (0 ends it).
-
-        The store changes at once; the caller waits (cancellably: a caller cancelled meanwhile cannot know its
-        write happened) on the event loop's clock. While the client is partitioned, replies wait for `heal` too.
-        Unary calls only (range, txn, grant, refresh, revoke); `set_latency` delays requests instead.
-        """
-        if not seconds >= 0 or seconds == math.inf:
-            raise ValueError(f"reply delay must be a finite number of seconds >= 0, not {seconds!r}")
-        self._reply_delay = seconds
+    def _wake_watches(self) -> None:
+        self._store._notify()  # a waiting stream wakes and sees it is broken
 
 
 @final
@@ -567,10 +533,7 @@ class MemoryBackend:
             await anyio.sleep(faults.latency)
         else:
             await anyio.lowlevel.checkpoint()
-        while faults._partitioned or (keepalive and faults._keepalives_suspended):
-            if faults._healed is None:
-                faults._healed = anyio.Event()
-            await faults._healed.wait()
+        await faults._wait_connected(keepalive=keepalive)
         if faults._fail_calls:
             faults._fail_calls -= 1
             raise UnavailableError("injected failure (MemoryFaults.fail_calls)")
@@ -583,22 +546,10 @@ class MemoryBackend:
         try:
             result = apply()
         except BackendError:
-            await self._reply()  # an error reply is a reply too: delayed or lost alike
+            await self.faults._reply()  # an error reply is a reply too: delayed or lost alike
             raise
-        await self._reply()
+        await self.faults._reply()
         return result
-
-    async def _reply(self) -> None:
-        faults = self.faults
-        if faults._reply_delay:
-            await anyio.sleep(faults._reply_delay)
-            while faults._partitioned:  # a reply cannot reach a client that is cut off
-                if faults._healed is None:
-                    faults._healed = anyio.Event()
-                await faults._healed.wait()
-        if faults._lose_replies:
-            faults._lose_replies -= 1
-            raise UnavailableError("reply lost (MemoryFaults.lose_replies): the request was applied")
 
     async def range(self, request: Range) -> RangeResult:
         """Read one key or a prefix, as `Backend.range` (linearizable: the store is in-process).
@@ -607,8 +558,7 @@ class MemoryBackend:
             UnavailableError: the client is closed, or a fault was injected. TypeError, ValueError,
                 RequestTooLargeError: a request etcd would refuse.
         """
-        if not isinstance(request, Range):
-            raise TypeError(f"range takes a Range, not {type(request).__name__}")
+        check_range(request)
         _check_range_size(request)
         return await self._apply(lambda: self.store._range(request))
 
@@ -680,7 +630,7 @@ class MemoryBackend:
         if notice:
             yield WatchBatch(next_revision - 1, ())
         while True:
-            if epoch != self.faults._watch_epoch:
+            if self.faults._watch_broken(epoch):
                 raise UnavailableError("watch stream broken")
             store.expire_due()
             delivered = False
@@ -690,7 +640,7 @@ class MemoryBackend:
                 if events:
                     delivered = True
                     yield WatchBatch(batch.revision, events)
-                    if epoch != self.faults._watch_epoch:
+                    if self.faults._watch_broken(epoch):
                         raise UnavailableError("watch stream broken")
             if not delivered:
                 await store._wait_changed()

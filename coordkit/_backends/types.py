@@ -65,15 +65,7 @@ class Compare:
     operand: int | bytes
 
     def __post_init__(self) -> None:
-        if type(self.key) is not bytes or not self.key:
-            _check_key(self.key, allow_empty=False)
-        if self.op not in _COMPARE_OPS:
-            raise ValueError(f"compare operator must be one of == != < >, not {self.op!r}")
-        want = bytes if self.target is CompareTarget.VALUE else int
-        if type(self.operand) is not want:
-            raise TypeError(f"{self.target.value} compare needs a {want.__name__} operand")
-        if isinstance(self.operand, int) and not -MAX_INT64 - 1 <= self.operand <= MAX_INT64:
-            raise ValueError(f"{self.target.value} compare operand {self.operand} does not fit etcd's int64")
+        _check_compare(self)
 
     @classmethod
     def create(cls, key: bytes, op: CompareOp, revision: int) -> Compare:
@@ -110,12 +102,7 @@ class Put:
     lease: int = 0
 
     def __post_init__(self) -> None:
-        if type(self.key) is not bytes or not self.key:
-            _check_key(self.key, allow_empty=False)
-        if type(self.value) is not bytes:
-            raise TypeError(f"value must be bytes, not {type(self.value).__name__}")
-        if type(self.lease) is not int or not 0 <= self.lease <= MAX_INT64:
-            raise ValueError(f"lease must be an int from 0 to 2**63 - 1, not {self.lease!r}")
+        _check_put(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,13 +142,44 @@ class Range:
     count_only: bool = False
 
     def __post_init__(self) -> None:
-        _check_key(self.key, allow_empty=self.prefix)
-        for name in ("limit", "max_create_revision", "min_create_revision"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value <= MAX_INT64:
-                raise ValueError(f"{name} must be an int from 0 to 2**63 - 1, not {value!r}")
-        if self.sort_by not in ("key", "create", "mod", "version", "value"):
-            raise ValueError(f"sort_by must be key, create, mod, version or value, not {self.sort_by!r}")
+        _check_range(self)
+
+
+# The constructors above validate with these, and so do `check_txn` and `check_range`: a request made some other
+# way (``object.__new__``, ``copy.replace`` of a foreign class, a pickle) is refused by the backend all the same.
+
+
+def _check_compare(c: Compare) -> None:
+    if type(c.key) is not bytes or not c.key:
+        _check_key(c.key, allow_empty=False)
+    if not isinstance(c.target, CompareTarget):
+        raise TypeError(f"compare target must be a CompareTarget, not {type(c.target).__name__}")
+    if c.op not in _COMPARE_OPS:
+        raise ValueError(f"compare operator must be one of == != < >, not {c.op!r}")
+    want = bytes if c.target is CompareTarget.VALUE else int
+    if type(c.operand) is not want:
+        raise TypeError(f"{c.target.value} compare needs a {want.__name__} operand")
+    if isinstance(c.operand, int) and not -MAX_INT64 - 1 <= c.operand <= MAX_INT64:
+        raise ValueError(f"{c.target.value} compare operand {c.operand} does not fit etcd's int64")
+
+
+def _check_put(op: Put) -> None:
+    if type(op.key) is not bytes or not op.key:
+        _check_key(op.key, allow_empty=False)
+    if type(op.value) is not bytes:
+        raise TypeError(f"value must be bytes, not {type(op.value).__name__}")
+    if type(op.lease) is not int or not 0 <= op.lease <= MAX_INT64:
+        raise ValueError(f"lease must be an int from 0 to 2**63 - 1, not {op.lease!r}")
+
+
+def _check_range(request: Range) -> None:
+    _check_key(request.key, allow_empty=request.prefix)
+    for name in ("limit", "max_create_revision", "min_create_revision"):
+        value = getattr(request, name)
+        if not isinstance(value, int) or not 0 <= value <= MAX_INT64:
+            raise ValueError(f"{name} must be an int from 0 to 2**63 - 1, not {value!r}")
+    if request.sort_by not in ("key", "create", "mod", "version", "value"):
+        raise ValueError(f"sort_by must be key, create, mod, version or value, not {request.sort_by!r}")
 
 
 def _check_key(key: object, *, allow_empty: bool) -> None:
@@ -301,6 +319,17 @@ def check_watch_key(key: bytes, prefix: bool) -> None:
     _check_key(key, allow_empty=prefix)
 
 
+def check_range(request: Range) -> None:
+    """Reject a read that is not a well-formed `Range` (TypeError/ValueError), before anything is sent.
+
+    Checked as the constructor checks it, so a `Range` made without it (the empty key outside a prefix, a
+    negative limit) is refused too.
+    """
+    if not isinstance(request, Range):
+        raise TypeError(f"range takes a Range, not {type(request).__name__}")
+    _check_range(request)
+
+
 def check_ttl(ttl: int) -> None:
     """Reject a lease TTL no etcd server would grant (ValueError/TypeError), before anything is sent."""
     if not isinstance(ttl, int) or isinstance(ttl, bool):
@@ -312,9 +341,13 @@ def check_ttl(ttl: int) -> None:
 def check_txn(compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op]) -> None:
     """Reject a malformed transaction the way etcd does, before anything is sent.
 
+    Every compare and operation is checked as its constructor checks it, so one made without the constructor
+    (``object.__new__``, a foreign caller) is refused too.
+
     Raises:
         TypeError: a part is not a sequence (a generator would be used up by this check, and the transaction
-            then applied without its compares), or an element is not a Compare / Put / Delete / Range.
+            then applied without its compares), or an element is not a Compare / Put / Delete / Range, or one
+            of its fields has the wrong type (a key that is not bytes).
         ValueError: a branch writes one key twice (two puts, or a put inside a delete's range), as etcd's
             "duplicate key given in txn request". Slightly stricter than etcd, on every backend alike: etcd's check
             reads the range end of a delete with no upper bound (the empty or an all-0xff prefix) as an empty
@@ -326,17 +359,22 @@ def check_txn(compare: Sequence[Compare], success: Sequence[Op], failure: Sequen
     for c in compare:
         if not isinstance(c, Compare):
             raise TypeError(f"txn compares must be Compare, not {type(c).__name__}")
+        _check_compare(c)
     for branch in (success, failure):
         puts: set[bytes] = set()
         deletes: list[Delete] = []
         for op in branch:
             if isinstance(op, Put):
+                _check_put(op)
                 if op.key in puts:
                     raise ValueError(f"duplicate key given in txn request: {op.key!r}")
                 puts.add(op.key)
             elif isinstance(op, Delete):
+                _check_key(op.key, allow_empty=op.prefix)
                 deletes.append(op)
-            elif not isinstance(op, Range):
+            elif isinstance(op, Range):
+                _check_range(op)
+            else:
                 raise TypeError(f"txn operations must be Put, Delete or Range, not {type(op).__name__}")
         for d in deletes:
             end = prefix_end(d.key) if d.prefix else None

@@ -1,20 +1,37 @@
 """Test support: the backend conformance suite, harnesses, fault injection, a linearizability checker and a real
 etcd server for tests.
 
-Third-party backends prove they keep the protocol by running `CONFORMANCE_CHECKS` against a
-`Harness` of their own, exactly as coordkit runs them against its memory and etcd backends; the watch
-validators (``check_watch`` and friends) judge what a watch delivered against the store's history, and
-`check_linearizable` judges concurrent histories recorded with `KvRecorder` against `KvModel`.
+Third-party backends prove they keep the protocol by running the conformance suite (`conformance_tests` in
+their pytest, or `run_conformance`) against a `Harness` of their own (subclass `HarnessBase`), exactly as
+coordkit runs it against its memory and etcd backends. What a backend needs to write is here too: the request
+validators (`check_txn`, `check_range`, `check_ttl`, `check_lease_id`, `check_watch_key`,
+`check_start_revision`) and the key range helpers (`prefix_end`, `in_range`). The watch validators
+(``check_watch`` and friends) judge what a watch delivered against the store's history, and `check_linearizable`
+judges concurrent histories recorded with `KvRecorder` against `KvModel`.
 """
 
 from __future__ import annotations
 
-from ._conformance import CONFORMANCE_CHECKS as CONFORMANCE_CHECKS, run_conformance as run_conformance
+from .._backends.types import (
+    check_lease_id as check_lease_id,
+    check_range as check_range,
+    check_start_revision as check_start_revision,
+    check_ttl as check_ttl,
+    check_txn as check_txn,
+    check_watch_key as check_watch_key,
+)
+from .._keys import in_range as in_range, prefix_end as prefix_end
+from ._conformance import (
+    CONFORMANCE_CHECKS as CONFORMANCE_CHECKS,
+    conformance_tests as conformance_tests,
+    run_conformance as run_conformance,
+)
 from ._etcd_server import EtcdServer as EtcdServer
 from ._harness import (
     EtcdHarness as EtcdHarness,
     FaultyBackend as FaultyBackend,
     Harness as Harness,
+    HarnessBase as HarnessBase,
     MemoryHarness as MemoryHarness,
 )
 from ._kv_history import (
@@ -52,6 +69,7 @@ __all__ = (
     "EtcdServer",
     "FaultyBackend",
     "Harness",
+    "HarnessBase",
     "KvCas",
     "KvClient",
     "KvDelete",
@@ -73,5 +91,14 @@ __all__ = (
     "Model",
     "Operation",
     "check_linearizable",
+    "check_lease_id",
+    "check_range",
+    "check_start_revision",
+    "check_ttl",
+    "check_txn",
+    "check_watch_key",
+    "conformance_tests",
+    "in_range",
+    "prefix_end",
     "run_conformance",
 )

@@ -1,12 +1,15 @@
 """The backend conformance suite: the executable form of the backend protocol's contract.
 
-Each check is an ``async def check_x(harness)`` that raises AssertionError on a violation. Run them all with
-`run_conformance`, or parametrize your own tests over `CONFORMANCE_CHECKS`.
+Each check is an ``async def check_x(harness)`` that raises AssertionError on a violation. Run them all from
+pytest with `conformance_tests` (one test per check), in one call with `run_conformance`, or parametrize your own
+tests over `CONFORMANCE_CHECKS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
@@ -25,6 +28,9 @@ from .._backends.types import (
 from .._errors import CompactedError, LeaseExpiredError, RequestTooLargeError
 from ._harness import Harness
 
+if TYPE_CHECKING:
+    import pytest
+
 Check = Callable[[Harness], Awaitable[None]]
 CONFORMANCE_CHECKS: dict[str, Check] = {}
 """Every conformance check by name (filled in below, in definition order)."""
@@ -39,6 +45,35 @@ async def run_conformance(harness_factory: Callable[[], Harness]) -> None:
     """Run every check, each on a fresh harness from ``harness_factory``; the first failure raises."""
     for check in CONFORMANCE_CHECKS.values():
         await check(harness_factory())
+
+
+def conformance_tests(harness: Callable[[], Harness] | str = "harness") -> Callable[..., Awaitable[None]]:
+    """A pytest test function that runs every conformance check, one test per check, with anyio's plugin.
+
+    Assign it to a ``test_`` name in a test module::
+
+        test_conformance = conformance_tests(lambda: MyHarness("http://127.0.0.1:9000"))
+
+    pytest then collects ``test_conformance[revisions]``, ``test_conformance[compares]``, ... Each check gets a
+    fresh harness. The tests run on the event loop that anyio's ``anyio_backend`` fixture names (asyncio unless
+    the module or a conftest overrides it: trio with a ``MockClock`` for an in-process store with virtual time).
+
+    Args:
+        harness: makes the `Harness` of a check, or names a pytest fixture that gives one (function-scoped, so
+            each check gets its own; the fixture may take other fixtures, such as a server's).
+
+    Raises:
+        ImportError: pytest is not installed (it is needed only here).
+    """
+    import pytest  # the library needs pytest only here: imported when called
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("check", list(CONFORMANCE_CHECKS), ids=list(CONFORMANCE_CHECKS))
+    async def test_conformance(check: str, request: pytest.FixtureRequest) -> None:
+        made = harness() if callable(harness) else request.getfixturevalue(harness)
+        await CONFORMANCE_CHECKS[check](made)
+
+    return test_conformance
 
 
 async def _get(backend: Backend, key: bytes) -> RangeResult:
@@ -432,19 +467,37 @@ async def check_concurrent_cas(h: Harness) -> None:
 
 @_check
 async def check_bad_input(h: Harness) -> None:
-    """Malformed requests raise TypeError/ValueError before anything is sent."""
+    """Malformed requests raise TypeError/ValueError before anything is sent.
+
+    The malformed requests are made as a foreign caller could make them, without the constructors' own
+    validation (``Put(b"", b"x")`` raises by itself): the backend must refuse them too.
+    """
+    ns = h.namespace + b"bad/"
     async with h.client() as b:
-        for call in (
-            lambda: b.grant(0),
-            lambda: b.grant(-5),
-            lambda: b.txn([], [Put(b"", b"x")]),
-            lambda: b.range(Range(b"")),
-            lambda: b.txn([], [Put("text", b"x")]),  # type: ignore[arg-type]
-            lambda: b.txn(["not a compare"], []),  # type: ignore[list-item]
-        ):
+        cases: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("grant(0)", lambda: b.grant(0)),
+            ("grant(-5)", lambda: b.grant(-5)),
+            ("a Put of the empty key", lambda: b.txn([], [_forged(Put(ns, b"x"), key=b"")])),
+            ("a Range of the empty key (not a prefix)", lambda: b.range(_forged(Range(ns), key=b""))),
+            ("a Put of a str key", lambda: b.txn([], [_forged(Put(ns, b"x"), key="text")])),
+            ("a compare that is not a Compare", lambda: b.txn(["not a compare"], [])),  # type: ignore[list-item]
+        ]
+        for what, call in cases:
             try:
                 await call()
             except (TypeError, ValueError):
                 pass
             else:
-                raise AssertionError("bad input must raise TypeError or ValueError")
+                raise AssertionError(f"bad input must raise TypeError or ValueError: {what} did not")
+        assert (await b.range(Range(ns, prefix=True))).kvs == (), "a refused request writes nothing"
+
+
+_D = TypeVar("_D")
+
+
+def _forged(valid: _D, **changes: object) -> _D:
+    """A copy of the dataclass ``valid`` with ``changes``, made without running its validation (``__post_init__``)."""
+    forged = object.__new__(type(valid))
+    for f in dataclasses.fields(valid):  # type: ignore[arg-type]
+        object.__setattr__(forged, f.name, changes.get(f.name, getattr(valid, f.name)))
+    return forged

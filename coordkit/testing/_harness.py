@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import abc
 import itertools
-import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import Protocol, TypeVar, final
@@ -11,6 +11,7 @@ from typing import Protocol, TypeVar, final
 import anyio
 import anyio.to_thread
 
+from .._backends.faults import ClientFaults
 from .._backends.memory import MemoryBackend, MemoryStore
 from .._backends.protocol import Backend
 from .._backends.types import Compare, Lease, Op, Range, RangeResult, TxnResult, WatchBatch
@@ -62,17 +63,75 @@ def new_namespace(tag: str) -> bytes:
     return f"ck-{tag}-{next(_namespaces)}/".encode()
 
 
-@final
-class MemoryHarness:
-    """Harness for `MemoryBackend`: one fresh store, native fault hooks."""
+class HarnessBase(abc.ABC):
+    """A `Harness` for a backend with no fault hooks of its own: subclass it to run the conformance suite.
 
-    def __init__(self, *, seed: int = 0) -> None:
-        self.store = MemoryStore(seed=seed)
-        self.namespace = new_namespace("mem")
+    Implement `connect` (a new client of the store under test) and `compact`; every client the suite gets from
+    `client` is wrapped in a `FaultyBackend`, which injects the faults the suite needs (hanging keepalives, a
+    partition, broken watch streams) on the client's side, as a lost network would. `expire_lease` revokes the
+    lease: override it where the store can force a real expiry. A backend with fault hooks of its own overrides
+    `client` to hand out its clients unwrapped, as `MemoryHarness` does (the fault methods then use a
+    `MemoryBackend`'s own hooks).
+
+    Args:
+        tag: goes into `namespace` (``ck-<tag>-<n>/``), unique per harness in a process, so that checks
+            can share one server.
+    """
+
+    def __init__(self, *, tag: str = "backend") -> None:
+        self.namespace = new_namespace(tag)
+
+    @abc.abstractmethod
+    def connect(self) -> AbstractAsyncContextManager[Backend]:
+        """A new client of the store under test, not wrapped: `client` wraps it. Closed when the context exits."""
+
+    @abc.abstractmethod
+    async def compact(self, revision: int) -> None:
+        """Compact the store's history up to ``revision``."""
 
     @asynccontextmanager
     async def client(self) -> AsyncIterator[Backend]:
-        async with MemoryBackend(store=self.store) as backend:
+        """A new client (`connect`) wrapped in a `FaultyBackend`, for the fault methods below."""
+        async with self.connect() as backend:
+            yield FaultyBackend(backend)
+
+    async def expire_lease(self, lease_id: int) -> None:
+        """Revoke the lease from a new client (expiry cannot be forced from the client side)."""
+        async with self.client() as client:
+            await client.revoke(lease_id)
+
+    def suspend_keepalives(self, client: Backend) -> None:
+        """``client``'s lease refreshes hang until `heal`."""
+        client_faults(client).suspend_keepalives()
+
+    def partition(self, client: Backend) -> None:
+        """Cut ``client`` off until `heal`: its calls hang, its watch streams break."""
+        client_faults(client).partition()
+
+    def break_watches(self, client: Backend) -> None:
+        """Break ``client``'s open watch streams (they raise UnavailableError)."""
+        client_faults(client).break_watches()
+
+    def heal(self, client: Backend) -> None:
+        """Undo the faults injected on ``client``."""
+        client_faults(client).heal()
+
+
+@final
+class MemoryHarness(HarnessBase):
+    """Harness for `MemoryBackend`: one fresh store, native fault hooks."""
+
+    def __init__(self, *, seed: int = 0) -> None:
+        super().__init__(tag="mem")
+        self.store = MemoryStore(seed=seed)
+
+    def connect(self) -> AbstractAsyncContextManager[Backend]:
+        return MemoryBackend(store=self.store)
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[Backend]:
+        """A new client of the store, not wrapped: its own fault hooks serve."""
+        async with self.connect() as backend:
             yield backend
 
     async def compact(self, revision: int) -> None:
@@ -81,21 +140,12 @@ class MemoryHarness:
     async def expire_lease(self, lease_id: int) -> None:
         self.store.revoke(lease_id)
 
-    def suspend_keepalives(self, client: Backend) -> None:
-        _memory(client).faults.suspend_keepalives()
 
-    def partition(self, client: Backend) -> None:
-        _memory(client).faults.partition()
-
-    def break_watches(self, client: Backend) -> None:
-        _memory(client).faults.break_watches()
-
-    def heal(self, client: Backend) -> None:
-        _memory(client).faults.heal()
-
-
-def _memory(client: Backend) -> MemoryBackend:
-    assert isinstance(client, MemoryBackend), "MemoryHarness faults apply to its own clients"
+def client_faults(client: Backend) -> ClientFaults:
+    """The fault hooks of a harness's client: a MemoryBackend's own, or those of the FaultyBackend wrapping it."""
+    if isinstance(client, MemoryBackend):
+        return client.faults
+    assert isinstance(client, FaultyBackend), "a harness's faults apply to its own clients"
     return client
 
 
@@ -104,46 +154,29 @@ CALLS = frozenset(("range", "txn", "grant", "refresh", "revoke", "watch"))
 
 
 @final
-class FaultyBackend:
+class FaultyBackend(ClientFaults):
     """Wraps any backend and injects client-side faults: a partition, hanging keepalives, broken watch streams,
     errors of any class, lost and delayed replies.
 
     For backends with no fault hooks of their own (a real etcd): what the wrapped client sees is what a lost
     network, or a store that refuses it, would show it. Calls held by a fault wait, cancellably, until `heal`.
+    The faults it shares with `MemoryFaults` (all but `inject`) are the same code (``ClientFaults``).
     """
 
+    _hook = "FaultyBackend"
+
     def __init__(self, inner: Backend) -> None:
+        super().__init__()
         self.inner = inner
         self.name = inner.name
-        self._partitioned = False
-        self._keepalives_suspended = False
-        self._healed = anyio.Event()
         self._watch_scopes: set[anyio.CancelScope] = set()
-        self._watch_epoch = 0  # streams opened before the latest break_watches() are broken
         self._injected: dict[str, tuple[Callable[[], BaseException], int | None]] = {}
-        self._lose_replies = 0
-        self._reply_delay = 0.0
 
     async def __aenter__(self) -> FaultyBackend:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    def partition(self) -> None:
-        """Every call hangs until `heal`, and open watch streams break: the client is cut off."""
-        self._partitioned = True
-        self.break_watches()
-
-    def suspend_keepalives(self) -> None:
-        """Lease refreshes hang until `heal`."""
-        self._keepalives_suspended = True
-
-    def break_watches(self) -> None:
-        """Every open watch stream raises UnavailableError: at once if it is waiting, else at its next read."""
-        self._watch_epoch += 1
-        for scope in self._watch_scopes:
-            scope.cancel()
 
     def inject(self, error: Callable[[], BaseException], *, into: Iterable[str], count: int | None = None) -> None:
         """Make calls fail with ``error()`` (a new exception each time) before they reach the store.
@@ -165,28 +198,17 @@ class FaultyBackend:
         if "watch" in kinds:
             self.break_watches()
 
-    def lose_replies(self, count: int) -> None:
-        """The next ``count`` calls reach the wrapped backend, then raise UnavailableError (the reply is lost)."""
-        if not isinstance(count, int) or count < 0:
-            raise ValueError(f"count must be an int >= 0, not {count!r}")
-        self._lose_replies = count
-
-    def delay_replies(self, seconds: float) -> None:
-        """Every call's reply (or error) is handed back ``seconds`` after the wrapped backend gave it (0 ends it)."""
-        if not seconds >= 0 or seconds == math.inf:
-            raise ValueError(f"reply delay must be a finite number of seconds >= 0, not {seconds!r}")
-        self._reply_delay = seconds
-
     def heal(self) -> None:
         """End partitions, suspended keepalives and injected errors (reply faults stay: set them to 0 to end them)."""
-        self._partitioned = self._keepalives_suspended = False
+        super().heal()
         self._injected.clear()
-        self._healed.set()
-        self._healed = anyio.Event()
+
+    def _wake_watches(self) -> None:
+        for scope in self._watch_scopes:  # the wrapped stream knows nothing of the break: stop waiting for it
+            scope.cancel()
 
     async def _gate(self, kind: str, *, keepalive: bool = False) -> None:
-        while self._partitioned or (keepalive and self._keepalives_suspended):
-            await self._healed.wait()
+        await self._wait_connected(keepalive=keepalive)
         injected = self._injected.get(kind)
         if injected is not None:
             error, count = injected
@@ -202,19 +224,10 @@ class FaultyBackend:
         try:
             result = await call()
         except BackendError:
-            await self._reply(kind)
+            await self._reply()
             raise
-        await self._reply(kind)
+        await self._reply()
         return result
-
-    async def _reply(self, kind: str) -> None:
-        if self._reply_delay:
-            await anyio.sleep(self._reply_delay)
-            while self._partitioned:  # a late reply also waits for the partition to end
-                await self._healed.wait()
-        if self._lose_replies:
-            self._lose_replies -= 1
-            raise UnavailableError("reply lost (FaultyBackend.lose_replies): the request was sent")
 
     async def range(self, request: Range) -> RangeResult:
         return await self._call("range", lambda: self.inner.range(request))
@@ -248,7 +261,7 @@ class FaultyBackend:
         epoch = self._watch_epoch
         iterator = aiter(batches)
         while True:
-            if epoch != self._watch_epoch:
+            if self._watch_broken(epoch):
                 raise UnavailableError("watch stream broken (FaultyBackend.break_watches)")
             with anyio.CancelScope() as scope:
                 self._watch_scopes.add(scope)
@@ -264,45 +277,22 @@ class FaultyBackend:
 
 
 @final
-class EtcdHarness:
+class EtcdHarness(HarnessBase):
     """Harness for `EtcdBackend` against a running etcd; faults come from FaultyBackend."""
 
     def __init__(self, endpoint: str, *, compact: Compactor) -> None:
+        super().__init__(tag="etcd")
         self.endpoint = endpoint
-        self.namespace = new_namespace("etcd")
         self._compact = compact
 
-    @asynccontextmanager
-    async def client(self) -> AsyncIterator[Backend]:
+    def connect(self) -> AbstractAsyncContextManager[Backend]:
         from .._backends.etcd import EtcdBackend
 
-        async with EtcdBackend(self.endpoint) as backend:
-            yield FaultyBackend(backend)
+        return EtcdBackend(self.endpoint)
 
     async def compact(self, revision: int) -> None:
         await anyio.to_thread.run_sync(self._compact, revision)
 
-    async def expire_lease(self, lease_id: int) -> None:
-        async with self.client() as client:
-            await client.revoke(lease_id)
-
-    def suspend_keepalives(self, client: Backend) -> None:
-        _faulty(client).suspend_keepalives()
-
-    def partition(self, client: Backend) -> None:
-        _faulty(client).partition()
-
-    def break_watches(self, client: Backend) -> None:
-        _faulty(client).break_watches()
-
-    def heal(self, client: Backend) -> None:
-        _faulty(client).heal()
-
 
 class Compactor(Protocol):
     def __call__(self, revision: int) -> object: ...
-
-
-def _faulty(client: Backend) -> FaultyBackend:
-    assert isinstance(client, FaultyBackend), "EtcdHarness faults apply to its own clients"
-    return client

@@ -38,6 +38,7 @@ from ..types import (
     TxnResult,
     WatchBatch,
     check_lease_id,
+    check_range,
     check_start_revision,
     check_ttl,
     check_txn,
@@ -327,8 +328,7 @@ class EtcdBackend:
         Raises:
             UnavailableError: no endpoint answered. AuthenticationError: credentials or permissions refused.
         """
-        if not isinstance(request, Range):
-            raise TypeError(f"range takes a Range, not {type(request).__name__}")
+        check_range(request)
         self._check_open()
         reply = await self._client.call("/kv/range", _range_request(request), idempotent=True)
         return _range_result(reply, _revision(reply))
