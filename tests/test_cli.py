@@ -6,6 +6,7 @@ script relies on: exit codes, stdout, and what happens to the wrapped command.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from coordkit import EtcdBackend, JobSpec, RunContext, Scheduler, Session
-from coordkit._cli import cli as coordkit_cli
+from coordkit._cli import load
 from coordkit.testing import EtcdServer
 
 from .helpers import etcdctl
@@ -33,6 +34,7 @@ from .helpers import etcdctl
 pytestmark = pytest.mark.anyio
 
 CLI = (sys.executable, "-m", "coordkit")
+coordkit_cli = load()
 _names = itertools.count()
 
 
@@ -449,3 +451,39 @@ def test_every_subcommand_has_help() -> None:
 async def test_console_script_and_version(env: dict[str, str]) -> None:
     version = await cli(env, "--version")  # python -m coordkit
     assert version.returncode == 0 and version.stdout.startswith(b"coordkit, version")
+
+
+# -- packaging: the cli extra, and the CLI as a user of the public API ------------------------------------------
+
+
+async def test_without_click_the_script_names_the_extra() -> None:
+    # As if click were not installed: `import click` raises ImportError.
+    code = "import runpy, sys; sys.modules['click'] = None; runpy.run_module('coordkit', run_name='__main__')"
+    with anyio.fail_after(60):
+        done = await anyio.run_process([sys.executable, "-c", code, "--help"], check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.decode() == "coordkit: the command line needs the 'cli' extra: pip install 'coordkit[cli]'\n"
+    assert done.stdout == b""
+
+
+def test_the_cli_imports_only_public_names() -> None:
+    """coordkit/_cli is a user like any other: from coordkit it imports only names in coordkit.__all__."""
+    import coordkit
+
+    package = Path(coordkit.__file__).parent / "_cli"
+    imported: set[str] = set()
+    for source in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            where = f"{source.name}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("coordkit") for alias in node.names), where
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert not (node.module or "").startswith("coordkit"), f"{where}: import from the package as .."
+                elif node.level == 1:
+                    assert node.module is None or not node.module.startswith("."), where  # a module of _cli
+                else:
+                    assert node.level == 2 and node.module is None, f"{where}: from ..{node.module} is private"
+                    imported |= {alias.name for alias in node.names}
+    assert imported, "the scan found the CLI's imports"
+    assert imported <= set(coordkit.__all__), imported - set(coordkit.__all__)

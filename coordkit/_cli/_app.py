@@ -30,10 +30,15 @@ from typing import Any, NoReturn
 import anyio
 import click
 
-from .._backends.etcd import EtcdBackend
-from .._errors import AuthenticationError, CoordkitError, OwnershipLostError, UnavailableError
-from .._keys import name_prefix
-from .._version import __version__
+from .. import (
+    AuthenticationError,
+    CoordkitError,
+    EtcdBackend,
+    OwnershipLostError,
+    UnavailableError,
+    __version__,
+    check_name as check_recipe_name,
+)
 from ._child import CommandError
 from ._output import error
 
@@ -194,7 +199,7 @@ for _option in _CONNECTION_OPTIONS:
 def check_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """A click callback: a recipe name must be non-empty UTF-8 text without NUL."""
     try:
-        name_prefix(value)
+        check_recipe_name(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return value

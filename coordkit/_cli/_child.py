@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import anyio
 from anyio.abc import Process
 
-from .._recipes.command import guarded_argv, stop_group
+from .. import open_process_group, stop_process_group
 
 #: Shell conventions for a command that could not be started.
 EXIT_COMMAND_NOT_EXECUTABLE = 126
@@ -72,7 +72,7 @@ async def run_command(
             return exit_status(await process.wait())
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await stop_group(process, anyio.current_time() + grace, kill_by or _never)
+                await stop_process_group(process, grace=grace, kill_by=kill_by or _never)
             raise
 
 
@@ -92,14 +92,7 @@ def _check_runnable(program: str) -> None:
 async def _start(argv: Sequence[str], capture: bool, env: Mapping[str, str] | None) -> Process:
     _check_runnable(argv[0])
     try:
-        return await anyio.open_process(
-            guarded_argv(argv),
-            stdin=None,
-            stdout=subprocess.PIPE if capture else None,
-            stderr=None,
-            env={**os.environ, **env} if env else None,
-            start_new_session=True,
-        )
+        return await open_process_group(argv, stdout=subprocess.PIPE if capture else None, env=env)
     except FileNotFoundError as exc:
         raise CommandError(f"command not found: {argv[0]}", EXIT_COMMAND_NOT_FOUND) from exc
     except PermissionError as exc:
