@@ -18,7 +18,7 @@ MISSING_EXTRA = "coordkit: the command line needs the 'cli' extra: pip install '
 
 def load() -> click.Group:
     """The ``coordkit`` click group with every subcommand registered (needs click)."""
-    from . import _commands as _commands, _cron as _cron  # register the subcommands on the group
+    from . import _commands as _commands, _cron as _cron, _queue as _queue  # register the subcommands
     from ._app import cli
 
     return cli
