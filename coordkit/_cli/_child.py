@@ -48,6 +48,7 @@ async def run_command(
     env: Mapping[str, str] | None = None,
     stdin: bytes | None = None,
     capture: bytearray | None = None,
+    capture_limit: int | None = None,
     echo: bool = True,
     stderr_tail: bytearray | None = None,
     reap: bool = False,
@@ -63,6 +64,8 @@ async def run_command(
         stdin: what the command reads on its stdin (then closed); without it, it inherits ours.
         capture: the command's stdout is appended here (and copied to ours as it comes, if ``echo``);
             without it, the command writes straight to our stdout.
+        capture_limit: keep at most this many bytes of stdout in ``capture`` (the first ones; the rest is read,
+            and echoed if ``echo``, but not kept).
         echo: with ``capture``, whether the command's stdout is also copied to ours.
         stderr_tail: the command's stderr is copied to ours as it comes, and its last `TAIL_BYTES` kept here;
             without it, the command writes straight to our stderr.
@@ -90,9 +93,10 @@ async def run_command(
                 if stdin is not None and process.stdin is not None:
                     pipes.start_soon(_feed, process.stdin, stdin)
                 if capture is not None and process.stdout is not None:
-                    pipes.start_soon(_copy, process.stdout, capture, sys.stdout.buffer if echo else None, None)
+                    echoed = sys.stdout.buffer if echo else None
+                    pipes.start_soon(_copy, process.stdout, capture, echoed, None, capture_limit)
                 if stderr_tail is not None and process.stderr is not None:
-                    pipes.start_soon(_copy, process.stderr, stderr_tail, sys.stderr.buffer, TAIL_BYTES)
+                    pipes.start_soon(_copy, process.stderr, stderr_tail, sys.stderr.buffer, TAIL_BYTES, None)
                 status = exit_status(await process.wait())
                 if reap:
                     await stop_process_group(process, grace=0)  # the command is gone: SIGKILL what it left
@@ -115,12 +119,18 @@ async def _feed(stream: ByteSendStream, data: bytes) -> None:
         pass  # the command exited (or closed its stdin) without reading it all: its business
 
 
-async def _copy(stream: ByteReceiveStream, into: bytearray, echo: BinaryIO | None, keep: int | None) -> None:
+async def _copy(
+    stream: ByteReceiveStream, into: bytearray, echo: BinaryIO | None, tail: int | None, head: int | None
+) -> None:
+    """Read ``stream`` to its end into ``into``: its last ``tail`` bytes, or its first ``head``, or all of it."""
     try:
         async for chunk in stream:
-            into += chunk
-            if keep is not None and len(into) > keep:
-                del into[: len(into) - keep]
+            if head is None:
+                into += chunk
+            elif len(into) < head:
+                into += chunk[: head - len(into)]
+            if tail is not None and len(into) > tail:
+                del into[: len(into) - tail]
             if echo is not None:
                 echo.write(chunk)
                 echo.flush()

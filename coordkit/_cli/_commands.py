@@ -518,7 +518,13 @@ def once(
                 nonlocal ran
                 ran = True
                 captured = bytearray()
-                status = await run_command(command, grace=grace, kill_by=kill_deadline(session), capture=captured)
+                status = await run_command(
+                    command,
+                    grace=grace,
+                    kill_by=kill_deadline(session),
+                    capture=captured,
+                    capture_limit=ONCE_STDOUT_LIMIT + 1,  # one more: enough to know it was cut
+                )
                 truncated = len(captured) > ONCE_STDOUT_LIMIT
                 return _Outcome(status, bytes(captured[:ONCE_STDOUT_LIMIT]), truncated)
 

@@ -395,6 +395,7 @@ def queue_consume(
             env={"COORDKIT_ITEM_ID": task.id, "COORDKIT_ATTEMPT": str(task.attempt)},
             stdin=task.payload,
             capture=stdout,
+            capture_limit=REPLY_LIMIT + 1,  # one more: enough to know it was cut
             echo=False,
             stderr_tail=stderr,
             reap=True,
