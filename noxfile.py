@@ -95,7 +95,12 @@ async def main():
             await backend.txn([], [Put(b"smoke", b"ok", session.lease_id)])
             assert (await observer.range(Range(b"smoke"))).kvs[0].value == b"ok"
         assert (await observer.range(Range(b"smoke"))).count == 0, "the session's exit revokes its lease"
-    print("wheel smoke test passed:", coordkit.__version__)
 
 anyio.run(main)
+
+# click is the cli extra's, not a core dependency: without it, the script names the extra.
+import subprocess, sys
+done = subprocess.run([sys.executable, "-m", "coordkit", "--help"], capture_output=True, text=True)
+assert done.returncode == 1 and "pip install 'coordkit[cli]'" in done.stderr, done
+print("wheel smoke test passed:", coordkit.__version__)
 """

@@ -36,11 +36,17 @@ from ._errors import (
     SessionClosedError as SessionClosedError,
     UnavailableError as UnavailableError,
 )
+from ._keys import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES, check_name as check_name
 from ._recipes.barrier import (
     Barrier as Barrier,
     BarrierLostError as BarrierLostError,
     DoubleBarrier as DoubleBarrier,
     TooManyParticipantsError as TooManyParticipantsError,
+)
+from ._recipes.command import (
+    kill_deadline as kill_deadline,
+    open_process_group as open_process_group,
+    stop_process_group as stop_process_group,
 )
 from ._recipes.config import (
     ConfigChange as ConfigChange,
@@ -57,6 +63,7 @@ from ._recipes.election import (
     LeaderLatch as LeaderLatch,
     Leadership as Leadership,
     LeadershipLostError as LeadershipLostError,
+    observe_leader as observe_leader,
     run_while_leader as run_while_leader,
 )
 from ._recipes.group import (
@@ -79,6 +86,7 @@ from ._recipes.scheduler import (
     RunRecord as RunRecord,
     Scheduler as Scheduler,
     WorkerInfo as WorkerInfo,
+    check_job_name as check_job_name,
 )
 from ._recipes.semaphore import PermitLostError as PermitLostError, Semaphore as Semaphore
 from ._recipes.workqueue import (
@@ -106,6 +114,8 @@ __all__ = (
     "BackendError",
     "Barrier",
     "BarrierLostError",
+    "check_job_name",
+    "check_name",
     "ClaimLostError",
     "Codec",
     "CompactedError",
@@ -135,6 +145,7 @@ __all__ = (
     "JSON",
     "JsonCodec",
     "KeyValue",
+    "kill_deadline",
     "Leader",
     "LeaderLatch",
     "Leadership",
@@ -144,6 +155,7 @@ __all__ = (
     "Lock",
     "LockLostError",
     "LockStatistics",
+    "MAX_REQUEST_BYTES",
     "MemberExistsError",
     "Membership",
     "MembershipLostError",
@@ -151,7 +163,9 @@ __all__ = (
     "MemoryFaults",
     "MemoryStore",
     "NotOwnerError",
+    "observe_leader",
     "once",
+    "open_process_group",
     "Op",
     "OpResult",
     "OwnershipLostError",
@@ -178,6 +192,7 @@ __all__ = (
     "SessionClosedError",
     "SessionStatistics",
     "Snapshot",
+    "stop_process_group",
     "Task",
     "TooManyParticipantsError",
     "TxnResult",

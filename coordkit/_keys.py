@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-#: etcd's default ``--max-request-bytes`` (1.5 MiB): a larger request is refused.
 MAX_REQUEST_BYTES = 1536 * 1024
+"""etcd's default ``--max-request-bytes`` (1.5 MiB): a larger request is refused (`RequestTooLargeError`).
+
+MemoryBackend refuses what etcd with this default refuses; a value, with its key and the request's other
+operations, must fit in it.
+"""
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -49,6 +53,20 @@ def name_prefix(name: str) -> bytes:
     if "\x00" in name:
         raise ValueError(f"the name must not contain NUL characters: {shown}")
     return encoded + b"/"
+
+
+def check_name(name: str) -> None:
+    """Check that ``name`` can name a recipe (a lock, an election, a group, a queue, ...), before using it.
+
+    Every recipe checks its name itself; this is for programs that take names from their users (a command
+    line, a config file) and want to refuse a bad one early.
+
+    Raises:
+        TypeError: not a str.
+        ValueError: empty, not valid UTF-8 (lone surrogates), containing NUL, or longer than a whole request may
+            be (`MAX_REQUEST_BYTES`: every request of a recipe carries its name).
+    """
+    name_prefix(name)
 
 
 def name_key(name: str) -> bytes:

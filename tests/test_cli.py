@@ -6,6 +6,7 @@ script relies on: exit codes, stdout, and what happens to the wrapped command.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import os
@@ -13,7 +14,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from coordkit import EtcdBackend, JobSpec, RunContext, Scheduler, Session
-from coordkit._cli import cli as coordkit_cli
+from coordkit._cli import load
 from coordkit.testing import EtcdServer
 
 from .helpers import etcdctl
@@ -33,6 +34,7 @@ from .helpers import etcdctl
 pytestmark = pytest.mark.anyio
 
 CLI = (sys.executable, "-m", "coordkit")
+coordkit_cli = load()
 _names = itertools.count()
 
 
@@ -415,7 +417,10 @@ async def test_once_runs_the_command_once_across_processes(env: dict[str, str], 
         (("elect", "x", "--id", "a", "--http", "nowhere"), 2, "HOST:PORT"),
         (("lock", "x", "--timeout", "-1", "--", "true"), 2, "--timeout"),
         (("--etcd", "http://127.0.0.1:1", "lock", "x", "--", "true"), 69, "etcd unreachable"),
+        (("--etcd", "http://127.0.0.1:1", "elect", "x", "--id", "a"), 69, "etcd unreachable"),
         (("lock", "x", "--", "/no/such/command"), 127, "command not found"),
+        (("queue", "consume", "q", "--", "/no/such/command"), 127, "command not found"),
+        (("queue", "put", "q", "x", "--timeout", "1"), 2, "--timeout is for --wait"),
     ],
 )
 async def test_bad_usage_and_unreachable_endpoints(
@@ -439,7 +444,8 @@ async def test_demo_runs_in_memory() -> None:
 def test_every_subcommand_has_help() -> None:
     commands = [(name,) for name in coordkit_cli.commands] + [("config", name) for name in ("get", "put", "watch")]
     commands += [("cron", name) for name in ("jobs", "history", "kill", "workers")]
-    assert len(commands) == 15  # lock elect members join config once demo cron + config 3 + cron 4
+    commands += [("queue", name) for name in ("put", "list", "depth", "dead", "requeue", "remove", "consume")]
+    assert len(commands) == 23  # lock elect members join config once demo cron queue + config 3 + cron 4 + queue 7
     for command in [(), *commands]:
         result = CliRunner().invoke(coordkit_cli, [*command, "--help"])
         assert result.exit_code == 0 and "Usage: " in result.output, command
@@ -449,3 +455,153 @@ def test_every_subcommand_has_help() -> None:
 async def test_console_script_and_version(env: dict[str, str]) -> None:
     version = await cli(env, "--version")  # python -m coordkit
     assert version.returncode == 0 and version.stdout.startswith(b"coordkit, version")
+
+
+# -- packaging: the cli extra, and the CLI as a user of the public API ------------------------------------------
+
+
+async def test_without_click_the_script_names_the_extra() -> None:
+    # As if click were not installed: `import click` raises ImportError.
+    code = "import runpy, sys; sys.modules['click'] = None; runpy.run_module('coordkit', run_name='__main__')"
+    with anyio.fail_after(60):
+        done = await anyio.run_process([sys.executable, "-c", code, "--help"], check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.decode() == "coordkit: the command line needs the 'cli' extra: pip install 'coordkit[cli]'\n"
+    assert done.stdout == b""
+
+
+def test_the_cli_imports_only_public_names() -> None:
+    """coordkit/_cli is a user like any other: from coordkit it imports only names in coordkit.__all__."""
+    import coordkit
+
+    package = Path(coordkit.__file__).parent / "_cli"
+    imported: set[str] = set()
+    for source in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            where = f"{source.name}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("coordkit") for alias in node.names), where
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert not (node.module or "").startswith("coordkit"), f"{where}: import from the package as .."
+                elif node.level == 1:
+                    assert node.module is None or not node.module.startswith("."), where  # a module of _cli
+                else:
+                    assert node.level == 2 and node.module is None, f"{where}: from ..{node.module} is private"
+                    imported |= {alias.name for alias in node.names}
+    assert imported, "the scan found the CLI's imports"
+    assert imported <= set(coordkit.__all__), imported - set(coordkit.__all__)
+
+
+# -- queue ------------------------------------------------------------------------------------------------------
+
+
+async def test_queue_put_list_consume_dead_requeue_remove(env: dict[str, str]) -> None:
+    name = unique("queue")
+    ids: dict[str, str] = {}
+
+    async def put(payload: str, priority: int) -> None:
+        done = await cli(env, "queue", "put", name, payload, "--priority", str(priority), "--json")
+        ids[payload] = json.loads(done.stdout)["id"]
+
+    async with anyio.create_task_group() as tg:  # their priorities order them, whatever the order of the puts
+        for payload, priority in (("a", 0), ("bad", -1), ("b", 5)):
+            tg.start_soon(put, payload, priority)
+    a, bad, b = ids["a"], ids["bad"], ids["b"]
+    listed = json.loads((await cli(env, "queue", "list", name, "--json")).stdout)["items"]
+    assert [(item["id"], item["priority"], item["leased"]) for item in listed] == [
+        (b, 5, False),
+        (a, 0, False),
+        (bad, -1, False),
+    ]
+
+    # A request among them: its reply is the command's stdout. The command fails on "bad" (exit 3).
+    script = 'x=$(cat); [ "$x" = bad ] && { echo "cannot $x" >&2; exit 3; }; echo "$x done as $COORDKIT_ITEM_ID/'
+    script += '$COORDKIT_ATTEMPT"'
+    async with background(env, "queue", "put", name, "-", "--priority", "-2", "--wait", "--json") as requester:
+        assert requester.stdin is not None
+        await requester.stdin.send(b"req")
+        await requester.stdin.aclose()
+        await read_until(requester.stderr, "waiting for its reply")
+        consume = ("queue", "consume", name, "--max-items", "4", "--max-attempts", "1", "--json", "--", "sh", "-c")
+        consumed = await cli(env, *consume, script)
+        assert consumed.returncode == 0, consumed.stderr
+        reply = json.loads(await read_line(requester.stdout, bytearray()))
+        assert await wait_exit(requester) == 0
+    outcomes = [json.loads(line) for line in consumed.stdout.splitlines()]
+    assert [(o["id"], o["outcome"], o["status"]) for o in outcomes] == [
+        (b, "completed", 0),
+        (a, "completed", 0),
+        (bad, "failed", 3),
+        (reply["id"], "completed", 0),
+    ]
+    assert reply["reply"] == f"req done as {reply['id']}/1\n", reply
+    assert b"cannot bad" in consumed.stderr, "the command's stderr goes to coordkit's"
+
+    (dead,) = json.loads((await cli(env, "queue", "dead", name, "--json")).stdout)["dead"]
+    assert (dead["id"], dead["payload"], dead["attempts"]) == (bad, "bad", 1)
+    assert dead["error"] == "CommandFailed: exit status 3; stderr: cannot bad", dead
+    assert (await cli(env, "queue", "requeue", name, bad)).returncode == 0
+    depth, again = await gather(cli(env, "queue", "depth", name, "--json"), cli(env, "queue", "requeue", name, bad))
+    assert json.loads(depth.stdout) == {"pending": 1, "leased": 0, "dead": 0}
+    assert again.returncode == 4 and b"no dead letter" in again.stderr, "requeued already"
+    assert (await cli(env, "queue", "remove", name, bad)).returncode == 0
+    assert (await cli(env, "queue", "remove", name, bad)).returncode == 4
+
+
+async def gather(*calls: Awaitable[subprocess.CompletedProcess[bytes]]) -> list[subprocess.CompletedProcess[bytes]]:
+    """The results of concurrent CLI calls, in the order given."""
+    results: dict[int, subprocess.CompletedProcess[bytes]] = {}
+
+    async def one(i: int, call: Awaitable[subprocess.CompletedProcess[bytes]]) -> None:
+        results[i] = await call
+
+    async with anyio.create_task_group() as tg:
+        for i, call in enumerate(calls):
+            tg.start_soon(one, i, call)
+    return [results[i] for i in range(len(calls))]
+
+
+async def test_queue_consume_kills_the_command_group_when_the_claim_is_lost(
+    env: dict[str, str], etcd_server: EtcdServer
+) -> None:
+    name = unique("queue-lost")
+    # The command ignores SIGTERM and leaves a child in its group: both must die when the claim ends, however long
+    # --grace is (another consumer may take the item soon after).
+    command = ["sh", "-c", "trap '' TERM; sleep 60 & echo pids $$ $! >&2; while :; do sleep 0.1; done"]
+    assert (await cli(env, "queue", "put", name, "one")).returncode == 0
+    # 1. The visibility timeout passes: the group is killed, the item offered again, the consumer goes on.
+    async with background(
+        env,
+        "queue",
+        "consume",
+        name,
+        "--visibility-timeout",
+        "2",
+        "--max-items",
+        "1",
+        "--grace",
+        "600",
+        "--json",
+        "--",
+        *command,
+    ) as consumer:
+        pids = [int(pid) for pid in (await read_until(consumer.stderr, r"^pids (\d+) (\d+)$")).groups()]
+        lost = json.loads(await read_line(consumer.stdout, bytearray()))
+        assert lost["outcome"] == "lost" and "visibility timeout" in lost["error"], lost
+        assert await wait_exit(consumer) == 0, "after --max-items"
+        for pid in pids:
+            await wait_dead(pid)
+    # 2. The next consumer gets the item again (attempt 2); its session's lease is revoked: killed, and exit 75.
+    async with background(env, "queue", "consume", name, "--grace", "600", "--", *command) as consumer:
+        pids = [int(pid) for pid in (await read_until(consumer.stderr, r"^pids (\d+) (\d+)$")).groups()]
+        (claim,) = json.loads(etcd_server.run_etcdctl("get", f"{name}/claims/", "--prefix", "-w", "json"))["kvs"]
+        etcd_server.run_etcdctl("lease", "revoke", f"{int(claim['lease']):x}")
+        assert await wait_exit(consumer) == 75
+        assert consumer.stderr is not None
+        message = (await consumer.stderr.receive()).decode()
+        assert "the session was lost" in message and "the command, if any, was stopped" in message, message
+        for pid in pids:
+            await wait_dead(pid)
+    (item,) = json.loads((await cli(env, "queue", "list", name, "--json")).stdout)["items"]
+    assert (item["attempts"], item["leased"]) == (2, False), item

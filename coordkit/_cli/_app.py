@@ -7,11 +7,11 @@ Exit codes scripts can rely on (also in ``coordkit --help`` and the docs):
 1     any other coordkit error
 2     bad usage: unknown flag, malformed endpoint or name (click's convention)
 3     conflict: ``config put --expect-revision`` found the key changed
-4     not found: ``config get`` of a key or prefix with nothing under it
+4     not found: ``config get`` of a key or prefix with nothing under it; ``queue requeue/remove`` of no item
 69    etcd unreachable (``EX_UNAVAILABLE``)
-75    ownership lost: the lock, leadership or membership was lost; the command was stopped
+75    ownership lost: the lock, leadership, membership or a consumer's session was lost; the command was stopped
 77    authentication failed or permission denied (``EX_NOPERM``)
-124   ``--timeout`` passed before the lock was acquired (as ``timeout(1)``)
+124   ``--timeout`` passed before the lock was acquired or the reply came (as ``timeout(1)``)
 126   the command is not executable; 127: not found (shell conventions)
 128+N coordkit got signal N (SIGINT 130, SIGTERM 143); the command was stopped and released first
 ====  =========================================================================================
@@ -30,10 +30,15 @@ from typing import Any, NoReturn
 import anyio
 import click
 
-from .._backends.etcd import EtcdBackend
-from .._errors import AuthenticationError, CoordkitError, OwnershipLostError, UnavailableError
-from .._keys import name_prefix
-from .._version import __version__
+from .. import (
+    AuthenticationError,
+    CoordkitError,
+    EtcdBackend,
+    OwnershipLostError,
+    UnavailableError,
+    __version__,
+    check_name as check_recipe_name,
+)
 from ._child import CommandError
 from ._output import error
 
@@ -63,7 +68,7 @@ _GLOBAL_CONNECTION = "coordkit.connection"
 @click.version_option(__version__, "--version", prog_name="coordkit")
 @click.pass_context
 def cli(ctx: click.Context, /, **connection: Any) -> None:
-    """Coordinate processes you cannot change: locks, leader election, membership, config and once().
+    """Coordinate processes you cannot change: locks, leader election, membership, config, once() and queues.
 
     Every command but 'demo' talks to etcd: give the endpoints with --etcd URL[,URL...] or COORDKIT_ETCD.
     A wrapped command (after '--') runs in its own process group, with COORDKIT_FENCING_TOKEN set (lock, elect,
@@ -194,7 +199,7 @@ for _option in _CONNECTION_OPTIONS:
 def check_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """A click callback: a recipe name must be non-empty UTF-8 text without NUL."""
     try:
-        name_prefix(value)
+        check_recipe_name(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return value

@@ -15,11 +15,12 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import BinaryIO
 
 import anyio
-from anyio.abc import Process
+from anyio.abc import ByteReceiveStream, ByteSendStream
 
-from .._recipes.command import guarded_argv, stop_group
+from .. import open_process_group, stop_process_group
 
 #: Shell conventions for a command that could not be started.
 EXIT_COMMAND_NOT_EXECUTABLE = 126
@@ -45,7 +46,12 @@ async def run_command(
     grace: float,
     kill_by: Callable[[], float] | None = None,
     env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
     capture: bytearray | None = None,
+    capture_limit: int | None = None,
+    echo: bool = True,
+    stderr_tail: bytearray | None = None,
+    reap: bool = False,
 ) -> int:
     """Run ``argv`` to completion and return its exit status; stop it (group-wide) if cancelled.
 
@@ -55,55 +61,95 @@ async def run_command(
             earliest server-side expiry of the lease that protects the command, which can come before
             ``grace`` is over when the lease is lost.
         env: variables to add to the command's environment.
-        capture: the command's stdout is copied to ours as it comes and appended here; without it, the
-            command writes straight to our stdout. stdin and stderr are always inherited.
+        stdin: what the command reads on its stdin (then closed); without it, it inherits ours.
+        capture: the command's stdout is appended here (and copied to ours as it comes, if ``echo``);
+            without it, the command writes straight to our stdout.
+        capture_limit: keep at most this many bytes of stdout in ``capture`` (the first ones; the rest is read,
+            and echoed if ``echo``, but not kept).
+        echo: with ``capture``, whether the command's stdout is also copied to ours.
+        stderr_tail: the command's stderr is copied to ours as it comes, and its last `TAIL_BYTES` kept here;
+            without it, the command writes straight to our stderr.
+        reap: when the command exits by itself, SIGKILL what it left running in its group (the work is over).
 
     Raises:
         CommandError: the command was not found or is not executable.
     """
-    process = await _start(argv, capture is not None, env)
-    async with process:  # closes the pipe
-        try:
-            if capture is not None and process.stdout is not None:
-                async for chunk in process.stdout:
-                    capture += chunk
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.buffer.flush()
-            return exit_status(await process.wait())
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await stop_group(process, anyio.current_time() + grace, kill_by or _never)
-            raise
-
-
-# On Linux the command runs under the guardian the Scheduler's command jobs use (coordkit/_command.py): the
-# group's leader, which kills the whole group if coordkit dies without stopping it (kill -9, an OOM kill). Without
-# it, a command would outlive its coordkit, and its lock, by as long as it likes.
-
-
-def _check_runnable(program: str) -> None:
-    found = shutil.which(program)
-    if found is None:
-        if os.sep in program and os.path.exists(program):
-            raise CommandError(f"command not executable: {program}", EXIT_COMMAND_NOT_EXECUTABLE)
-        raise CommandError(f"command not found: {program}", EXIT_COMMAND_NOT_FOUND)
-
-
-async def _start(argv: Sequence[str], capture: bool, env: Mapping[str, str] | None) -> Process:
-    _check_runnable(argv[0])
+    check_runnable(argv[0])
     try:
-        return await anyio.open_process(
-            guarded_argv(argv),
-            stdin=None,
-            stdout=subprocess.PIPE if capture else None,
-            stderr=None,
-            env={**os.environ, **env} if env else None,
-            start_new_session=True,
+        process = await open_process_group(
+            argv,
+            stdin=subprocess.PIPE if stdin is not None else None,
+            stdout=subprocess.PIPE if capture is not None else None,
+            stderr=subprocess.PIPE if stderr_tail is not None else None,
+            env=env,
         )
     except FileNotFoundError as exc:
         raise CommandError(f"command not found: {argv[0]}", EXIT_COMMAND_NOT_FOUND) from exc
     except PermissionError as exc:
         raise CommandError(f"command not executable: {argv[0]}", EXIT_COMMAND_NOT_EXECUTABLE) from exc
+    async with process:  # closes the pipes
+        try:
+            async with anyio.create_task_group() as pipes:
+                if stdin is not None and process.stdin is not None:
+                    pipes.start_soon(_feed, process.stdin, stdin)
+                if capture is not None and process.stdout is not None:
+                    echoed = sys.stdout.buffer if echo else None
+                    pipes.start_soon(_copy, process.stdout, capture, echoed, None, capture_limit)
+                if stderr_tail is not None and process.stderr is not None:
+                    pipes.start_soon(_copy, process.stderr, stderr_tail, sys.stderr.buffer, TAIL_BYTES, None)
+                status = exit_status(await process.wait())
+                if reap:
+                    await stop_process_group(process, grace=0)  # the command is gone: SIGKILL what it left
+            return status
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stop_process_group(process, grace=grace, kill_by=kill_by or _never)
+            raise
+
+
+#: How much of a command's stderr `run_command` keeps in ``stderr_tail``.
+TAIL_BYTES = 2048
+
+
+async def _feed(stream: ByteSendStream, data: bytes) -> None:
+    try:
+        async with stream:  # closed when written: the command sees the end of its input
+            await stream.send(data)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass  # the command exited (or closed its stdin) without reading it all: its business
+
+
+async def _copy(
+    stream: ByteReceiveStream, into: bytearray, echo: BinaryIO | None, tail: int | None, head: int | None
+) -> None:
+    """Read ``stream`` to its end into ``into``: its last ``tail`` bytes, or its first ``head``, or all of it."""
+    try:
+        async for chunk in stream:
+            if head is None:
+                into += chunk
+            elif len(into) < head:
+                into += chunk[: head - len(into)]
+            if tail is not None and len(into) > tail:
+                del into[: len(into) - tail]
+            if echo is not None:
+                echo.write(chunk)
+                echo.flush()
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass
+
+
+# On Linux the command runs under the guardian the Scheduler's command jobs use (`open_process_group`): the
+# group's leader, which kills the whole group if coordkit dies without stopping it (kill -9, an OOM kill). Without
+# it, a command would outlive its coordkit, and its lock, by as long as it likes.
+
+
+def check_runnable(program: str) -> None:
+    """Raise `CommandError` (127: not found, 126: not executable) unless ``program`` can be run."""
+    found = shutil.which(program)
+    if found is None:
+        if os.sep in program and os.path.exists(program):
+            raise CommandError(f"command not executable: {program}", EXIT_COMMAND_NOT_EXECUTABLE)
+        raise CommandError(f"command not found: {program}", EXIT_COMMAND_NOT_FOUND)
 
 
 def _never() -> float:

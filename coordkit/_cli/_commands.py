@@ -14,19 +14,25 @@ from typing import Any
 import anyio
 import click
 
-from .._backends.memory import MemoryBackend
-from .._backends.protocol import Backend
-from .._backends.types import MAX_REQUEST_BYTES, Range
-from .._errors import OwnershipLostError, UnavailableError
-from .._keys import name_prefix
-from .._recipes.command import kill_deadline
-from .._recipes.config import ConfigView, publish
-from .._recipes.election import Election, LeadershipLostError, observe_leader
-from .._recipes.group import Group, GroupView
-from .._recipes.lock import Lock
-from .._recipes.once import once as once_
-from .._retry import Backoff
-from .._session import Session
+from .. import (
+    MAX_REQUEST_BYTES,
+    Backend,
+    ConfigView,
+    Group,
+    GroupView,
+    Leadership,
+    LeadershipLostError,
+    Lock,
+    MemoryBackend,
+    OwnershipLostError,
+    Range,
+    Session,
+    kill_deadline,
+    observe_leader,
+    once as once_,
+    publish,
+    run_while_leader,
+)
 from ._app import (
     EXIT_CONFLICT,
     EXIT_LOST,
@@ -165,49 +171,51 @@ def elect(
     state = SidecarState(member_id)
 
     async def follow_leader() -> None:
-        async with aclosing(observe_leader(backend, name_prefix(name))) as leaders:
+        async with aclosing(observe_leader(backend, name)) as leaders:
             async for leader in leaders:
                 state.observed = "" if leader is None else text(leader.value)
 
-    async def campaign(session: Session) -> int:
+    async def lead(leadership: Leadership) -> int:
         """Lead once: COMMAND's status when it finishes (without COMMAND, lead until stopped)."""
-        note(f"campaigning in {name!r} as {member_id!r}")
-        async with Election(session, name).campaign(member_id.encode()) as leadership:
-            note(f"leading {name!r} (term {leadership.term})")
-            state.term = leadership.term
-            try:
+        note(f"leading {name!r} (term {leadership.term})")
+        state.term = leadership.term
+        try:
+            with stoppable():
                 if command:
+                    session = state.session
+                    assert session is not None
                     return await run_command(command, **_protected_by(session, leadership.term, grace))
                 await anyio.sleep_forever()
-            finally:
-                state.term = 0  # before resigning: the sidecar stops vouching for us first
+        finally:
+            state.term = 0  # before resigning: the sidecar stops vouching for us first
         raise AssertionError("unreachable")
 
-    async def lead() -> int:
+    connected = False
+
+    def campaigning(session: Session) -> None:
+        nonlocal connected
+        connected = True  # from now on, outages are waited out
+        state.session = session
+        note(f"campaigning in {name!r} as {member_id!r}")
+
+    def lost(exc: Exception) -> None:
+        if not connected:
+            raise exc  # a first connection that fails is a configuration problem: say so and exit
+        state.session = None
+        if isinstance(exc, LeadershipLostError):
+            stopped = "; the command was stopped" if command else ""
+            note(f"leadership of {name!r} lost ({exc}){stopped}; campaigning again")
+        else:
+            note(f"etcd unavailable ({exc}); retrying")
+
+    async def campaign() -> int:
         """Campaign until COMMAND has run to the end as leader; a lost leadership campaigns again."""
-        backoff = Backoff()
-        first = True
-        while True:
-            try:
-                async with Session(backend, ttl=ttl) as session:
-                    state.session = session
-                    first = False  # connected once: from now on, outages are waited out
-                    backoff.reset()
-                    try:
-                        with stoppable():
-                            return await campaign(session)
-                    except LeadershipLostError as exc:  # said now, not after the lost session's clean-up
-                        stopped = "; the command was stopped" if command else ""
-                        note(f"leadership of {name!r} lost ({exc}){stopped}; campaigning again")
-            except LeadershipLostError:
-                pass  # lost while the session was being entered or left: said above, or nothing to stop
-            except UnavailableError as exc:
-                if first:
-                    raise  # a first connection that fails is a configuration problem: say so and exit
-                note(f"etcd unavailable ({exc}); retrying")
-            finally:
-                state.session = None
-            await anyio.sleep(backoff.next_delay())
+        try:
+            return await run_while_leader(
+                backend, name, lead, value=member_id.encode(), ttl=ttl, on_campaign=campaigning, on_lost=lost
+            )
+        finally:
+            state.session = None
 
     async def work() -> int:
         async with backend, anyio.create_task_group() as tg:
@@ -216,7 +224,7 @@ def elect(
                 host = f"[{address[0]}]" if ":" in address[0] else address[0]
                 note(f"serving the leader of {name!r} on http://{host}:{port}/")
                 tg.start_soon(follow_leader)
-            status = await lead()
+            status = await campaign()
             tg.cancel_scope.cancel()
         return status
 
@@ -510,7 +518,13 @@ def once(
                 nonlocal ran
                 ran = True
                 captured = bytearray()
-                status = await run_command(command, grace=grace, kill_by=kill_deadline(session), capture=captured)
+                status = await run_command(
+                    command,
+                    grace=grace,
+                    kill_by=kill_deadline(session),
+                    capture=captured,
+                    capture_limit=ONCE_STDOUT_LIMIT + 1,  # one more: enough to know it was cut
+                )
                 truncated = len(captured) > ONCE_STDOUT_LIMIT
                 return _Outcome(status, bytes(captured[:ONCE_STDOUT_LIMIT]), truncated)
 

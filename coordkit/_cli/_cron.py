@@ -9,8 +9,7 @@ from dataclasses import asdict
 
 import click
 
-from .._recipes.scheduler import JobSpec, RunRecord, Scheduler, _check_job_name
-from .._session import Session
+from .. import JobSpec, RunRecord, Scheduler, Session, check_job_name
 from ._app import EXIT_NOT_FOUND, Connection, Failure, check_name, cli, connection_options, json_option, run
 from ._output import Output
 
@@ -27,7 +26,7 @@ def _job_name(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     """A click callback: job names (and run ids) are non-empty text without "/" or NUL."""
     if value is not None:
         try:
-            _check_job_name(value)
+            check_job_name(value)
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from None
     return value

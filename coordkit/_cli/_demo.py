@@ -10,16 +10,27 @@ on a real cluster.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 
 import anyio
 
-from .._backends.protocol import Backend
-from .._errors import OwnershipLostError
-from .._recipes.election import Election, Leadership
-from .._recipes.group import Group
-from .._session import Session
-from ..testing import FaultyBackend
+from .. import (
+    Backend,
+    Compare,
+    Election,
+    Group,
+    Leadership,
+    Lease,
+    Op,
+    OwnershipLostError,
+    Range,
+    RangeResult,
+    Session,
+    TxnResult,
+    WatchBatch,
+)
 from ._output import Output
 
 TTL = 2
@@ -34,7 +45,7 @@ async def demo(connect: Callable[[], Backend], output: Output) -> None:
     ticks: list[tuple[str, int]] = []
     frozen = anyio.Event()
     finished = anyio.Event()
-    replicas = {f"replica-{n}": FaultyBackend(connect()) for n in (1, 2, 3)}
+    replicas = {f"replica-{n}": _Replica(connect()) for n in (1, 2, 3)}
 
     def say(message: str, fg: str | None = None) -> None:
         output.line(f"[{anyio.current_time() - started:5.2f}s] {message}", fg=fg)
@@ -55,7 +66,7 @@ async def demo(connect: Callable[[], Backend], output: Output) -> None:
                 say(f"{name}: main job cancelled (its session's deadline passed)", fg="red")
             raise
 
-    async def replica(name: str, client: FaultyBackend) -> None:
+    async def replica(name: str, client: _Replica) -> None:
         try:
             async with client, Session(client, ttl=TTL) as session, Group(session, GROUP).join(name):
                 async with Election(session, ELECTION).campaign(name.encode()) as leadership:
@@ -76,10 +87,64 @@ async def demo(connect: Callable[[], Backend], output: Output) -> None:
         await frozen.wait()
         leader = ticks[-1][0]
         say(f"{leader} freezes: its heartbeats stop", fg="red")
-        replicas[leader].partition()
+        replicas[leader].freeze()
         await finished.wait()
         tg.cancel_scope.cancel()
     terms = [term for _, term in ticks]
     assert terms == sorted(terms), "terms only grow"
     runners = " -> ".join(dict.fromkeys(name for name, _ in ticks))
     say(f"{len(ticks)} ticks, each run once, by {runners}")
+
+
+class _Replica:
+    """A replica's client, which `freeze` stops for good, as a process paused for ever (a GC pause, a VM stopped)
+    would: every call it makes from then on hangs. Its lease is then no longer renewed, and expires."""
+
+    def __init__(self, inner: Backend) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self._frozen = False
+
+    def freeze(self) -> None:
+        self._frozen = True
+
+    async def _pass(self) -> None:
+        if self._frozen:
+            await anyio.sleep_forever()
+
+    async def range(self, request: Range) -> RangeResult:
+        await self._pass()
+        return await self._inner.range(request)
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        await self._pass()
+        return await self._inner.txn(compare, success, failure)
+
+    async def grant(self, ttl: int) -> Lease:
+        await self._pass()
+        return await self._inner.grant(ttl)
+
+    async def refresh(self, lease_id: int) -> int:
+        await self._pass()
+        return await self._inner.refresh(lease_id)
+
+    async def revoke(self, lease_id: int) -> None:
+        await self._pass()
+        await self._inner.revoke(lease_id)
+
+    def watch(
+        self, key: bytes, *, prefix: bool = False, start_revision: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
+        return self._inner.watch(key, prefix=prefix, start_revision=start_revision)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> _Replica:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._inner.__aexit__(exc_type, exc, tb)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import anyio
 import click
 
-from .._session import Session
+from .. import Session
 
 
 @dataclass

@@ -65,13 +65,8 @@ async def run_command(
         outcome.status, outcome.error = refused
         return
     try:
-        process = await anyio.open_process(
-            guarded_argv(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, **env} if env else None,
-            start_new_session=True,  # its own process group: signals reach everything it starts
+        process = await open_process_group(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
     except FileNotFoundError as exc:
         outcome.status, outcome.error = EXIT_NOT_FOUND, f"command not found: {argv[0]} ({exc.strerror})"
@@ -128,6 +123,54 @@ sys.exit(status)
 """
 
 
+async def open_process_group(
+    argv: Sequence[str],
+    *,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Process:
+    """Start ``argv`` in a process group of its own, which dies with this process; stop it with `stop_process_group`.
+
+    The command runs in a new session (its own process group), so a signal sent to the group reaches everything
+    it starts. On Linux it runs under a small guardian process that leads the group and kills the whole group
+    with SIGKILL if this process dies without stopping it (``kill -9``, the OOM killer): a command protected by a
+    lock must not outlive its holder. Elsewhere, a command orphaned that way runs on.
+
+    Args:
+        argv: the program and its arguments (not run through a shell).
+        stdin: as for `anyio.open_process`: ``None`` (inherited), ``subprocess.PIPE``, ``subprocess.DEVNULL``, ...
+        stdout: the same.
+        stderr: the same.
+        env: variables to add to this process's environment for the command.
+
+    Raises:
+        FileNotFoundError, PermissionError: (where there is no guardian) the program cannot be started. Under
+            the guardian, the command exits with 127 (not found) or 126 (not executable) instead, as in a shell.
+    """
+    return await anyio.open_process(
+        guarded_argv(argv),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        env={**os.environ, **env} if env else None,
+        start_new_session=True,  # its own process group: signals reach everything it starts
+    )
+
+
+async def stop_process_group(
+    process: Process, *, grace: float, kill_by: Callable[[], float] = lambda: math.inf
+) -> None:
+    """Stop a command started by `open_process_group`, with everything in its group, and wait for it.
+
+    The group gets SIGTERM if the command still runs, then SIGKILL when ``grace`` seconds have passed or at
+    ``kill_by()`` (read again while waiting; see `kill_deadline`), whichever comes first, or as soon as the
+    command has exited: what it started must not outlive it. Call it shielded when the caller was cancelled.
+    """
+    await stop_group(process, anyio.current_time() + grace, kill_by)
+
+
 def guarded_argv(argv: Sequence[str]) -> list[str]:
     """``argv`` under the guardian, where there is a parent-death signal (Linux); else as it is."""
     if not sys.platform.startswith("linux"):
@@ -178,8 +221,13 @@ def signal_group(pid: int, signum: signal.Signals) -> None:
 
 
 def kill_deadline(session: Session) -> Callable[[], float]:
-    """``kill_by`` for a command protected by ``session``'s lease: the latest time for SIGKILL, read again as it
-    changes."""
+    """The latest time (``anyio.current_time()``) by which work protected by ``session``'s lease must be stopped.
+
+    The returned function reads the session again at each call: while keepalives succeed, the time moves on;
+    once the session is lost, it is the earliest time the lease may end on the server (a safety margin after
+    the session's deadline, or after the loss was noticed), after which another process may hold what the
+    lease held. Pass it as ``kill_by`` to `stop_process_group`.
+    """
     lost_at = math.inf
 
     def kill_by() -> float:

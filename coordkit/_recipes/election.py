@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import final
+from typing import TypeVar, final
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -29,6 +29,8 @@ from .._session import Session, require_session
 from .._supervisor import supervised
 from .._watch import Watch, apply
 from .contenders import Held, Mutex
+
+_T = TypeVar("_T")
 
 
 class LeadershipLostError(OwnershipLostError):
@@ -193,7 +195,7 @@ class Election:
         a gap and a compaction resynchronises. Iterate it with ``async for``; to stop early and release the
         watch at once, wrap it in ``contextlib.aclosing``.
         """
-        return observe_leader(self.session.backend, self._prefix)
+        return _observe(self.session.backend, self._prefix)
 
 
 @final
@@ -310,7 +312,19 @@ def _leader(kv: KeyValue) -> Leader:
     return Leader(kv.value, kv.create_revision, kv.key, kv.lease)
 
 
-async def observe_leader(backend: Backend, prefix: bytes) -> AsyncGenerator[Leader | None, None]:
+def observe_leader(backend: Backend, name: str) -> AsyncGenerator[Leader | None, None]:
+    """`Election.observe` without a session: every change of leader of the election ``name``, the current first.
+
+    For a program that only watches an election (a dashboard, a sidecar that reports who leads): it takes no
+    lease and writes nothing, only reads and a watch. Yields the same items as `Election.observe`.
+
+    Raises:
+        TypeError, ValueError: ``name`` is not a valid name (raised here, before anything is read).
+    """
+    return _observe(backend, name_prefix(name))
+
+
+async def _observe(backend: Backend, prefix: bytes) -> AsyncGenerator[Leader | None, None]:
     candidates: dict[bytes, KeyValue] = {}
     last: Leader | bool | None = False  # False: nothing reported yet
     async with Watch(backend, prefix, prefix=True) as watch:
@@ -326,17 +340,20 @@ async def observe_leader(backend: Backend, prefix: bytes) -> AsyncGenerator[Lead
 async def run_while_leader(
     backend: Backend,
     name: str,
-    job: Callable[[Leadership], Awaitable[None]],
+    job: Callable[[Leadership], Awaitable[_T]],
     *,
     value: bytes = b"",
     ttl: int = 10,
-) -> None:
+    on_campaign: Callable[[Session], object] | None = None,
+    on_lost: Callable[[Exception], object] | None = None,
+) -> _T:
     """Run ``job`` only while leading ``name``; when leadership is lost, cancel it and campaign again.
 
     The "scheduled jobs of N replicas must run once" helper: every replica calls it; one leads and runs
     ``job(leadership)``. If that replica loses its lease (a partition, a pause), its job is cancelled before
-    another replica can be elected, and it re-campaigns with a new session after a backoff. Returns when
-    ``job`` returns (resigning at once); cancel it to stop campaigning.
+    another replica can be elected, and it re-campaigns with a new session after a backoff. Returns what
+    ``job`` returns, when it returns (resigning at once); cancel it to stop campaigning. An exception ``job``
+    raises itself (even a ``LeadershipLostError`` of a block of its own) propagates, after resigning.
 
     Args:
         backend: the store.
@@ -344,6 +361,13 @@ async def run_while_leader(
         job: the coroutine function to run while leader.
         value: this candidate's proclamation (e.g. its host name).
         ttl: the TTL of each session's lease.
+        on_campaign: called with each new session, once its lease is granted and before it campaigns (to
+            report progress, or to follow the session's health).
+        on_lost: called with the error when a campaign or a leadership ends by a lost session
+            (``LeadershipLostError``) or an unreachable store (``UnavailableError``), before campaigning again;
+            a loss of the leadership is reported as soon as the job is stopped, before the lost session is
+            cleaned up. If it raises, campaigning stops and its exception propagates (to give up when the
+            store cannot be reached at all, say).
     """
     name_prefix(name)  # bad arguments fail here, not in the loop
     if not callable(job):
@@ -354,20 +378,37 @@ async def run_while_leader(
     backoff = Backoff()
     while True:
         try:
-            async with Session(backend, ttl=ttl) as session, Election(session, name).campaign(value) as leadership:
-                backoff.reset()
+            async with Session(backend, ttl=ttl) as session:
+                if on_campaign is not None:
+                    on_campaign(session)
                 try:
-                    await job(leadership)
-                except (LeadershipLostError, UnavailableError) as exc:
-                    raise _JobFailed from exc  # the job's own error: not a reason to campaign again
-                return
-        except (LeadershipLostError, UnavailableError):
-            pass  # a lost session stays lost: campaign again with a new one
+                    return await _lead(session, name, job, value, backoff)
+                except LeadershipLostError as exc:
+                    if on_lost is not None:  # said now, not after the lost session's clean-up (a revoke may hang)
+                        try:
+                            on_lost(exc)
+                        except Exception as refused:
+                            raise _JobFailed from refused  # the hook's own error: it stops the loop as it is
+        except (LeadershipLostError, UnavailableError) as exc:
+            # A lost session stays lost: campaign again with a new one.
+            if on_lost is not None:
+                on_lost(exc)
         except _JobFailed as failed:
             assert failed.__cause__ is not None
             raise failed.__cause__ from None
         await anyio.sleep(backoff.next_delay())
 
 
+async def _lead(
+    session: Session, name: str, job: Callable[[Leadership], Awaitable[_T]], value: bytes, backoff: Backoff
+) -> _T:
+    async with Election(session, name).campaign(value) as leadership:
+        backoff.reset()
+        try:
+            return await job(leadership)
+        except (LeadershipLostError, UnavailableError) as exc:
+            raise _JobFailed from exc  # the job's own error: not a reason to campaign again
+
+
 class _JobFailed(Exception):
-    """Carries an error the job raised itself through run_while_leader's retry handler."""
+    """Carries an error the job (or a hook) raised itself through run_while_leader's retry handler."""

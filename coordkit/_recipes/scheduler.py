@@ -220,6 +220,16 @@ def _check_job_name(name: str) -> None:
     name_prefix(name)  # the text rules of every name: valid UTF-8, no NUL
 
 
+def check_job_name(name: str) -> None:
+    """Check that ``name`` can name a `JobSpec` (or a run, as `Scheduler.kill` takes it): before using it.
+
+    Raises:
+        TypeError: not a str.
+        ValueError: empty, containing "/" or NUL, or not valid UTF-8.
+    """
+    _check_job_name(name)
+
+
 def _check_interval(name: str, interval: float) -> None:
     if not isinstance(interval, int | float) or isinstance(interval, bool):
         raise TypeError(f"job {name!r}: interval is a number of seconds, not {type(interval).__name__}")
