@@ -40,6 +40,29 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+async def _open(
+    argv: Sequence[str], env: Mapping[str, str] | None, *, stdin: bool, stdout: bool, stderr: bool
+) -> anyio.abc.Process:
+    """Start ``argv`` in a process group of its own, with pipes for the streams asked for.
+
+    Raises:
+        CommandError: the command was not found or is not executable.
+    """
+    check_runnable(argv[0])
+    try:
+        return await open_process_group(
+            argv,
+            stdin=subprocess.PIPE if stdin else None,
+            stdout=subprocess.PIPE if stdout else None,
+            stderr=subprocess.PIPE if stderr else None,
+            env=env,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(f"command not found: {argv[0]}", EXIT_COMMAND_NOT_FOUND) from exc
+    except PermissionError as exc:
+        raise CommandError(f"command not executable: {argv[0]}", EXIT_COMMAND_NOT_EXECUTABLE) from exc
+
+
 async def run_command(
     argv: Sequence[str],
     *,
@@ -57,16 +80,12 @@ async def run_command(
 
     Args:
         grace: seconds between SIGTERM and SIGKILL when the command must stop.
-        kill_by: the latest time (``anyio.current_time()``) for SIGKILL, read again while waiting: the
-            earliest server-side expiry of the lease that protects the command, which can come before
-            ``grace`` is over when the lease is lost.
+        kill_by: the latest time (``anyio.current_time()``) for SIGKILL, read again while waiting: the earliest
+            server-side expiry of the protecting lease, which can come before ``grace`` is over.
         env: variables to add to the command's environment.
         stdin: what the command reads on its stdin (then closed); without it, it inherits ours.
-        capture: the command's stdout is appended here (and copied to ours as it comes, if ``echo``);
-            without it, the command writes straight to our stdout.
-        capture_limit: keep at most this many bytes of stdout in ``capture`` (the first ones; the rest is read,
-            and echoed if ``echo``, but not kept).
-        echo: with ``capture``, whether the command's stdout is also copied to ours.
+        capture: the command's stdout is appended here (its first ``capture_limit`` bytes, if given), and
+            copied to ours as it comes if ``echo``; without it, the command writes straight to our stdout.
         stderr_tail: the command's stderr is copied to ours as it comes, and its last `TAIL_BYTES` kept here;
             without it, the command writes straight to our stderr.
         reap: when the command exits by itself, SIGKILL what it left running in its group (the work is over).
@@ -74,27 +93,17 @@ async def run_command(
     Raises:
         CommandError: the command was not found or is not executable.
     """
-    check_runnable(argv[0])
-    try:
-        process = await open_process_group(
-            argv,
-            stdin=subprocess.PIPE if stdin is not None else None,
-            stdout=subprocess.PIPE if capture is not None else None,
-            stderr=subprocess.PIPE if stderr_tail is not None else None,
-            env=env,
-        )
-    except FileNotFoundError as exc:
-        raise CommandError(f"command not found: {argv[0]}", EXIT_COMMAND_NOT_FOUND) from exc
-    except PermissionError as exc:
-        raise CommandError(f"command not executable: {argv[0]}", EXIT_COMMAND_NOT_EXECUTABLE) from exc
+    process = await _open(
+        argv, env, stdin=stdin is not None, stdout=capture is not None, stderr=stderr_tail is not None
+    )
     async with process:  # closes the pipes
         try:
             async with anyio.create_task_group() as pipes:
                 if stdin is not None and process.stdin is not None:
                     pipes.start_soon(_feed, process.stdin, stdin)
                 if capture is not None and process.stdout is not None:
-                    echoed = sys.stdout.buffer if echo else None
-                    pipes.start_soon(_copy, process.stdout, capture, echoed, None, capture_limit)
+                    out = sys.stdout.buffer if echo else None
+                    pipes.start_soon(_copy, process.stdout, capture, out, None, capture_limit)
                 if stderr_tail is not None and process.stderr is not None:
                     pipes.start_soon(_copy, process.stderr, stderr_tail, sys.stderr.buffer, TAIL_BYTES, None)
                 status = exit_status(await process.wait())

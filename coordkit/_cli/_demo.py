@@ -141,10 +141,9 @@ class _Replica:
         await self._inner.aclose()
 
     async def __aenter__(self) -> _Replica:
-        await self._inner.__aenter__()
-        return self
+        return self  # the client it wraps is open already (a Backend is, once made)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._inner.__aexit__(exc_type, exc, tb)
+        await self.aclose()

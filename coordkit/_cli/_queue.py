@@ -9,6 +9,7 @@ recorded error). The command runs in its own process group, stopped whole when t
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -348,7 +349,7 @@ def queue_consume(
         coordkit queue consume thumbnails -- ./make-thumbnail.sh
     """
     backend = connection.backend()
-    output = Output(as_json=as_json)
+    consumer = _Consumer(command, visibility_timeout, grace, Output(as_json=as_json))
 
     async def work() -> int:
         check_runnable(command[0])  # exit 127 or 126 before taking an item it could only fail
@@ -359,36 +360,48 @@ def queue_consume(
                 async with session.guarded(what=f"consumer of {name!r}"):
                     async with WorkQueue(session, name, max_attempts=max_attempts) as work_queue:
                         while max_items is None or handled < max_items:
-                            await _consume_one(work_queue, session)
+                            await consumer.consume_one(work_queue, session)
                             handled += 1
         except (OwnershipLostError, LeaseExpiredError) as exc:
             # (a claim made just as the lease went raises LeaseExpiredError: the session is as lost)
             raise Failure(f"the session was lost ({exc}); the command, if any, was stopped", EXIT_LOST) from None
         return 0
 
-    async def _consume_one(work_queue: WorkQueue, session: Session) -> None:
+    run(work)
+
+
+@dataclass(frozen=True)
+class _Consumer:
+    """What `queue consume` does with each item: run the command on it, and say how it ended."""
+
+    command: tuple[str, ...]
+    visibility_timeout: int
+    grace: float
+    output: Output
+
+    async def consume_one(self, work_queue: WorkQueue, session: Session) -> None:
         leased: Task | None = None
         status: int | None = None
         try:
             with stoppable():
-                async with work_queue.lease(visibility_timeout=visibility_timeout) as task:
+                async with work_queue.lease(visibility_timeout=self.visibility_timeout) as task:
                     leased = task
-                    status = await _run(task, session)
+                    status = await self.run(task, session)
         except CommandFailed as exc:
-            _report(output, leased, "failed", exc.status, str(exc))
+            _report(self.output, leased, "failed", exc.status, str(exc))
         except ClaimLostError as exc:
             if session.lost:
                 raise  # exit 75, said by work()
-            _report(output, leased, "lost", None, str(exc))
+            _report(self.output, leased, "lost", None, str(exc))
         else:
-            _report(output, leased, "completed", status, "")
+            _report(self.output, leased, "completed", status, "")
 
-    async def _run(task: Task, session: Session) -> int:
+    async def run(self, task: Task, session: Session) -> int:
         stdout, stderr = bytearray(), bytearray()
         session_kill_by = kill_deadline(session)
         status = await run_command(
-            command,
-            grace=grace,
+            self.command,
+            grace=self.grace,
             # By the lease's end, and at once when the claim's own visibility timeout has passed: another
             # consumer may take the item back soon after.
             kill_by=lambda: min(session_kill_by(), task.deadline),
@@ -406,8 +419,6 @@ def queue_consume(
             note(f"the reply to item {task.id} was cut at {REPLY_LIMIT} bytes")
         task.reply(bytes(stdout[:REPLY_LIMIT]))
         return status
-
-    run(work)
 
 
 def _report(output: Output, task: Task | None, outcome: str, status: int | None, error: str) -> None:

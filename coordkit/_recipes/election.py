@@ -337,6 +337,38 @@ async def _observe(backend: Backend, prefix: bytes) -> AsyncGenerator[Leader | N
                 yield current
 
 
+def _check_run_while_leader(name: str, job: object, ttl: int, value: object) -> None:
+    name_prefix(name)
+    if not callable(job):
+        raise TypeError(f"run_while_leader({name!r}): job must be a coroutine function, not {type(job).__name__}")
+    check_ttl(ttl)
+    if not isinstance(value, bytes):
+        raise TypeError(f"values are bytes, not {type(value).__name__}")
+
+
+async def _campaign_in(
+    session: Session,
+    name: str,
+    job: Callable[[Leadership], Awaitable[_T]],
+    value: bytes,
+    backoff: Backoff,
+    on_campaign: Callable[[Session], object] | None,
+    on_lost: Callable[[Exception], object] | None,
+) -> _T:
+    """One session's campaign and leadership (see `run_while_leader`)."""
+    if on_campaign is not None:
+        on_campaign(session)
+    try:
+        return await _lead(session, name, job, value, backoff)
+    except LeadershipLostError as exc:
+        if on_lost is not None:  # said now, not after the lost session's clean-up (a revoke may hang)
+            try:
+                on_lost(exc)
+            except Exception as refused:
+                raise _JobFailed from refused  # the hook's own error: it stops the loop as it is
+        raise
+
+
 async def run_while_leader(
     backend: Backend,
     name: str,
@@ -369,26 +401,12 @@ async def run_while_leader(
             cleaned up. If it raises, campaigning stops and its exception propagates (to give up when the
             store cannot be reached at all, say).
     """
-    name_prefix(name)  # bad arguments fail here, not in the loop
-    if not callable(job):
-        raise TypeError(f"run_while_leader({name!r}): job must be a coroutine function, not {type(job).__name__}")
-    check_ttl(ttl)
-    if not isinstance(value, bytes):
-        raise TypeError(f"values are bytes, not {type(value).__name__}")
+    _check_run_while_leader(name, job, ttl, value)  # bad arguments fail here, not in the loop
     backoff = Backoff()
     while True:
         try:
             async with Session(backend, ttl=ttl) as session:
-                if on_campaign is not None:
-                    on_campaign(session)
-                try:
-                    return await _lead(session, name, job, value, backoff)
-                except LeadershipLostError as exc:
-                    if on_lost is not None:  # said now, not after the lost session's clean-up (a revoke may hang)
-                        try:
-                            on_lost(exc)
-                        except Exception as refused:
-                            raise _JobFailed from refused  # the hook's own error: it stops the loop as it is
+                return await _campaign_in(session, name, job, value, backoff, on_campaign, on_lost)
         except (LeadershipLostError, UnavailableError) as exc:
             # A lost session stays lost: campaign again with a new one.
             if on_lost is not None:
