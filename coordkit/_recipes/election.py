@@ -354,8 +354,9 @@ async def _campaign_in(
     backoff: Backoff,
     on_campaign: Callable[[Session], object] | None,
     on_lost: Callable[[Exception], object] | None,
-) -> _T:
-    """One session's campaign and leadership (see `run_while_leader`)."""
+) -> _T | object:
+    """One session's campaign and leadership (see `run_while_leader`): what the job returned, or `_LOST` when
+    the leadership was lost (reported to ``on_lost`` already)."""
     if on_campaign is not None:
         on_campaign(session)
     try:
@@ -366,7 +367,10 @@ async def _campaign_in(
                 on_lost(exc)
             except Exception as refused:
                 raise _JobFailed from refused  # the hook's own error: it stops the loop as it is
-        raise
+        return _LOST
+
+
+_LOST = object()  # a leadership lost: campaign again
 
 
 async def run_while_leader(
@@ -406,7 +410,9 @@ async def run_while_leader(
     while True:
         try:
             async with Session(backend, ttl=ttl) as session:
-                return await _campaign_in(session, name, job, value, backoff, on_campaign, on_lost)
+                led = await _campaign_in(session, name, job, value, backoff, on_campaign, on_lost)
+                if led is not _LOST:
+                    return led  # type: ignore[return-value]
         except (LeadershipLostError, UnavailableError) as exc:
             # A lost session stays lost: campaign again with a new one.
             if on_lost is not None:
