@@ -138,3 +138,50 @@ def reply_faults(client: object) -> MemoryFaults | FaultyBackend:
         return client.faults
     assert isinstance(client, FaultyBackend)
     return client
+
+
+class Counted:
+    """A client that counts the store requests made through it (and keeps the txns), and can hold txn replies."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner, self.name = inner, inner.name
+        self.txns = self.watches = 0
+        self.writes: list[Sequence[Op]] = []  # the success branch of every txn
+        self.hold_replies: anyio.Event | None = None  # while set up, txn replies wait for it (the txn is applied)
+        self.held = anyio.Event()
+
+    async def range(self, request: Range) -> RangeResult:
+        return await self.inner.range(request)
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        self.txns += 1
+        self.writes.append(success)
+        result = await self.inner.txn(compare, success, failure)
+        if self.hold_replies is not None:
+            self.held.set()
+            await self.hold_replies.wait()
+        return result
+
+    async def grant(self, ttl: int) -> Lease:
+        return await self.inner.grant(ttl)
+
+    async def refresh(self, lease_id: int) -> int:
+        return await self.inner.refresh(lease_id)
+
+    async def revoke(self, lease_id: int) -> None:
+        await self.inner.revoke(lease_id)
+
+    def watch(
+        self, key: bytes, *, prefix: bool = False, start_revision: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
+        self.watches += 1
+        return self.inner.watch(key, prefix=prefix, start_revision=start_revision)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def __aenter__(self) -> Counted:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
