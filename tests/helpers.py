@@ -145,3 +145,29 @@ class StuckWrites(PassThrough):
 def reply_faults(client: Backend) -> ClientFaults:
     """Where a harness client's reply faults are: MemoryBackend.faults, or the FaultyBackend around an etcd client."""
     return client_faults(client)
+
+
+class Counted(PassThrough):
+    """A client that counts the store requests made through it (and keeps the txns), and can hold txn replies."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.txns = self.watches = 0
+        self.writes: list[Sequence[Op]] = []  # the success branch of every txn
+        self.hold_replies: anyio.Event | None = None  # while set up, txn replies wait for it (the txn is applied)
+        self.held = anyio.Event()
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        self.txns += 1
+        self.writes.append(success)
+        result = await self.inner.txn(compare, success, failure)
+        if self.hold_replies is not None:
+            self.held.set()
+            await self.hold_replies.wait()
+        return result
+
+    def watch(
+        self, key: bytes, *, prefix: bool = False, start_revision: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
+        self.watches += 1
+        return self.inner.watch(key, prefix=prefix, start_revision=start_revision)

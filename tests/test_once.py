@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, suppress
 
 import anyio
 import pytest
@@ -13,21 +13,18 @@ from coordkit import (
     Backend,
     Compare,
     ComputationLostError,
-    Lease,
     Op,
     Put,
     Range,
-    RangeResult,
     Session,
     TxnResult,
     UnavailableError,
-    WatchBatch,
     invalidate_once,
     once,
 )
 from coordkit.testing import Harness
 
-from .helpers import sessions
+from .helpers import Counted, sessions
 
 pytestmark = pytest.mark.anyio
 
@@ -235,51 +232,6 @@ async def test_claim_applied_but_reply_lost_is_adopted(harness: Harness) -> None
         with anyio.fail_after(3):
             assert await once(session, name, build) == b"built"
     assert calls == 1
-
-
-class Counted:
-    """A client that counts the store requests made through it, and can hold the replies of txns."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner, self.name = inner, inner.name
-        self.txns = self.watches = 0
-        self.hold_replies: anyio.Event | None = None  # while set up, txn replies wait for it (the txn is applied)
-        self.held = anyio.Event()
-
-    async def range(self, request: Range) -> RangeResult:
-        return await self.inner.range(request)
-
-    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
-        self.txns += 1
-        result = await self.inner.txn(compare, success, failure)
-        if self.hold_replies is not None:
-            self.held.set()
-            await self.hold_replies.wait()
-        return result
-
-    async def grant(self, ttl: int) -> Lease:
-        return await self.inner.grant(ttl)
-
-    async def refresh(self, lease_id: int) -> int:
-        return await self.inner.refresh(lease_id)
-
-    async def revoke(self, lease_id: int) -> None:
-        await self.inner.revoke(lease_id)
-
-    def watch(
-        self, key: bytes, *, prefix: bool = False, start_revision: int
-    ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
-        self.watches += 1
-        return self.inner.watch(key, prefix=prefix, start_revision=start_revision)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    async def __aenter__(self) -> Counted:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 async def test_callers_in_one_process_share_one_attempt(harness: Harness) -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from coordkit import (
     Watch,
 )
 from coordkit.testing import Harness
+
+from .helpers import Counted
 
 pytestmark = pytest.mark.anyio
 
@@ -91,6 +94,79 @@ async def test_each_tick_runs_once_across_workers(harness: Harness) -> None:
     assert gaps == {0.5}, f"no tick skipped: {gaps}"
     assert [r.outcome for r in history if r.outcome != "running"] == ["ok"] * len([r for r in history if r.ended])
     assert {r.tick for r in history} >= {t.isoformat() for t in ticks[:-1]}
+
+
+@asynccontextmanager
+async def counted_workers(
+    harness: Harness, prefix: str, count: int, *, ttl: int = 5
+) -> AsyncIterator[list[tuple[Scheduler, Counted]]]:
+    """Workers whose clients count their requests (and keep the writes of their txns)."""
+    async with AsyncExitStack() as stack:
+        out = []
+        for i in range(count):
+            client = Counted(await stack.enter_async_context(harness.client()))
+            session = await stack.enter_async_context(Session(client, ttl=ttl))
+            out.append((Scheduler(session, prefix, worker=f"w{i}", now=loop_clock), client))
+        yield out
+
+
+def claims(client: Counted) -> int:
+    """The claim transactions a worker sent (each writes the job's ``last/`` key)."""
+    return sum(any(isinstance(op, Put) and b"/last/" in op.key for op in ops) for ops in client.writes)
+
+
+async def test_one_worker_claims_each_tick_and_the_ticks_spread(harness: Harness) -> None:
+    """Each tick is claimed by the first worker of its line (rendezvous hashing over the live workers): about
+    one claim transaction per tick, not one per worker, and the ticks spread over the workers."""
+    prefix = harness.namespace.decode() + "line"
+    runs: list[tuple[str, datetime]] = []
+
+    async def job(context: RunContext) -> None:
+        runs.append((context.worker, context.tick))
+
+    async with counted_workers(harness, prefix, 3) as group, AsyncExitStack() as running:
+        for scheduler, _ in group:
+            scheduler.register("job", job)
+            await running.enter_async_context(scheduler)
+        with anyio.fail_after(10):  # every worker knows the others before the job ticks
+            for scheduler, _ in group:
+                while len(scheduler._peers) < 3:  # noqa: ASYNC110 - a test waiting on the worker's own state
+                    await anyio.sleep(0.05)
+        await group[0][0].put_job(JobSpec("tick", "job", interval=0.5, overlap="allow"))
+        await anyio.sleep(6.1)
+    ticks = [tick for _, tick in runs]
+    assert len(ticks) >= 10 and len(set(ticks)) == len(ticks), "no tick ran twice"
+    sent = sum(claims(client) for _, client in group)
+    assert sent <= len(ticks) + 3, f"{sent} claims for {len(ticks)} ticks: one worker claims each"
+    assert len({worker for worker, _ in runs}) >= 2, "the ticks spread over the workers"
+
+
+async def test_a_tick_runs_when_the_first_worker_of_its_line_cannot_claim(harness: Harness) -> None:
+    """One of three workers is cut off from the store (its claims hang, its lease outlives the test): the ticks
+    it is first in line for are claimed by another worker after the hand-off delay; every tick runs once."""
+    prefix = harness.namespace.decode() + "handoff"
+    runs: list[tuple[str, datetime]] = []
+
+    async def job(context: RunContext) -> None:
+        runs.append((context.worker, context.tick))
+
+    async with counted_workers(harness, prefix, 3, ttl=60) as group, AsyncExitStack() as running:
+        for scheduler, _ in group:
+            scheduler.register("job", job)
+            await running.enter_async_context(scheduler)
+        with anyio.fail_after(10):
+            for scheduler, _ in group:
+                while len(scheduler._peers) < 3:  # noqa: ASYNC110 - a test waiting on the worker's own state
+                    await anyio.sleep(0.05)
+        cut = group[0][1]
+        harness.partition(cut.inner)
+        await group[1][0].put_job(JobSpec("tick", "job", interval=1, overlap="allow"))
+        await anyio.sleep(8.1)
+        ticks = sorted(tick for _, tick in runs)
+        harness.heal(cut.inner)
+    assert len(ticks) >= 7 and len(set(ticks)) == len(ticks), "no tick ran twice"
+    assert {(b - a).total_seconds() for a, b in pairwise(ticks)} == {1.0}, "no tick was lost"
+    assert {worker for worker, _ in runs} <= {"w1", "w2"}
 
 
 async def test_spec_changes_apply_live_and_kill(harness: Harness) -> None:

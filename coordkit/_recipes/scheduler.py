@@ -17,6 +17,7 @@ skipped and recorded as missed, or run once late, as the job's ``misfire`` polic
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -311,6 +312,8 @@ class WorkerInfo:
         capacity: the most runs it takes at once, or None (no limit).
         running: the runs it is running now, as (job, run) pairs.
         commands: whether it runs command jobs.
+        targets: the targets registered on it (the function jobs it runs); None if it does not say (a worker of
+            an older version): it may run any.
     """
 
     worker: str
@@ -320,6 +323,12 @@ class WorkerInfo:
     capacity: int | None
     running: tuple[tuple[str, str], ...]
     commands: bool
+    targets: tuple[str, ...] | None = None
+
+    def can_take(self, spec: JobSpec) -> bool:
+        """Whether this worker, as announced, runs ``spec``'s kind of job and has room for one more run."""
+        runs = self.commands if spec.command is not None else self.targets is None or spec.target in self.targets
+        return runs and (self.capacity is None or len(self.running) < self.capacity)
 
 
 #: bytes of a command's stdout and of its stderr kept in its run record
@@ -449,6 +458,9 @@ class Scheduler:
         self._run_kills: dict[tuple[str, str], int] = {}
         self._supervisor: Supervisor | None = None
         self._stack: AsyncExitStack | None = None
+        self._member = ""  # this worker's member id in the workers' group (set when entered)
+        self._peers: dict[str, WorkerInfo] = {}  # member id -> announcement, followed by watch
+        self._last: dict[bytes, bytes] = {}  # job -> the newest tick claimed (last/<job>), followed by watch
 
     @property
     def worker(self) -> str:
@@ -460,6 +472,7 @@ class Scheduler:
         if not isinstance(target, str) or not callable(fn):
             raise TypeError(f"register takes a str target and a coroutine function, not {target!r}, {fn!r}")
         self._targets[target] = fn
+        self._changed()  # announced: the other workers count on this one for the target's ticks
 
     # -- managing jobs (from any process) --------------------------------------------------------------
 
@@ -500,8 +513,7 @@ class Scheduler:
         found = []
         for raw in view.members.values():
             try:
-                info = json.loads(raw)
-                found.append(WorkerInfo(**{**info, "running": tuple(tuple(pair) for pair in info["running"])}))
+                found.append(_worker_info(raw))
             except (TypeError, ValueError, KeyError) as exc:
                 self._report("bad_worker", exc)
         return sorted(found, key=lambda info: (info.worker, info.pid))
@@ -519,6 +531,7 @@ class Scheduler:
             self._capacity,
             tuple(running),
             self._run_commands,
+            tuple(sorted(self._targets)),
         )
         return json.dumps(asdict(info), separators=(",", ":")).encode()
 
@@ -587,7 +600,7 @@ class Scheduler:
             await stack.enter_async_context(self.session.guarded(OwnershipLostError, what=f"scheduler {self.prefix!r}"))
             stack.callback(self._tickers.clear)  # stopped: it may be entered again (and schedules afresh)
             # Members are keyed by lease and a random tag: a worker restarted under the same name joins at once.
-            member = f"{self.session.lease_id:x}.{secrets.token_hex(4)}"
+            self._member = member = f"{self.session.lease_id:x}.{secrets.token_hex(4)}"
             self._announce = anyio.Event()
             self._membership = await stack.enter_async_context(
                 self._group().join(member, metadata=self._announcement())
@@ -598,6 +611,8 @@ class Scheduler:
             self._supervisor.start_soon(self._keep_following, partial(self._follow_jobs, ready))
             self._supervisor.start_soon(self._keep_following, self._follow_kills)
             self._supervisor.start_soon(self._keep_following, self._detect_lost)
+            self._supervisor.start_soon(self._keep_following, self._follow_peers)
+            self._supervisor.start_soon(self._keep_following, self._follow_last)
             await ready.wait()  # cancelled (and the failure raised by the stack) if a follower is refused first
             self._stack = stack.pop_all()
         return self
@@ -736,8 +751,8 @@ class Scheduler:
 
     async def _record(self, spec: JobSpec, tick: datetime, outcome: Outcome) -> None:
         """Record a tick that does not run ("skipped", "missed"), once, however many workers see it."""
-        if not self._can_run(spec):
-            return  # this worker would not have run it
+        if not self._can_run(spec) or not await self._my_turn(spec, tick):
+            return  # this worker would not have run it, or another one recorded it
         try:
             claimed = await self._claim(spec, tick, outcome)
         except Exception as exc:
@@ -748,8 +763,8 @@ class Scheduler:
             await retry_while_valid(self.session, lambda: self._trim_history(spec.name))
 
     async def _run(self, spec: JobSpec, tick: datetime) -> None:
-        if not self._can_run(spec):
-            return  # this worker cannot run it; another one can claim it
+        if not self._can_run(spec) or not await self._my_turn(spec, tick):
+            return  # this worker cannot run it, or another one claimed it
         if self._capacity is not None and self._busy >= self._capacity:
             return  # full: another worker can claim it
         self._busy += 1
@@ -757,6 +772,47 @@ class Scheduler:
             await self._claim_and_run(spec, tick)
         finally:
             self._busy -= 1
+
+    async def _my_turn(self, spec: JobSpec, tick: datetime) -> bool:
+        """Whether this worker should claim the tick now: at once if it is first in the tick's line, else after a
+        hand-off delay, unless the tick was claimed meanwhile (seen through the watch of ``last/``).
+
+        The line (rendezvous hashing over the live workers that, as announced, can take the job) spreads the
+        ticks evenly and lets one worker claim each, instead of every worker racing with a transaction. A first
+        worker that is gone, full or slow costs the tick the hand-off delay, never the tick itself.
+        """
+        run_id = _run_id(tick)
+        line = [member for member, info in self._peers.items() if info.can_take(spec)]
+        if self._member not in line:
+            line.append(self._member)  # our own announcement may not have come back yet
+        if max(line, key=partial(_rank, spec.name, run_id)) == self._member:
+            return True
+        limit = self._grace if spec.starting_deadline is None else spec.starting_deadline
+        await anyio.sleep(min(limit / 4, 1.0))
+        return self._last.get(spec.name.encode(), b"") < run_id.encode()
+
+    async def _follow_peers(self) -> None:
+        async for view in self._group().watch():
+            peers = {}
+            for member, raw in view.members.items():
+                try:
+                    peers[member] = _worker_info(raw)
+                except (TypeError, ValueError, KeyError) as exc:
+                    self._report("bad_worker", exc)
+            self._peers = peers
+
+    async def _follow_last(self) -> None:
+        last = self._prefix + b"last/"
+        async with Watch(self.session.backend, last, prefix=True) as watch:
+            async for item in watch:
+                if isinstance(item, Snapshot):
+                    self._last = {kv.key[len(last) :]: kv.value for kv in item.kvs}
+                    continue
+                for event in item.events:
+                    if event.type is EventType.PUT:
+                        self._last[event.kv.key[len(last) :]] = event.kv.value
+                    else:
+                        self._last.pop(event.kv.key[len(last) :], None)
 
     async def _claim_and_run(self, spec: JobSpec, tick: datetime) -> None:
         session = self.session
@@ -933,6 +989,24 @@ def _spec_at(name: str, raw: Any) -> JobSpec:
     if spec.name != name:
         raise ValueError(f"the spec at jobs/{name} names another job: {spec.name!r}")
     return spec
+
+
+def _worker_info(raw: bytes) -> WorkerInfo:
+    """A worker's announcement. Raises TypeError, ValueError or KeyError for one that is not (another tool's)."""
+    info = json.loads(raw)
+    targets = info.get("targets")
+    return WorkerInfo(
+        **{
+            **info,
+            "running": tuple(tuple(pair) for pair in info["running"]),
+            "targets": None if targets is None else tuple(targets),
+        }
+    )
+
+
+def _rank(job: str, run_id: str, member: str) -> bytes:
+    """A worker's place in the line for one tick (rendezvous hashing: highest first; spread evenly, stable)."""
+    return hashlib.blake2b(f"{job}\0{run_id}\0{member}".encode(), digest_size=8).digest()
 
 
 def _decode_record(key: bytes, value: bytes) -> RunRecord:
