@@ -190,8 +190,8 @@ async def test_session_whose_keepalive_replies_are_all_lost_gives_up_before_the_
 
 
 async def test_lock_acquire_whose_reply_is_lost_leaves_no_key(harness: Harness) -> None:
-    """The ambiguous acquire: the key was created but the caller never learned it. It raises UnavailableError
-    and deletes the key (by its lease), so nobody waits behind a contender that is not there."""
+    """The ambiguous acquire, every attempt: the key was created but the caller never learned it. It raises
+    UnavailableError and deletes the key (by its lease), so nobody waits behind a contender that is not there."""
     name = harness.namespace.decode() + "lock"
     async with (
         harness.client() as client,
@@ -199,7 +199,7 @@ async def test_lock_acquire_whose_reply_is_lost_leaves_no_key(harness: Harness) 
         Session(client, ttl=10) as session,
         Session(other_client, ttl=10) as other,
     ):
-        reply_faults(client).lose_replies(1)
+        reply_faults(client).lose_replies(3)  # each attempt at joining the line
         with pytest.raises(UnavailableError):
             async with Lock(session, name):
                 pytest.fail("not acquired")
@@ -251,6 +251,18 @@ async def test_lock_waiter_keeps_its_place_when_a_reply_is_lost(harness: Harness
     assert len(tokens) == 1
 
 
+async def test_lock_join_whose_reply_is_lost_keeps_its_place(harness: Harness) -> None:
+    """The reply to the transaction that joins the line is lost (it was applied): the join is retried, finds its
+    own key, and the lock is taken with that key's token; no second key is left in the line."""
+    name = harness.namespace.decode() + "lock"
+    async with harness.client() as client, harness.client() as observer, Session(client, ttl=10) as session:
+        reply_faults(client).lose_replies(1)
+        async with Lock(session, name) as held:
+            assert await count(observer, name.encode() + b"/") == 1
+            (kv,) = (await observer.range(Range(name.encode() + b"/", prefix=True))).kvs
+            assert held.token == kv.create_revision
+
+
 async def test_lock_release_whose_reply_is_lost_is_retried(harness: Harness) -> None:
     name = harness.namespace.decode() + "lock"
     async with harness.client() as client, harness.client() as observer, Session(client, ttl=10) as session:
@@ -276,7 +288,7 @@ async def test_lock_excludes_under_lost_and_late_replies(harness: Harness) -> No
             assert isinstance(client, MemoryBackend)
             for _ in range(15):
                 if rng.random() < 0.4:
-                    client.faults.lose_replies(rng.randint(1, 2))
+                    client.faults.lose_replies(rng.randint(1, 3))  # 3: every attempt at joining the line
                 client.faults.delay_replies(rng.choice([0, 0, 0.05, 0.5]))
                 try:
                     async with Lock(session, name) as held:

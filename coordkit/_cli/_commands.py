@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -166,69 +167,83 @@ def elect(
     \b
         coordkit elect main-job --id "$HOSTNAME" --http 127.0.0.1:4040
     """
-    backend = connection.backend()
-    address = parse_address(http) if http else None
-    state = SidecarState(member_id)
+    elector = _Elector(connection.backend(), name, command, member_id, grace, ttl, SidecarState(member_id))
+    run(partial(elector.work, parse_address(http) if http else None))
 
-    async def follow_leader() -> None:
-        async with aclosing(observe_leader(backend, name)) as leaders:
-            async for leader in leaders:
-                state.observed = "" if leader is None else text(leader.value)
 
-    async def lead(leadership: Leadership) -> int:
-        """Lead once: COMMAND's status when it finishes (without COMMAND, lead until stopped)."""
-        note(f"leading {name!r} (term {leadership.term})")
-        state.term = leadership.term
-        try:
-            with stoppable():
-                if command:
-                    session = state.session
-                    assert session is not None
-                    return await run_command(command, **_protected_by(session, leadership.term, grace))
-                await anyio.sleep_forever()
-        finally:
-            state.term = 0  # before resigning: the sidecar stops vouching for us first
-        raise AssertionError("unreachable")
+@dataclass
+class _Elector:
+    """What `elect` does: campaign with `run_while_leader`, run COMMAND while leading, keep the sidecar told."""
 
-    connected = False
+    backend: Backend
+    name: str
+    command: tuple[str, ...]
+    member_id: str
+    grace: float
+    ttl: int
+    state: SidecarState
+    connected: bool = False  # once a session was granted, outages are waited out
 
-    def campaigning(session: Session) -> None:
-        nonlocal connected
-        connected = True  # from now on, outages are waited out
-        state.session = session
-        note(f"campaigning in {name!r} as {member_id!r}")
-
-    def lost(exc: Exception) -> None:
-        if not connected:
-            raise exc  # a first connection that fails is a configuration problem: say so and exit
-        state.session = None
-        if isinstance(exc, LeadershipLostError):
-            stopped = "; the command was stopped" if command else ""
-            note(f"leadership of {name!r} lost ({exc}){stopped}; campaigning again")
-        else:
-            note(f"etcd unavailable ({exc}); retrying")
-
-    async def campaign() -> int:
-        """Campaign until COMMAND has run to the end as leader; a lost leadership campaigns again."""
-        try:
-            return await run_while_leader(
-                backend, name, lead, value=member_id.encode(), ttl=ttl, on_campaign=campaigning, on_lost=lost
-            )
-        finally:
-            state.session = None
-
-    async def work() -> int:
-        async with backend, anyio.create_task_group() as tg:
+    async def work(self, address: tuple[str, int] | None) -> int:
+        async with self.backend, anyio.create_task_group() as tg:
             if address is not None:
-                port = await tg.start(_serve_sidecar, state, *address)
+                port = await tg.start(_serve_sidecar, self.state, *address)
                 host = f"[{address[0]}]" if ":" in address[0] else address[0]
-                note(f"serving the leader of {name!r} on http://{host}:{port}/")
-                tg.start_soon(follow_leader)
-            status = await campaign()
+                note(f"serving the leader of {self.name!r} on http://{host}:{port}/")
+                tg.start_soon(self.follow_leader)
+            status = await self.campaign()
             tg.cancel_scope.cancel()
         return status
 
-    run(work)
+    async def follow_leader(self) -> None:
+        async with aclosing(observe_leader(self.backend, self.name)) as leaders:
+            async for leader in leaders:
+                self.state.observed = "" if leader is None else text(leader.value)
+
+    async def campaign(self) -> int:
+        """Campaign until COMMAND has run to the end as leader; a lost leadership campaigns again."""
+        try:
+            return await run_while_leader(
+                self.backend,
+                self.name,
+                self.lead,
+                value=self.member_id.encode(),
+                ttl=self.ttl,
+                on_campaign=self.campaigning,
+                on_lost=self.lost,
+            )
+        finally:
+            self.state.session = None
+
+    async def lead(self, leadership: Leadership) -> int:
+        """Lead once: COMMAND's status when it finishes (without COMMAND, lead until stopped)."""
+        note(f"leading {self.name!r} (term {leadership.term})")
+        self.state.term = leadership.term
+        try:
+            with stoppable():
+                if self.command:
+                    session = self.state.session
+                    assert session is not None
+                    return await run_command(self.command, **_protected_by(session, leadership.term, self.grace))
+                await anyio.sleep_forever()
+        finally:
+            self.state.term = 0  # before resigning: the sidecar stops vouching for us first
+        raise AssertionError("unreachable")
+
+    def campaigning(self, session: Session) -> None:
+        self.connected = True
+        self.state.session = session
+        note(f"campaigning in {self.name!r} as {self.member_id!r}")
+
+    def lost(self, exc: Exception) -> None:
+        if not self.connected:
+            raise exc  # a first connection that fails is a configuration problem: say so and exit
+        self.state.session = None
+        if isinstance(exc, LeadershipLostError):
+            stopped = "; the command was stopped" if self.command else ""
+            note(f"leadership of {self.name!r} lost ({exc}){stopped}; campaigning again")
+        else:
+            note(f"etcd unavailable ({exc}); retrying")
 
 
 async def _serve_sidecar(

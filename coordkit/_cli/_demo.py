@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from types import TracebackType
 
 import anyio
@@ -41,59 +42,66 @@ GROUP = "coordkit-demo/replicas"
 
 async def demo(connect: Callable[[], Backend], output: Output) -> None:
     """Play the story; ``connect()`` makes one client per replica (and one for the observer)."""
-    started = anyio.current_time()
-    ticks: list[tuple[str, int]] = []
-    frozen = anyio.Event()
-    finished = anyio.Event()
+    story = _Story(output, anyio.current_time())
     replicas = {f"replica-{n}": _Replica(connect()) for n in (1, 2, 3)}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(story.watch_replicas, connect())
+        for name, client in replicas.items():
+            tg.start_soon(story.replica, name, client)
+        await story.frozen.wait()
+        leader = story.ticks[-1][0]
+        story.say(f"{leader} freezes: its heartbeats stop", fg="red")
+        replicas[leader].freeze()
+        await story.finished.wait()
+        tg.cancel_scope.cancel()
+    terms = [term for _, term in story.ticks]
+    assert terms == sorted(terms), "terms only grow"
+    runners = " -> ".join(dict.fromkeys(name for name, _ in story.ticks))
+    story.say(f"{len(story.ticks)} ticks, each run once, by {runners}")
 
-    def say(message: str, fg: str | None = None) -> None:
-        output.line(f"[{anyio.current_time() - started:5.2f}s] {message}", fg=fg)
 
-    async def main_job(name: str, leadership: Leadership) -> None:
-        say(f"{name} leads (term {leadership.term}) and runs the main job", fg="green")
+@dataclass
+class _Story:
+    """What the replicas do and what the demo says of it."""
+
+    output: Output
+    started: float
+    ticks: list[tuple[str, int]] = field(default_factory=list)
+    frozen: anyio.Event = field(default_factory=anyio.Event)
+    finished: anyio.Event = field(default_factory=anyio.Event)
+
+    def say(self, message: str, fg: str | None = None) -> None:
+        self.output.line(f"[{anyio.current_time() - self.started:5.2f}s] {message}", fg=fg)
+
+    async def main_job(self, name: str, leadership: Leadership) -> None:
+        self.say(f"{name} leads (term {leadership.term}) and runs the main job", fg="green")
         try:
-            while len(ticks) < TICKS:
-                ticks.append((name, leadership.term))
-                say(f"  main job tick {len(ticks)} on {name}")
-                if len(ticks) == 3:
-                    frozen.set()
+            while len(self.ticks) < TICKS:
+                self.ticks.append((name, leadership.term))
+                self.say(f"  main job tick {len(self.ticks)} on {name}")
+                if len(self.ticks) == 3:
+                    self.frozen.set()
                 await anyio.sleep(0.5)
-            finished.set()
+            self.finished.set()
             await anyio.sleep_forever()
         except anyio.get_cancelled_exc_class():
-            if not finished.is_set():  # not the end of the demo: the leader's session was lost
-                say(f"{name}: main job cancelled (its session's deadline passed)", fg="red")
+            if not self.finished.is_set():  # not the end of the demo: the leader's session was lost
+                self.say(f"{name}: main job cancelled (its session's deadline passed)", fg="red")
             raise
 
-    async def replica(name: str, client: _Replica) -> None:
+    async def replica(self, name: str, client: _Replica) -> None:
         try:
             async with client, Session(client, ttl=TTL) as session, Group(session, GROUP).join(name):
                 async with Election(session, ELECTION).campaign(name.encode()) as leadership:
-                    await main_job(name, leadership)
+                    await self.main_job(name, leadership)
         except OwnershipLostError as exc:
-            say(f"{name}: {type(exc).__name__}, it stops leading and stays out", fg="red")
+            self.say(f"{name}: {type(exc).__name__}, it stops leading and stays out", fg="red")
 
-    async def watch_replicas(client: Backend) -> None:
+    async def watch_replicas(self, client: Backend) -> None:
         async with client:
             async for view in Group(Session(client), GROUP).watch():
                 for name in sorted(view.left):
-                    say(f"group: {name} left (its lease expired)", fg="yellow")
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch_replicas, connect())
-        for name, client in replicas.items():
-            tg.start_soon(replica, name, client)
-        await frozen.wait()
-        leader = ticks[-1][0]
-        say(f"{leader} freezes: its heartbeats stop", fg="red")
-        replicas[leader].freeze()
-        await finished.wait()
-        tg.cancel_scope.cancel()
-    terms = [term for _, term in ticks]
-    assert terms == sorted(terms), "terms only grow"
-    runners = " -> ".join(dict.fromkeys(name for name, _ in ticks))
-    say(f"{len(ticks)} ticks, each run once, by {runners}")
+                    self.say(f"group: {name} left (its lease expired)", fg="yellow")
 
 
 class _Replica:

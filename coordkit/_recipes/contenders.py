@@ -159,7 +159,7 @@ class Contender(ABC):
                 session through another object (waiting would deadlock).
             OwnershipLostError: (the recipe's subclass) the session was lost while waiting.
             SessionClosedError: the session is not open.
-            UnavailableError: the store could not be reached to join the queue.
+            UnavailableError: the store could not be reached to join the queue (in three attempts).
         """
         task = self._take_turn_check()
         started = anyio.current_time()
@@ -283,13 +283,17 @@ class Contender(ABC):
         try:
             with _telemetry.span(self._span, self._attrs()) as span:
                 async with session.guarded(self._lost_error, what=self._what):
-                    # One round trip when uncontended: create our key unless it exists (a request retried after
-                    # an ambiguous failure finds it), and read the current owners at the same revision.
+                    # One round trip when uncontended: create our key unless it exists, and read the current
+                    # owners at the same revision. Retried: after an ambiguous failure (a lost reply) the retry
+                    # finds our key, created by the first attempt, and keeps its place in the line.
                     owners = self._owners_range()
-                    result = await session.backend.txn(
-                        [Compare.create(key, "==", 0)],
-                        [Put(key, self._value(), session.lease_id), owners],
-                        [Range(key), owners],
+                    result = await retry_call(
+                        lambda: session.backend.txn(
+                            [Compare.create(key, "==", 0)],
+                            [Put(key, self._value(), session.lease_id), owners],
+                            [Range(key), owners],
+                        ),
+                        attempts=_JOIN_ATTEMPTS,
                     )
                     mine, current = result.responses[0], result.responses[1]
                     assert isinstance(mine, RangeResult | PutResult) and isinstance(current, RangeResult)
@@ -314,6 +318,10 @@ class Contender(ABC):
         self._held_since = anyio.current_time()
         _telemetry.lock_wait.record(self._held_since - started, self._metric_attrs())
         return self._held
+
+
+#: attempts at joining the line before acquire gives up with UnavailableError (a lost reply is one failed attempt)
+_JOIN_ATTEMPTS = 3
 
 
 def _created(mine: RangeResult | PutResult) -> int:
