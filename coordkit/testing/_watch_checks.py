@@ -156,57 +156,68 @@ def check_watch_items(
     resumed = start_revision is not None  # until the first item, batches must start where the watch was asked to
     for index, item in enumerate(items):
         if isinstance(item, Snapshot):
-            if item.revision < position:
-                raise WatchViolation("ordered", f"snapshot goes back from revision {position}", index=index, **_r(item))
-            initial_snapshot = index == 0 and start_revision is None  # the only one that is not a resync
-            if item.resync == initial_snapshot:
-                detail = "the first snapshot is marked" if initial_snapshot else "a later snapshot is not marked"
-                raise WatchViolation("announced", f"{detail} as a resync", index=index, **_r(item))
-            if item.revision < initial.revision:
-                raise ValueError(f"the reference starts at {initial.revision}, after the snapshot at {item.revision}")
-            expected = ref.state_at(initial, item.revision)
-            got = {kv.key: kv for kv in item.kvs}
-            if got != expected:
-                raise WatchViolation(
-                    "announced", f"snapshot is not the store's state: {_diff(got, expected)}", index=index, **_r(item)
-                )
-            position = item.revision
-            resumed = False
+            _check_snapshot(item, index, position, index == 0 and start_revision is None, initial, ref)
+        elif item.events:
+            _check_batch(item, index, position, resumed, seen, ref)
+        else:
             continue
-        if not item.events:
-            continue
-        violation = _bad_events(item, index)
-        if violation is not None:
-            raise violation
-        if item.revision <= position:
-            # the very revision already delivered (or shown by the snapshot just before) is a repeat
-            repeat = item.revision == position or any((e.kv.key, item.revision) in seen for e in item.events)
-            check: WatchCheck = "unique" if repeat else "ordered"
-            raise WatchViolation(check, f"after revision {position}", index=index, **_r(item))
-        seen.update((e.kv.key, item.revision) for e in item.events)
-        expected_batch = ref.next_after(position)
-        if item.revision not in ref.by_revision:
-            raise WatchViolation(
-                "reliable", "the store has no change of the watched range at this revision", index=index, **_r(item)
-            )
-        if expected_batch is not None and expected_batch.revision < item.revision:
-            raise WatchViolation(
-                "resumable" if resumed else "announced",
-                f"revision {expected_batch.revision} skipped without a resync snapshot",
-                index=index,
-                **_r(item),
-            )
-        stored = ref.by_revision[item.revision]
-        if item.events != stored.events:
-            partial = set(item.events) < set(stored.events)
-            raise WatchViolation(
-                "atomic" if partial else "reliable",
-                f"events {_events(item)} but the store has {_events(stored)}",
-                index=index,
-                **_r(item),
-            )
         position = item.revision
         resumed = False
+
+
+def _check_snapshot(
+    item: Snapshot, index: int, position: int, initial_snapshot: bool, initial: Snapshot, ref: _Reference
+) -> None:
+    """A snapshot after ``position``: announced as a resync unless it is the first one, and the store's state."""
+    if item.revision < position:
+        raise WatchViolation("ordered", f"snapshot goes back from revision {position}", index=index, **_r(item))
+    if item.resync == initial_snapshot:  # the initial snapshot is the only one that is not a resync
+        detail = "the first snapshot is marked" if initial_snapshot else "a later snapshot is not marked"
+        raise WatchViolation("announced", f"{detail} as a resync", index=index, **_r(item))
+    if item.revision < initial.revision:
+        raise ValueError(f"the reference starts at {initial.revision}, after the snapshot at {item.revision}")
+    expected = ref.state_at(initial, item.revision)
+    got = {kv.key: kv for kv in item.kvs}
+    if got != expected:
+        raise WatchViolation(
+            "announced", f"snapshot is not the store's state: {_diff(got, expected)}", index=index, **_r(item)
+        )
+
+
+def _check_batch(
+    item: WatchBatch, index: int, position: int, resumed: bool, seen: set[tuple[bytes, int]], ref: _Reference
+) -> None:
+    """A batch after ``position``: the reference's next one, whole, never a repeat (``seen`` is updated)."""
+    violation = _bad_events(item, index)
+    if violation is not None:
+        raise violation
+    if item.revision <= position:
+        # the very revision already delivered (or shown by the snapshot just before) is a repeat
+        repeat = item.revision == position or any((e.kv.key, item.revision) in seen for e in item.events)
+        check: WatchCheck = "unique" if repeat else "ordered"
+        raise WatchViolation(check, f"after revision {position}", index=index, **_r(item))
+    seen.update((e.kv.key, item.revision) for e in item.events)
+    expected_batch = ref.next_after(position)
+    if item.revision not in ref.by_revision:
+        raise WatchViolation(
+            "reliable", "the store has no change of the watched range at this revision", index=index, **_r(item)
+        )
+    if expected_batch is not None and expected_batch.revision < item.revision:
+        raise WatchViolation(
+            "resumable" if resumed else "announced",
+            f"revision {expected_batch.revision} skipped without a resync snapshot",
+            index=index,
+            **_r(item),
+        )
+    stored = ref.by_revision[item.revision]
+    if item.events != stored.events:
+        partial = set(item.events) < set(stored.events)
+        raise WatchViolation(
+            "atomic" if partial else "reliable",
+            f"events {_events(item)} but the store has {_events(stored)}",
+            index=index,
+            **_r(item),
+        )
 
 
 # -- the checks, each yielding its violations in stream order -------------------------------------------------
