@@ -154,8 +154,13 @@ class Counted(PassThrough):
         super().__init__(inner)
         self.txns = self.watches = 0
         self.writes: list[Sequence[Op]] = []  # the success branch of every txn
+        self.reads: list[Range] = []
         self.hold_replies: anyio.Event | None = None  # while set up, txn replies wait for it (the txn is applied)
         self.held = anyio.Event()
+
+    async def range(self, request: Range) -> RangeResult:
+        self.reads.append(request)
+        return await self.inner.range(request)
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
         self.txns += 1

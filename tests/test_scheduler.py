@@ -139,6 +139,8 @@ async def test_one_worker_claims_each_tick_and_the_ticks_spread(harness: Harness
     sent = sum(claims(client) for _, client in group)
     assert sent <= len(ticks) + 3, f"{sent} claims for {len(ticks)} ticks: one worker claims each"
     assert len({worker for worker, _ in runs}) >= 2, "the ticks spread over the workers"
+    record_reads = [r for _, client in group for r in client.reads if b"/runs/" in r.key and not r.prefix]
+    assert record_reads == [], "a run that ended is seen ended in the watch: nobody reads its record"
 
 
 async def test_a_tick_runs_when_the_first_worker_of_its_line_cannot_claim(harness: Harness) -> None:

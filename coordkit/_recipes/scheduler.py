@@ -943,18 +943,22 @@ class Scheduler:
                     self._on_kill(name, run_id or None, kv.mod_revision)
 
     async def _detect_lost(self) -> None:
-        """A running marker deleted while its record still says running: the runner died. Record it once."""
-        running = self._prefix + b"running/"
-        backend = self.session.backend
-        async with Watch(backend, running, prefix=True) as watch:
+        """A running marker deleted while its record still says running: the runner died. Record it once.
+
+        One watch covers ``running/`` and ``runs/`` (both start with ``run``): a run that ended wrote its record
+        at the revision that deleted its marker, so only a marker deleted alone (its lease ended) costs a read.
+        """
+        running, runs = self._prefix + b"running/", self._prefix + b"runs/"
+        async with Watch(self.session.backend, self._prefix + b"run", prefix=True) as watch:
             async for item in watch:
                 if isinstance(item, Snapshot):
                     continue
+                written = {event.kv.key for event in item.events if event.type is EventType.PUT}
                 for event in item.events:
-                    if event.type is EventType.DELETE:
-                        job, _, tick_id = event.kv.key[len(running) :].partition(b"/")
-                        record_key = self._prefix + b"runs/" + job + b"/" + tick_id
-                        await retry_call(partial(self._record_lost, record_key))
+                    if event.type is EventType.DELETE and event.kv.key.startswith(running):
+                        record_key = runs + event.kv.key[len(running) :]
+                        if record_key not in written:  # not ended by its runner in this revision
+                            await retry_call(partial(self._record_lost, record_key))
 
     async def _record_lost(self, record_key: bytes) -> None:
         current = await self.session.backend.range(Range(record_key))
