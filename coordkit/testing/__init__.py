@@ -16,6 +16,7 @@ from ._harness import (
     FaultyBackend as FaultyBackend,
     Harness as Harness,
     MemoryHarness as MemoryHarness,
+    PostgresHarness as PostgresHarness,
 )
 from ._kv_history import (
     KvCas as KvCas,
@@ -34,6 +35,7 @@ from ._linearizability import (
     Operation as Operation,
     check_linearizable as check_linearizable,
 )
+from ._postgres_server import PostgresServer as PostgresServer
 from ._watch_checks import (
     WatchViolation as WatchViolation,
     check_atomic as check_atomic,
@@ -62,6 +64,8 @@ __all__ = (
     "KvReply",
     "LinearizabilityResult",
     "MemoryHarness",
+    "PostgresHarness",
+    "PostgresServer",
     "WatchViolation",
     "check_atomic",
     "check_ordered",

@@ -306,3 +306,45 @@ class Compactor(Protocol):
 def _faulty(client: Backend) -> FaultyBackend:
     assert isinstance(client, FaultyBackend), "EtcdHarness faults apply to its own clients"
     return client
+
+
+@final
+class PostgresHarness:
+    """Harness for `PostgresBackend` against a running PostgreSQL; faults come from FaultyBackend.
+
+    Every client is a `PostgresBackend` of its own (its own connections), entered, so its sweeper runs too.
+    """
+
+    def __init__(self, dsn: str, *, schema: str = "coordkit") -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.namespace = new_namespace("pg")
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[Backend]:
+        from .._backends.postgres import PostgresBackend
+
+        async with PostgresBackend(self.dsn, schema=self.schema) as backend:
+            yield FaultyBackend(backend)
+
+    async def compact(self, revision: int) -> None:
+        from .._backends.postgres import PostgresBackend
+
+        async with PostgresBackend(self.dsn, schema=self.schema) as backend:
+            await backend.compact(revision)
+
+    async def expire_lease(self, lease_id: int) -> None:
+        async with self.client() as client:
+            await client.revoke(lease_id)
+
+    def suspend_keepalives(self, client: Backend) -> None:
+        _faulty(client).suspend_keepalives()
+
+    def partition(self, client: Backend) -> None:
+        _faulty(client).partition()
+
+    def break_watches(self, client: Backend) -> None:
+        _faulty(client).break_watches()
+
+    def heal(self, client: Backend) -> None:
+        _faulty(client).heal()
