@@ -1,0 +1,138 @@
+"""PostgresBackend against the failures of a real PostgreSQL: a server restart, killed connections
+(``pg_terminate_backend``), a blackholed network. Sessions, locks and views recover with no help from the caller.
+
+The shared suite (every test taking ``harness``) runs on PostgreSQL too; these are the faults only it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import asyncpg
+import pytest
+
+from coordkit import (
+    ConfigView,
+    EventType,
+    Lock,
+    PostgresBackend,
+    Put,
+    Range,
+    Session,
+    UnavailableError,
+    publish,
+)
+from coordkit.testing import PostgresServer
+
+from .proxy import TcpProxy
+from .test_config import Changes
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("kind", ["postgres"])]
+
+
+@asynccontextmanager
+async def admin(server: PostgresServer) -> AsyncIterator[asyncpg.Connection[Any]]:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(server.dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def terminate_coordkit_connections(server: PostgresServer) -> int:
+    """Kill every coordkit connection on the server, as an operator's ``pg_terminate_backend`` would."""
+    async with admin(server) as conn:
+        killed = await conn.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'coordkit' AND pid <> pg_backend_pid()"
+        )
+    return len(killed)
+
+
+async def test_session_lock_and_view_survive_a_server_restart(postgres_server: PostgresServer) -> None:
+    """The server stops and starts (every connection breaks) while a session holds a lock and a view follows a
+    prefix: the session is not lost, the lock is still held, and the view shows every change exactly once."""
+    prefix = "pg-restart/"
+    async with (
+        PostgresBackend(postgres_server.dsn) as writer,
+        PostgresBackend(postgres_server.dsn) as service,
+        Session(service, ttl=10) as session,
+        Lock(session, "pg-restart-lock") as held,
+    ):
+        await publish(writer, prefix + "seq", 0, expected_revision=None)
+        async with ConfigView(service, prefix) as view, anyio.create_task_group() as tg:
+            changes = Changes(view)
+            tg.start_soon(changes.run)
+            await changes.ready.wait()
+            for i in range(1, 4):
+                await publish(writer, prefix + "seq", i, expected_revision=None)
+            await anyio.to_thread.run_sync(postgres_server.restart)
+            for i in range(4, 7):  # connections that died with the server are noticed and replaced
+                await publish(writer, prefix + "seq", i, expected_revision=None)
+            assert [(await changes.next()).value for _ in range(6)] == [1, 2, 3, 4, 5, 6]
+            tg.cancel_scope.cancel()
+        assert not session.lost
+        (kv,) = (await service.range(Range(b"pg-restart-lock/", prefix=True))).kvs
+        assert kv.create_revision == held.token, "the lock key outlived the restart"
+
+
+async def test_killed_connections_are_replaced(postgres_server: PostgresServer) -> None:
+    """``pg_terminate_backend`` on every coordkit connection: keepalives, watches and the notification listener
+    reconnect by themselves; a change after the kill reaches the view, and lease expiry still happens."""
+    prefix = "pg-kill/"
+    async with (
+        PostgresBackend(postgres_server.dsn) as writer,
+        PostgresBackend(postgres_server.dsn) as service,
+        Session(service, ttl=5) as session,
+    ):
+        await publish(writer, prefix + "a", 0, expected_revision=None)
+        async with ConfigView(service, prefix) as view, anyio.create_task_group() as tg:
+            changes = Changes(view)
+            tg.start_soon(changes.run)
+            await changes.ready.wait()
+            assert await terminate_coordkit_connections(postgres_server) >= 3
+            await publish(writer, prefix + "a", 1, expected_revision=None)
+            assert (await changes.next()).value == 1
+            tg.cancel_scope.cancel()
+        # the sweepers reconnected too: a lease left to expire takes its key with it
+        lease = await writer.grant(2)
+        key = prefix.encode() + b"leased"
+        put = await writer.txn([], [Put(key, b"", lease.id)])
+        async with writer.watch(key, start_revision=put.revision + 1) as batches:
+            with anyio.fail_after(10):
+                batch = await anext(batches)
+        assert [(event.type, event.kv.key) for event in batch.events] == [(EventType.DELETE, key)]
+        assert not session.lost
+
+
+async def test_blackholed_connections_time_out_and_recover(postgres_server: PostgresServer) -> None:
+    """The network swallows everything for 2 s (no reset, no error): calls end with UnavailableError after the
+    request timeout instead of hanging, the session (TTL 10 s) is not lost, and everything works after it ends."""
+    prefix = b"pg-blackhole/"
+    async with TcpProxy("127.0.0.1", postgres_server.port) as proxy:
+        dsn = postgres_server.dsn.replace(f":{postgres_server.port}/", f":{proxy.port}/")
+        async with (
+            PostgresBackend(postgres_server.dsn) as writer,
+            PostgresBackend(dsn, request_timeout=1.0) as service,
+            Session(service, ttl=10) as session,
+        ):
+            await writer.txn([], [Put(prefix + b"k", b"0")])
+            proxy.blackhole()
+            with pytest.raises(UnavailableError), anyio.fail_after(5):
+                await service.range(Range(prefix + b"k"))
+            await writer.txn([], [Put(prefix + b"k", b"1")])
+            await anyio.sleep(1)  # the session's keepalives meet the blackhole too
+            proxy.pass_through()
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        got = await service.range(Range(prefix + b"k"))
+                        break
+                    except UnavailableError:
+                        await anyio.sleep(0.1)
+            assert got.kvs[0].value == b"1"
+            assert not session.lost
