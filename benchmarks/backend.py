@@ -239,14 +239,18 @@ async def postgres_rows(iterations: int) -> tuple[list[tuple[str, float, float, 
                     await conn.execute(
                         "WITH logged AS (INSERT INTO coordkit.log "
                         "(revision, seq, type, key, value, create_revision, version, lease) "
-                        "VALUES ($1, 0, 0, $3, $4, $5, $6, 0)) "
+                        "SELECT $1, u.ord - 1, u.type, u.key, u.value, u.create_revision, u.version, u.lease FROM "
+                        "unnest($3::smallint[], $4::bytea[], $5::bytea[], $6::bigint[], $7::bigint[], $8::bigint[]) "
+                        "WITH ORDINALITY AS u(type, key, value, create_revision, version, lease, ord)) "
                         "UPDATE coordkit.meta SET revision = $1 WHERE id = 1 RETURNING pg_notify($2, $1::text)",
                         rev + 1,
                         "coordkit_coordkit",
-                        key,
-                        b"value",
-                        new["create_revision"],
-                        new["version"],
+                        [0],
+                        [key],
+                        [b"value"],
+                        [new["create_revision"]],
+                        [new["version"]],
+                        [0],
                     )
                 mod["rev"] = rev + 1
 

@@ -32,6 +32,7 @@ library uses asyncio only where the backend needs it (PostgreSQL is not usable f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -170,22 +171,29 @@ def _bounds(key: bytes, prefix: bool, first: int, *, indexed: bool = True) -> tu
     n = _KEY_ORDER_BYTES
     if not prefix:
         if indexed:
-            return f"sha256(key) = ${first} AND key = ${first + 1}", [hashlib.sha256(key).digest(), key]
-        return f"key = ${first}", [key]
+            return _bounds_sql("key", first, indexed), [hashlib.sha256(key).digest(), key]
+        return _bounds_sql("key", first, indexed), [key]
     end = prefix_end(key)
     if not key and not end:
         return "true", []
     if not end:
-        if indexed:
-            return f"substr(key, 1, {n}) >= ${first} AND key >= ${first + 1}", [key[:n], key]
-        return f"key >= ${first}", [key]
+        return _bounds_sql("from", first, indexed), [key[:n], key] if indexed else [key]
+    return _bounds_sql("between", first, indexed), [key[:n], end[:n], key, end] if indexed else [key, end]
+
+
+@functools.cache
+def _bounds_sql(shape: str, first: int, indexed: bool) -> str:
+    n = _KEY_ORDER_BYTES
+    if shape == "key":
+        return f"sha256(key) = ${first} AND key = ${first + 1}" if indexed else f"key = ${first}"
+    if shape == "from":
+        return f"substr(key, 1, {n}) >= ${first} AND key >= ${first + 1}" if indexed else f"key >= ${first}"
     if indexed:
         return (
             f"substr(key, 1, {n}) >= ${first} AND substr(key, 1, {n}) <= ${first + 1} "
-            f"AND key >= ${first + 2} AND key < ${first + 3}",
-            [key[:n], end[:n], key, end],
+            f"AND key >= ${first + 2} AND key < ${first + 3}"
         )
-    return f"key >= ${first} AND key < ${first + 1}", [key, end]
+    return f"key >= ${first} AND key < ${first + 1}"
 
 
 def _range_sql(s: str, r: Range) -> tuple[str, list[Any]]:
@@ -195,32 +203,63 @@ def _range_sql(s: str, r: Range) -> tuple[str, list[Any]]:
     """
     where, bounds = _bounds(r.key, r.prefix, 1)
     args: list[Any] = list(bounds)
-    if r.count_only:
-        return f"SELECT m.revision, (SELECT count(*) FROM {s}.kv WHERE {where}) AS total FROM {s}.meta m", args
-    filters = []
-    if r.max_create_revision:
+    if r.max_create_revision and not r.count_only:
         args.append(r.max_create_revision)
-        filters.append(f"create_revision <= ${len(args)}")
-    if r.min_create_revision:
+    if r.min_create_revision and not r.count_only:
         args.append(r.min_create_revision)
-        filters.append(f"create_revision >= ${len(args)}")
-    direction = "DESC" if r.descending else "ASC"
-    column = _SORT_COLUMNS[r.sort_by]
+    if r.limit and not r.count_only:
+        args.append(r.limit + 1)  # one more tells whether there are more
+    shape = (
+        s,
+        where,
+        len(bounds),
+        r.count_only,
+        bool(r.max_create_revision),
+        bool(r.min_create_revision),
+        r.sort_by,
+        r.descending,
+        bool(r.limit),
+        r.keys_only,
+    )
+    return _range_sql_text(*shape), args
+
+
+@functools.cache
+def _range_sql_text(
+    s: str,
+    where: str,
+    bound_args: int,
+    count_only: bool,
+    max_create: bool,
+    min_create: bool,
+    sort_by: str,
+    descending: bool,
+    limit: bool,
+    keys_only: bool,
+) -> str:
+    if count_only:
+        return f"SELECT m.revision, (SELECT count(*) FROM {s}.kv WHERE {where}) AS total FROM {s}.meta m"
+    n = bound_args
+    filters = []
+    if max_create:
+        n += 1
+        filters.append(f"create_revision <= ${n}")
+    if min_create:
+        n += 1
+        filters.append(f"create_revision >= ${n}")
+    direction = "DESC" if descending else "ASC"
+    column = _SORT_COLUMNS[sort_by]
     order = f"{column} {direction}" + (", key" if column != "key" else "")
     outer_order = f"f.{column} {direction}" + (", f.key" if column != "key" else "")
-    limit = ""
-    if r.limit:
-        args.append(r.limit + 1)  # one more tells whether there are more
-        limit = f"LIMIT ${len(args)}"
-    value = "''::bytea" if r.keys_only else "value"
-    sql = (
+    limit_sql = f"LIMIT ${n + 1}" if limit else ""
+    value = "''::bytea" if keys_only else "value"
+    return (
         f"WITH r AS MATERIALIZED (SELECT {_KV_COLUMNS} FROM {s}.kv WHERE {where}) "
         f"SELECT m.revision, (SELECT count(*) FROM r) AS total, "
         f"f.key, f.value, f.create_revision, f.mod_revision, f.version, f.lease FROM {s}.meta m "
         f"LEFT JOIN LATERAL (SELECT key, {value} AS value, create_revision, mod_revision, version, lease FROM r "
-        f"WHERE {' AND '.join(filters) or 'true'} ORDER BY {order} {limit}) f ON true ORDER BY {outer_order}"
+        f"WHERE {' AND '.join(filters) or 'true'} ORDER BY {order} {limit_sql}) f ON true ORDER BY {outer_order}"
     )
-    return sql, args
 
 
 def _range_result(r: Range, rows: Sequence[Any], revision: int | None = None) -> RangeResult:
@@ -267,30 +306,46 @@ def _holds(c: Compare, kv: KeyValue | None) -> bool:
     return actual > operand  # type: ignore[operator]
 
 
+def _translate(exc: BaseException) -> CoordkitError | None:
+    """The one mapping of asyncpg's and the network's errors to coordkit's (None: not a store error)."""
+    asyncpg = _load_asyncpg()
+    if isinstance(
+        exc,
+        (
+            asyncpg.InvalidPasswordError,
+            asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.InsufficientPrivilegeError,
+        ),
+    ):
+        return AuthenticationError(f"PostgreSQL refused: {exc}")
+    if isinstance(exc, TimeoutError):  # a statement or a connection attempt over the request timeout
+        return UnavailableError("PostgreSQL did not answer in time")
+    if isinstance(
+        exc,
+        asyncpg.PostgresConnectionError  # class 08
+        | asyncpg.exceptions.OperatorInterventionError  # 57: shutdown, terminated, cancelled
+        | asyncpg.exceptions.InsufficientResourcesError  # 53: too many connections, disk full
+        | asyncpg.exceptions.InvalidTransactionStateError  # 25: e.g. ended for idling in a transaction
+        | asyncpg.exceptions.TransactionRollbackError  # 40: serialization failure, deadlock
+        | asyncpg.InterfaceError  # the connection is closed or in a bad state
+        | OSError,
+    ):
+        return UnavailableError(f"PostgreSQL unavailable: {exc}")
+    if isinstance(exc, asyncpg.PostgresError):
+        return BackendError(f"PostgreSQL error: {exc}")
+    return None
+
+
 @contextmanager
 def _mapped_errors() -> Iterator[None]:
-    """The one boundary where asyncpg's and the network's errors become coordkit's (the native one as cause)."""
-    asyncpg = _load_asyncpg()
+    """Raise the coordkit error of a store error (the native one as its cause)."""
     try:
         yield
-    except (
-        asyncpg.InvalidPasswordError,
-        asyncpg.InvalidAuthorizationSpecificationError,
-        asyncpg.InsufficientPrivilegeError,
-    ) as exc:
-        raise AuthenticationError(f"PostgreSQL refused: {exc}") from exc
-    except (
-        asyncpg.PostgresConnectionError,  # class 08
-        asyncpg.exceptions.OperatorInterventionError,  # 57: shutdown, terminated, cancelled
-        asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
-        asyncpg.exceptions.InvalidTransactionStateError,  # 25: e.g. ended for idling in a transaction
-        asyncpg.exceptions.TransactionRollbackError,  # 40: serialization failure, deadlock
-        asyncpg.InterfaceError,  # the connection is closed or in a bad state
-        OSError,
-    ) as exc:
-        raise UnavailableError(f"PostgreSQL unavailable: {exc}") from exc
-    except asyncpg.PostgresError as exc:
-        raise BackendError(f"PostgreSQL error: {exc}") from exc
+    except Exception as exc:
+        mapped = _translate(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
 
 
 @final
@@ -304,29 +359,44 @@ class _Pool:
         self._slots = anyio.Semaphore(size)
         self.closed = False
 
+    async def take(self) -> Connection:
+        """A connection for one call (waiting, cancellably, while all are in use); give it back with `give`."""
+        try:
+            self._slots.acquire_nowait()  # no event-loop round trip when a connection is free
+        except anyio.WouldBlock:
+            await self._slots.acquire()
+        try:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.is_closed():
+                    return conn
+            return await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def give(self, conn: Connection, exc: BaseException | None = None) -> None:
+        """Give back a connection after its call ended, with the exception it raised, if any.
+
+        A connection that saw cancellation or a store error is closed (its state is unknown: a transaction may be
+        open); one whose call was refused by coordkit itself (a lease gone, a future compaction) is kept.
+        """
+        self._slots.release()
+        if exc is None or isinstance(exc, CoordkitError | ValueError):
+            self._put_back(conn)
+        else:
+            conn.terminate()
+
     @asynccontextmanager
-    async def connection(self, timeout: float) -> AsyncIterator[Connection]:
-        """A connection for one call; connecting and the call itself must end within ``timeout`` seconds."""
-        async with self._slots:
-            with anyio.fail_after(timeout):
-                conn = None
-                while self._idle and conn is None:
-                    candidate = self._idle.pop()
-                    if not candidate.is_closed():
-                        conn = candidate
-                if conn is None:
-                    conn = await self._connect()
-                try:
-                    yield conn
-                except (CoordkitError, ValueError):
-                    # refused by coordkit itself (a lease gone, a future compaction): the connection is still good,
-                    # unless the error left a transaction open
-                    self._put_back(conn)
-                    raise
-                except BaseException:
-                    conn.terminate()  # cancelled or failed mid-call: the connection's state is unknown
-                    raise
-                self._put_back(conn)
+    async def connection(self) -> AsyncIterator[Connection]:
+        """`take` and `give` around a block."""
+        conn = await self.take()
+        try:
+            yield conn
+        except BaseException as exc:
+            self.give(conn, exc)
+            raise
+        self.give(conn)
 
     def _put_back(self, conn: Connection) -> None:
         if self.closed or conn.is_closed() or conn.is_in_transaction():
@@ -435,7 +505,13 @@ class PostgresBackend:
         }
         if idle_session_ms:
             settings["idle_session_timeout"] = str(idle_session_ms)
-        conn: Connection = await asyncpg.connect(self.dsn, timeout=self._request_timeout, server_settings=settings)
+        # every statement is bounded by command_timeout (asyncpg's own timer: cheaper than a cancel scope per call)
+        conn: Connection = await asyncpg.connect(
+            self.dsn,
+            timeout=self._request_timeout,
+            command_timeout=self._request_timeout,
+            server_settings=settings,
+        )
         return conn
 
     async def _connect(self) -> Connection:
@@ -477,16 +553,33 @@ class PostgresBackend:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
-        """A pooled connection for one call, bounded by the request timeout, with errors mapped."""
+        """A pooled connection for one call, with errors mapped. Connecting and each statement are bounded by the
+        request timeout; waiting for a free connection is local queueing, not the server's slowness: not bounded."""
         if self._closed:
             raise UnavailableError("backend is closed")
+        with _mapped_errors():
+            async with self._pool.connection() as conn:
+                yield conn
+
+    async def _fetch(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        """One statement on a pooled connection: the hot path of range and refresh, without context managers."""
+        if self._closed:
+            raise UnavailableError("backend is closed")
+        pool = self._pool
         try:
-            with _mapped_errors():
-                # waiting for a free connection is local queueing, not the server's slowness: not timed
-                async with self._pool.connection(self._request_timeout) as conn:
-                    yield conn
-        except TimeoutError as exc:
-            raise UnavailableError(f"PostgreSQL did not answer within {self._request_timeout} s") from exc
+            conn = await pool.take()
+            try:
+                rows: list[Any] = await conn.fetch(sql, *args)
+            except BaseException as exc:
+                pool.give(conn, exc)
+                raise
+            pool.give(conn)
+            return rows
+        except Exception as exc:
+            mapped = _translate(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     # -- reads -----------------------------------------------------------------------------------------
 
@@ -495,9 +588,7 @@ class PostgresBackend:
             raise TypeError(f"range takes a Range, not {type(request).__name__}")
         _check_range_size(request)
         sql, args = _range_sql(self._s, request)
-        async with self._connection() as conn:
-            rows = await conn.fetch(sql, *args)
-        return _range_result(request, rows)
+        return _range_result(request, await self._fetch(sql, args))
 
     # -- the only write --------------------------------------------------------------------------------
 
@@ -636,15 +727,14 @@ class PostgresBackend:
 
     async def refresh(self, lease_id: int) -> int:
         check_lease_id(lease_id)
-        async with self._connection() as conn:
-            ttl = await conn.fetchval(
-                f"UPDATE {self._s}.lease SET expires_at = now() + make_interval(secs => ttl) "
-                "WHERE id = $1 AND expires_at > now() RETURNING ttl",
-                lease_id,
-            )
-        if ttl is None:
+        rows = await self._fetch(
+            f"UPDATE {self._s}.lease SET expires_at = now() + make_interval(secs => ttl) "
+            "WHERE id = $1 AND expires_at > now() RETURNING ttl",
+            [lease_id],
+        )
+        if not rows:
             raise LeaseExpiredError(lease_id)
-        return int(ttl)
+        return int(rows[0]["ttl"])
 
     async def revoke(self, lease_id: int) -> None:
         check_lease_id(lease_id)
@@ -798,7 +888,7 @@ class PostgresBackend:
     async def _sweep_round(self, conn: Connection) -> float:
         """One round of the sweeper: take the lock if free, expire what is due; return seconds to sleep."""
         if not self._migrated:
-            async with self._pool.connection(self._request_timeout):  # runs the migration
+            async with self._pool.connection():  # runs the migration
                 pass
         if not self.sweeping:
             self.sweeping = bool(
