@@ -420,16 +420,18 @@ class PostgresBackend:
     connection that receives change notifications (so watches wake at once) and may sweep expired leases. Calls
     also work on a backend that is not entered (watches then poll every second, and other clients sweep).
 
-    Every call runs on asyncio (asyncpg), holds one pooled connection, and is bounded by ``request_timeout``: a
-    server that does not answer raises `UnavailableError` and the connection is dropped. A cancelled write either
-    committed whole or not at all.
+    Every call runs on asyncio (asyncpg) and holds one pooled connection; connecting and each statement are bounded
+    by ``request_timeout``: a server that does not answer raises `UnavailableError` and the connection is dropped.
+    A cancelled write either committed whole or not at all.
 
     Args:
         dsn: where and how to connect (libpq URL or ``key=value`` string: host, port, user, password, database,
             ``sslmode``, ``sslrootcert``, ...).
         schema: the schema holding coordkit's tables (lowercase letters, digits and ``_``); created on first use.
-        pool_size: most connections used at once for calls (watches take one only while reading).
-        request_timeout: seconds a call may take, connecting included, before it raises `UnavailableError`.
+        pool_size: most connections used at once for calls (watches take one only while reading); lease
+            keepalives have one more of their own, so they never wait behind other calls.
+        request_timeout: seconds connecting or one statement may take before the call raises `UnavailableError` (a
+            transaction sends up to about five statements; waiting for a free pooled connection is not bounded).
 
     Raises:
         ValueError: a schema name that is not a plain lowercase identifier, or a bad size or timeout.
@@ -460,6 +462,8 @@ class PostgresBackend:
         self._channel = f"coordkit_{schema}"
         self._request_timeout = float(request_timeout)
         self._pool = _Pool(self._connect, pool_size)
+        # keepalives never queue behind other calls: a session's validity depends on their latency
+        self._keepalive_pool = _Pool(self._connect, 1)
         self._migrated = False
         self._migrate_lock = anyio.Lock()
         self._changed = anyio.Event()
@@ -490,6 +494,7 @@ class PostgresBackend:
         if stack is not None:
             await stack.aclose()
         self._pool.close()
+        self._keepalive_pool.close()
         await anyio.lowlevel.checkpoint()
 
     def __repr__(self) -> str:
@@ -561,11 +566,11 @@ class PostgresBackend:
             async with self._pool.connection() as conn:
                 yield conn
 
-    async def _fetch(self, sql: str, args: Sequence[Any]) -> list[Any]:
+    async def _fetch(self, sql: str, args: Sequence[Any], pool: _Pool | None = None) -> list[Any]:
         """One statement on a pooled connection: the hot path of range and refresh, without context managers."""
         if self._closed:
             raise UnavailableError("backend is closed")
-        pool = self._pool
+        pool = self._pool if pool is None else pool
         try:
             conn = await pool.take()
             try:
@@ -731,6 +736,7 @@ class PostgresBackend:
             f"UPDATE {self._s}.lease SET expires_at = now() + make_interval(secs => ttl) "
             "WHERE id = $1 AND expires_at > now() RETURNING ttl",
             [lease_id],
+            self._keepalive_pool,
         )
         if not rows:
             raise LeaseExpiredError(lease_id)
