@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from coordkit import (
+    AuthenticationError,
     ConfigView,
     EventType,
     Lock,
@@ -136,3 +137,17 @@ async def test_blackholed_connections_time_out_and_recover(postgres_server: Post
                         await anyio.sleep(0.1)
             assert got.kvs[0].value == b"1"
             assert not session.lost
+
+
+async def test_password_from_the_dsn_and_a_wrong_one() -> None:
+    """A server that requires a password: the DSN's password works, a wrong one raises AuthenticationError (a
+    permanent failure: a session is lost at once rather than retried), and the schema option keeps apart."""
+    with PostgresServer(password="right-password") as server:
+        wrong = server.dsn.replace(":right-password@", ":wrong-password@")
+        async with PostgresBackend(wrong) as backend:
+            with pytest.raises(AuthenticationError):
+                await backend.range(Range(b"k"))
+        async with PostgresBackend(server.dsn) as one, PostgresBackend(server.dsn, schema="other_app") as other:
+            await one.txn([], [Put(b"k", b"one")])
+            assert (await other.range(Range(b"k"))).kvs == (), "each schema is a store of its own"
+            assert (await one.range(Range(b"k"))).kvs[0].value == b"one"
