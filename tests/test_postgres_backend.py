@@ -6,8 +6,9 @@ The shared suite (every test taking ``harness``) runs on PostgreSQL too; these a
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -27,10 +28,11 @@ from coordkit import (
     UnavailableError,
     publish,
 )
-from coordkit.testing import PostgresServer
+from coordkit.testing import KvRecorder, PostgresServer, check_linearizable
 
 from .proxy import TcpProxy
 from .test_config import Changes
+from .test_linearizability import MODEL, Workload, report, run_workload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("kind", ["postgres"])]
 
@@ -151,3 +153,38 @@ async def test_password_from_the_dsn_and_a_wrong_one() -> None:
             await one.txn([], [Put(b"k", b"one")])
             assert (await other.range(Range(b"k"))).kvs == (), "each schema is a store of its own"
             assert (await one.range(Range(b"k"))).kvs[0].value == b"one"
+
+
+async def test_history_through_a_blackholing_proxy_is_linearizable(postgres_server: PostgresServer) -> None:
+    """Four clients reach PostgreSQL through TCP proxies that now and then swallow everything (a transaction may
+    be cut off while it holds the revision lock): the recorded history is linearizable, revisions included."""
+    recorder = KvRecorder()
+    namespace = f"ck-lin-pg-{random.randrange(1 << 30)}/".encode()
+    rng = random.Random(7)
+    blackholes = 0
+    async with AsyncExitStack() as stack:
+        proxies = [await stack.enter_async_context(TcpProxy("127.0.0.1", postgres_server.port)) for _ in range(2)]
+        clients = [
+            await stack.enter_async_context(
+                PostgresBackend(
+                    postgres_server.dsn.replace(f":{postgres_server.port}/", f":{proxies[i % 2].port}/"),
+                    request_timeout=0.3,
+                )
+            )
+            for i in range(4)
+        ]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_workload, recorder, clients, namespace, Workload(clients=4, operations=40, pause=0.03))
+            with anyio.move_on_after(20):
+                while len(recorder.history) < 4 * 40:
+                    await anyio.sleep(rng.uniform(0.1, 0.3))
+                    proxy = rng.choice(proxies)
+                    proxy.blackhole()
+                    blackholes += 1
+                    await anyio.sleep(rng.uniform(0.05, 0.5))
+                    proxy.pass_through()
+    result = check_linearizable(MODEL, recorder.history, timeout=60)
+    report("PostgreSQL through a blackholing proxy", recorder, result, blackholes=blackholes)
+    assert result.outcome == "ok", result
+    assert MODEL.check_revisions(recorder.history) == []
+    assert recorder.ambiguous > 0, "the blackholes must produce ambiguous operations"

@@ -39,7 +39,7 @@ import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import anyio
 import anyio.lowlevel
@@ -328,6 +328,7 @@ def _translate(exc: BaseException) -> CoordkitError | None:
         | asyncpg.exceptions.InvalidTransactionStateError  # 25: e.g. ended for idling in a transaction
         | asyncpg.exceptions.TransactionRollbackError  # 40: serialization failure, deadlock
         | asyncpg.InterfaceError  # the connection is closed or in a bad state
+        | asyncpg.exceptions.InternalClientError  # a connection whose server ended it while idle (asyncpg's state)
         | OSError,
     ):
         return UnavailableError(f"PostgreSQL unavailable: {exc}")
@@ -348,6 +349,18 @@ def _mapped_errors() -> Iterator[None]:
         raise mapped from exc
 
 
+_T = TypeVar("_T")
+
+
+class _Progress:
+    """How far a call got: ``began`` once its transaction's BEGIN was acknowledged."""
+
+    __slots__ = ("began",)
+
+    def __init__(self) -> None:
+        self.began = False
+
+
 @final
 class _Pool:
     """A few connections, each used by one call at a time. A connection that saw any error or cancellation is
@@ -359,8 +372,9 @@ class _Pool:
         self._slots = anyio.Semaphore(size)
         self.closed = False
 
-    async def take(self) -> Connection:
-        """A connection for one call (waiting, cancellably, while all are in use); give it back with `give`."""
+    async def take(self) -> tuple[Connection, bool]:
+        """A connection for one call (waiting, cancellably, while all are in use), and whether it was used before
+        (then it may have died while idle: killed, or its server restarted). Give it back with `give`."""
         try:
             self._slots.acquire_nowait()  # no event-loop round trip when a connection is free
         except anyio.WouldBlock:
@@ -369,8 +383,8 @@ class _Pool:
             while self._idle:
                 conn = self._idle.pop()
                 if not conn.is_closed():
-                    return conn
-            return await self._connect()
+                    return conn, True
+            return await self._connect(), False
         except BaseException:
             self._slots.release()
             raise
@@ -390,7 +404,7 @@ class _Pool:
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
         """`take` and `give` around a block."""
-        conn = await self.take()
+        conn, _ = await self.take()
         try:
             yield conn
         except BaseException as exc:
@@ -403,6 +417,12 @@ class _Pool:
             conn.terminate()
         else:
             self._idle.append(conn)
+
+    def drop_idle(self) -> None:
+        """Close every idle connection (they may all have died with the one that failed)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.terminate()
 
     def close(self) -> None:
         self.closed = True
@@ -566,25 +586,54 @@ class PostgresBackend:
             async with self._pool.connection() as conn:
                 yield conn
 
-    async def _fetch(self, sql: str, args: Sequence[Any], pool: _Pool | None = None) -> list[Any]:
-        """One statement on a pooled connection: the hot path of range and refresh, without context managers."""
+    async def _run(
+        self, body: Callable[[Connection, _Progress], Awaitable[_T]], *, idempotent: bool, pool: _Pool | None = None
+    ) -> _T:
+        """Run ``body`` on a pooled connection, with errors mapped (the hot path: no context managers).
+
+        A connection that died while idle in the pool (killed, or its server restarted) fails the first statement
+        sent on it: such a call is run once more on a new connection when that cannot apply it twice (an
+        idempotent call, or a transaction that failed before its BEGIN was acknowledged). Timeouts are not retried.
+        """
         if self._closed:
             raise UnavailableError("backend is closed")
         pool = self._pool if pool is None else pool
-        try:
-            conn = await pool.take()
+        for attempt in range(2):
             try:
-                rows: list[Any] = await conn.fetch(sql, *args)
+                conn, reused = await pool.take()
+            except Exception as exc:
+                mapped = _translate(exc)
+                if mapped is None:
+                    raise
+                raise mapped from exc
+            progress = _Progress()
+            try:
+                result = await body(conn, progress)
+            except Exception as exc:
+                pool.give(conn, exc)
+                mapped = _translate(exc)
+                if mapped is None:
+                    raise
+                stale = reused and isinstance(mapped, UnavailableError) and not isinstance(exc, TimeoutError)
+                if attempt == 0 and stale and (idempotent or not progress.began):
+                    pool.drop_idle()  # its idle neighbours most likely died with it: retry on a new connection
+                    continue
+                raise mapped from exc
             except BaseException as exc:
                 pool.give(conn, exc)
                 raise
             pool.give(conn)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fetch(self, sql: str, args: Sequence[Any], pool: _Pool | None = None) -> list[Any]:
+        """One idempotent statement on a pooled connection."""
+
+        async def fetch(conn: Connection, _: _Progress) -> list[Any]:
+            rows: list[Any] = await conn.fetch(sql, *args)
             return rows
-        except Exception as exc:
-            mapped = _translate(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
+
+        return await self._run(fetch, idempotent=True, pool=pool)
 
     # -- reads -----------------------------------------------------------------------------------------
 
@@ -601,55 +650,71 @@ class PostgresBackend:
         check_txn(compare, success, failure)
         _check_txn(compare, success, failure)
         writes = any(not isinstance(op, Range) for op in (*success, *failure))
-        async with self._connection() as conn:
-            if not writes:
-                # read-only: one snapshot is linearizable, no lock needed
-                async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    revision = await conn.fetchval(f"SELECT revision FROM {self._s}.meta")
-                    succeeded = await self._compares(conn, compare)
-                    ops = success if succeeded else failure
-                    responses: list[OpResult] = []
-                    for op in ops:
-                        assert isinstance(op, Range)
-                        sql, args = _range_sql(self._s, op)
-                        responses.append(_range_result(op, await conn.fetch(sql, *args), revision))
-                return TxnResult(succeeded, tuple(responses), revision)
-            async with conn.transaction():
-                # the serialization point: held until commit, so revisions commit in order
-                current = await self._lock_revision(conn)
+
+        async def run(conn: Connection, progress: _Progress) -> TxnResult:
+            return await self._txn(conn, progress, writes, compare, success, failure)
+
+        return await self._run(run, idempotent=not writes)
+
+    async def _txn(
+        self,
+        conn: Connection,
+        progress: _Progress,
+        writes: bool,
+        compare: Sequence[Compare],
+        success: Sequence[Op],
+        failure: Sequence[Op],
+    ) -> TxnResult:
+        if not writes:
+            # read-only: one snapshot is linearizable, no lock needed
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                progress.began = True
+                revision = await conn.fetchval(f"SELECT revision FROM {self._s}.meta")
                 succeeded = await self._compares(conn, compare)
                 ops = success if succeeded else failure
-                await self._check_leases(conn, ops)
-                revision = current + 1
-                events: list[tuple[int, bytes, bytes, int, int, int]] = []
-                results: list[OpResult] = []
+                responses: list[OpResult] = []
                 for op in ops:
-                    if isinstance(op, Put):
-                        row = await conn.fetchrow(
-                            f"INSERT INTO {self._s}.kv AS k ({_KV_COLUMNS}) VALUES ($1, $2, $3, $3, 1, $4) "
-                            "ON CONFLICT ((sha256(key))) DO UPDATE SET value = EXCLUDED.value, "
-                            "mod_revision = EXCLUDED.mod_revision, version = k.version + 1, lease = EXCLUDED.lease "
-                            "RETURNING create_revision, version",
-                            op.key,
-                            op.value,
-                            revision,
-                            op.lease,
-                        )
-                        assert row is not None
-                        events.append((_PUT, op.key, op.value, row["create_revision"], row["version"], op.lease))
-                        results.append(PutResult(revision))
-                    elif isinstance(op, Delete):
-                        where, args = _bounds(op.key, op.prefix, 1)
-                        rows = await conn.fetch(f"DELETE FROM {self._s}.kv WHERE {where} RETURNING key", *args)
-                        deleted = sorted(row["key"] for row in rows)
-                        events.extend((_DELETE, key, b"", 0, 0, 0) for key in deleted)
-                        results.append(DeleteResult(len(deleted), 0))
-                    else:
-                        sql, args = _range_sql(self._s, op)
-                        results.append(_range_result(op, await conn.fetch(sql, *args), 0))
-                final = revision if events else current
-                if events:
-                    await self._commit_events(conn, revision, events)
+                    assert isinstance(op, Range)
+                    sql, args = _range_sql(self._s, op)
+                    responses.append(_range_result(op, await conn.fetch(sql, *args), revision))
+            return TxnResult(succeeded, tuple(responses), revision)
+        async with conn.transaction():
+            progress.began = True  # from here a failure may have applied the transaction: never retried
+            # the serialization point: held until commit, so revisions commit in order
+            current = await self._lock_revision(conn)
+            succeeded = await self._compares(conn, compare)
+            ops = success if succeeded else failure
+            await self._check_leases(conn, ops)
+            revision = current + 1
+            events: list[tuple[int, bytes, bytes, int, int, int]] = []
+            results: list[OpResult] = []
+            for op in ops:
+                if isinstance(op, Put):
+                    row = await conn.fetchrow(
+                        f"INSERT INTO {self._s}.kv AS k ({_KV_COLUMNS}) VALUES ($1, $2, $3, $3, 1, $4) "
+                        "ON CONFLICT ((sha256(key))) DO UPDATE SET value = EXCLUDED.value, "
+                        "mod_revision = EXCLUDED.mod_revision, version = k.version + 1, lease = EXCLUDED.lease "
+                        "RETURNING create_revision, version",
+                        op.key,
+                        op.value,
+                        revision,
+                        op.lease,
+                    )
+                    assert row is not None
+                    events.append((_PUT, op.key, op.value, row["create_revision"], row["version"], op.lease))
+                    results.append(PutResult(revision))
+                elif isinstance(op, Delete):
+                    where, args = _bounds(op.key, op.prefix, 1)
+                    rows = await conn.fetch(f"DELETE FROM {self._s}.kv WHERE {where} RETURNING key", *args)
+                    deleted = sorted(row["key"] for row in rows)
+                    events.extend((_DELETE, key, b"", 0, 0, 0) for key in deleted)
+                    results.append(DeleteResult(len(deleted), 0))
+                else:
+                    sql, args = _range_sql(self._s, op)
+                    results.append(_range_result(op, await conn.fetch(sql, *args), 0))
+            final = revision if events else current
+            if events:
+                await self._commit_events(conn, revision, events)
         responses = []
         for result in results:
             if isinstance(result, DeleteResult):
