@@ -28,9 +28,11 @@ def typing(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole suite on both backends (memory on a virtual clock, a real etcd started by the tests).
+    """The whole suite on every backend (memory on a virtual clock; a real etcd and a real PostgreSQL started by
+    the tests).
 
-    Three workers (each with its own etcd): most etcd tests wait on real time, so they overlap well on 2 cores.
+    Three workers (each with its own etcd and PostgreSQL): most etcd and PostgreSQL tests wait on real time, so they
+    overlap well on 2 cores.
     """
     session.install("-e", ".[test]")
     session.run("pytest", "-n", "3", *session.posargs)

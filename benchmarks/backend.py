@@ -8,25 +8,32 @@ Rows, for a real etcd 3.5.1 started on loopback:
   gateway requests sent with raw aiohttp and decoded with json.loads only. Both sides run interleaved in small
   rounds so machine noise hits them alike; the ratio column is EtcdBackend p50 / floor p50.
 - MemoryBackend operations per second on one core (sequential CAS txns, ranges).
+- PostgresBackend against a real PostgreSQL on loopback (started by the benchmark): the same rows against the floor
+  of the same SQL statements sent by hand with asyncpg on one connection; watch delivery (put sent -> event out);
+  lease-expiry lateness (event time minus grant acknowledgement + TTL).
 
 Targets (issue 2): EtcdBackend within 1.5x of the floor on every row; MemoryBackend >= 50,000 txn/s.
+Targets (issue 16): PostgresBackend within 1.2x of its floor; watch p99 <= 10 ms; expiry lateness <= 0.5 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
+import math
 import os
 import sys
 import time
 
 import aiohttp
 import anyio
+import asyncpg
 from _measure import interleaved, percentile
 
-from coordkit import Compare, EtcdBackend, MemoryBackend, Put, Range
-from coordkit.testing import EtcdServer
+from coordkit import Compare, EtcdBackend, EventType, MemoryBackend, PostgresBackend, Put, Range
+from coordkit.testing import EtcdServer, PostgresServer
 
 
 def b64(data: bytes) -> str:
@@ -179,6 +186,140 @@ async def memory_rows(seconds: float = 2.0) -> list[tuple[str, float]]:
     return rows
 
 
+async def postgres_rows(iterations: int) -> tuple[list[tuple[str, float, float, float, float]], list[float]]:
+    """PostgresBackend vs the same SQL sent by hand on one asyncpg connection (the floor); then expiry lateness."""
+    rows = []
+    with PostgresServer() as server:
+        async with PostgresBackend(server.dsn) as backend:
+            conn = await asyncpg.connect(server.dsn)
+            key = b"bench/key"
+            first = await backend.txn([], [Put(key, b"value")])
+            mod = {"rev": first.revision}
+            lease = await backend.grant(60)
+            digest = hashlib.sha256(key).digest()
+            columns = "key, value, create_revision, mod_revision, version, lease"
+
+            async def ck_range() -> None:
+                await backend.range(Range(key))
+
+            async def floor_range() -> None:
+                await conn.fetch(
+                    f"WITH r AS MATERIALIZED (SELECT {columns} FROM coordkit.kv WHERE sha256(key) = $1 AND key = $2) "
+                    "SELECT m.revision, (SELECT count(*) FROM r) AS total, f.* FROM coordkit.meta m "
+                    "LEFT JOIN LATERAL (SELECT * FROM r ORDER BY key) f ON true ORDER BY f.key",
+                    digest,
+                    key,
+                )
+
+            async def ck_cas() -> None:
+                result = await backend.txn([Compare.mod(key, "==", mod["rev"])], [Put(key, b"value")])
+                assert result.succeeded
+                mod["rev"] = result.revision
+
+            async def floor_cas() -> None:
+                async with conn.transaction():
+                    rev = await conn.fetchval("SELECT revision FROM coordkit.meta WHERE id = 1 FOR UPDATE")
+                    row = await conn.fetchrow(
+                        f"SELECT {columns} FROM coordkit.kv WHERE sha256(key) = ANY($1::bytea[]) "
+                        "AND key = ANY($2::bytea[])",
+                        [digest],
+                        [key],
+                    )
+                    assert row is not None and row["mod_revision"] == mod["rev"]
+                    new = await conn.fetchrow(
+                        f"INSERT INTO coordkit.kv AS k ({columns}) VALUES ($1, $2, $3, $3, 1, 0) "
+                        "ON CONFLICT ((sha256(key))) DO UPDATE SET value = EXCLUDED.value, "
+                        "mod_revision = EXCLUDED.mod_revision, version = k.version + 1, lease = EXCLUDED.lease "
+                        "RETURNING create_revision, version",
+                        key,
+                        b"value",
+                        rev + 1,
+                    )
+                    assert new is not None
+                    await conn.execute(
+                        "WITH logged AS (INSERT INTO coordkit.log "
+                        "(revision, seq, type, key, value, create_revision, version, lease) "
+                        "SELECT $1, u.ord - 1, u.type, u.key, u.value, u.create_revision, u.version, u.lease FROM "
+                        "unnest($3::smallint[], $4::bytea[], $5::bytea[], $6::bigint[], $7::bigint[], $8::bigint[]) "
+                        "WITH ORDINALITY AS u(type, key, value, create_revision, version, lease, ord)) "
+                        "UPDATE coordkit.meta SET revision = $1 WHERE id = 1 RETURNING pg_notify($2, $1::text)",
+                        rev + 1,
+                        "coordkit_coordkit",
+                        [0],
+                        [key],
+                        [b"value"],
+                        [new["create_revision"]],
+                        [new["version"]],
+                        [0],
+                    )
+                mod["rev"] = rev + 1
+
+            async def ck_refresh() -> None:
+                await backend.refresh(lease.id)
+
+            async def floor_refresh() -> None:
+                await conn.fetchval(
+                    "UPDATE coordkit.lease SET expires_at = now() + make_interval(secs => ttl) "
+                    "WHERE id = $1 AND expires_at > now() RETURNING ttl",
+                    lease.id,
+                )
+
+            samples = await interleaved(
+                {
+                    "range coordkit": ck_range,
+                    "range floor": floor_range,
+                    "txn-CAS coordkit": ck_cas,
+                    "txn-CAS floor": floor_cas,
+                    "refresh coordkit": ck_refresh,
+                    "refresh floor": floor_refresh,
+                },
+                iterations,
+            )
+            await conn.close()
+            for op in ("range", "txn-CAS", "refresh"):
+                ck, fl = samples[f"{op} coordkit"], samples[f"{op} floor"]
+                rows.append((op, percentile(ck, 0.5), percentile(ck, 0.99), percentile(fl, 0.5), percentile(fl, 0.99)))
+            watch = await put_to_event(backend, max(200, iterations // 4))
+            rows.append(("watch put->event", percentile(watch, 0.5), percentile(watch, 0.99), math.nan, math.nan))
+            lateness = await expiry_lateness(backend, 20)
+    return rows, lateness
+
+
+async def put_to_event(backend: PostgresBackend, count: int) -> list[float]:
+    prefix = b"bench/watch/"
+    start = (await backend.range(Range(prefix, prefix=True))).revision + 1
+    samples = []
+    async with backend.watch(prefix, prefix=True, start_revision=start) as batches:
+        for i in range(count):
+            sent = time.perf_counter()
+            await backend.txn([], [Put(prefix + str(i).encode(), b"x")])
+            await anext(batches)
+            samples.append(time.perf_counter() - sent)
+    return samples
+
+
+async def expiry_lateness(backend: PostgresBackend, count: int) -> list[float]:
+    """``count`` leases of 2 s, each with a key, granted 50 ms apart: event time minus (grant ack + TTL)."""
+    prefix = b"bench/expiry/"
+    start = (await backend.range(Range(prefix, prefix=True))).revision + 1
+    due: dict[bytes, float] = {}
+    lateness: list[float] = []
+    async with backend.watch(prefix, prefix=True, start_revision=start) as batches:
+        for i in range(count):
+            lease = await backend.grant(2)
+            acked = time.perf_counter()
+            key = prefix + str(i).encode()
+            await backend.txn([], [Put(key, b"", lease.id)])
+            due[key] = acked + lease.ttl
+            await anyio.sleep(0.05)
+        while len(lateness) < count:
+            batch = await anext(batches)
+            for event in batch.events:
+                if event.type is EventType.DELETE:
+                    lateness.append(time.perf_counter() - due[event.kv.key])
+    return lateness
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=2000, help="samples per etcd row and side")
@@ -202,7 +343,33 @@ async def main() -> None:
     for name, rate in await memory_rows():
         target = "" if not name.startswith("txn") else ("ok" if rate >= 50_000 else "MISSED (target 50,000)")
         print(f"{name:<22} {rate:>10,.0f} ops/s {target}")
-    print(f"\nPython {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, {os.cpu_count()} cores")
+    print()
+    pg, lateness = await postgres_rows(args.iterations)
+    print(f"PostgresBackend vs the same SQL by hand with asyncpg (the floor), {args.iterations} samples, times in ms")
+    print(
+        f"{header[0]:<16} {header[1]:>12} {header[2]:>8} {header[3]:>10} {header[4]:>8} {header[5]:>10} {header[6]:>7}"
+    )
+    for name, ck50, ck99, fl50, fl99 in pg:
+        if math.isnan(fl50):
+            verdict = "ok" if ck99 <= 0.010 else "MISSED"
+            print(f"{name:<16} {ck50 * 1e3:>12.3f} {ck99 * 1e3:>8.3f} {'':>10} {'':>8} {'':>10} {verdict:>7}")
+            continue
+        ratio = ck50 / fl50
+        verdict = "ok" if ratio <= 1.2 else "MISSED"
+        print(
+            f"{name:<16} {ck50 * 1e3:>12.3f} {ck99 * 1e3:>8.3f} {fl50 * 1e3:>10.3f} {fl99 * 1e3:>8.3f}"
+            f" {ratio:>9.2f}x {verdict:>7}"
+        )
+    late50, late_max = percentile(lateness, 0.5), max(lateness)
+    verdict = "ok" if late_max <= 0.5 else "MISSED"
+    print(
+        f"lease expiry lateness ({len(lateness)} leases of 2 s): "
+        f"p50 {late50 * 1e3:.1f} ms, max {late_max * 1e3:.1f} ms {verdict}"
+    )
+    print(
+        f"\nPython {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, asyncpg {asyncpg.__version__}, "
+        f"{os.cpu_count()} cores"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ Against one real etcd 3.5.1 on loopback:
 - contended hand-off: N waiters on N sessions take the lock in turn; the time from a holder's release to the
   next holder's entry, p50/p99, and the number of wake-ups per release (waits that ended in a read).
 - MemoryBackend acquire + release per second (one core, asyncio).
+- PostgresBackend (a real PostgreSQL on loopback, started by the benchmark): uncontended acquire + release, p50/p99
+  and per second, one task.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import aiohttp
 import anyio
 from _measure import interleaved, percentile
 
-from coordkit import Backend, EtcdBackend, Lock, MemoryBackend, Session, WatchBatch
-from coordkit.testing import EtcdServer
+from coordkit import Backend, EtcdBackend, Lock, MemoryBackend, PostgresBackend, Session, WatchBatch
+from coordkit.testing import EtcdServer, PostgresServer
 
 try:
     import aetcd
@@ -184,6 +186,24 @@ async def memory_rate(seconds: float = 2.0) -> float:
         return done / (time.perf_counter() - started)
 
 
+async def postgres_uncontended(iterations: int) -> tuple[list[float], float]:
+    """Uncontended ``async with lock`` on PostgresBackend: every sample, and acquire + release per second."""
+    with PostgresServer() as server:
+        async with PostgresBackend(server.dsn) as backend, Session(backend, ttl=30) as session:
+            lock = Lock(session, "bench/postgres")
+            for _ in range(20):
+                async with lock:
+                    pass
+            samples = []
+            started = time.perf_counter()
+            for _ in range(iterations):
+                start = time.perf_counter()
+                async with lock:
+                    pass
+                samples.append(time.perf_counter() - start)
+            return samples, iterations / (time.perf_counter() - started)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=1000)
@@ -207,6 +227,13 @@ async def main() -> None:
     print(f"wake-ups per release: {wakeups:.2f}")
     print()
     print(f"MemoryBackend Lock acquire + release: {await memory_rate():,.0f} per second (one core, asyncio)")
+    pg, pg_rate = await postgres_uncontended(args.iterations)
+    ck = samples["coordkit Lock"]
+    print(
+        f"PostgresBackend Lock acquire + release: p50 {percentile(pg, 0.5) * 1e3:.3f} ms, "
+        f"p99 {percentile(pg, 0.99) * 1e3:.3f} ms, {pg_rate:,.0f} per second "
+        f"(EtcdBackend in the same run: p50 {percentile(ck, 0.5) * 1e3:.3f} ms)"
+    )
     print(f"\nPython {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, {os.cpu_count()} cores")
 
 

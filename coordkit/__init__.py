@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._backends.etcd import EtcdBackend as EtcdBackend
 from ._backends.memory import MemoryBackend as MemoryBackend, MemoryFaults as MemoryFaults, MemoryStore as MemoryStore
+from ._backends.postgres import PostgresBackend as PostgresBackend
 from ._backends.protocol import Backend as Backend
 from ._backends.types import (
     Compare as Compare,
@@ -162,6 +163,7 @@ __all__ = (
     "MemoryBackend",
     "MemoryFaults",
     "MemoryStore",
+    "PostgresBackend",
     "NotOwnerError",
     "observe_leader",
     "once",

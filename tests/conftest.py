@@ -1,7 +1,8 @@
-"""One suite, two backends: every test taking ``harness`` runs on MemoryBackend and on a real etcd.
+"""One suite, three backends: every test taking ``harness`` runs on MemoryBackend, a real etcd and a real PostgreSQL.
 
 Memory runs on trio under ``MockClock(autojump_threshold=0)``: time is virtual, a 10 s TTL passes at once.
-etcd runs on asyncio (aiohttp) against a real etcd 3.5.1 server the session fixture starts on loopback.
+etcd runs on asyncio (aiohttp) against a real etcd 3.5.1 server the session fixture starts on loopback; PostgreSQL
+on asyncio (asyncpg) against a real server started by ``initdb`` and ``postgres`` in a temporary directory.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from typing import Any
 import pytest
 from trio.testing import MockClock
 
-from coordkit.testing import EtcdHarness, EtcdServer, Harness, MemoryHarness
+from coordkit.testing import EtcdHarness, EtcdServer, Harness, MemoryHarness, PostgresHarness, PostgresServer
 
 from .cluster import EtcdCluster
 
 
-@pytest.fixture(params=["memory", "etcd"])
+@pytest.fixture(params=["memory", "etcd", "postgres"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -36,10 +37,19 @@ def etcd_server() -> Iterator[EtcdServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    with PostgresServer() as server:
+        yield server
+
+
 @pytest.fixture
 def harness(kind: str, request: pytest.FixtureRequest) -> Harness:
     if kind == "memory":
         return MemoryHarness()
+    if kind == "postgres":
+        postgres: PostgresServer = request.getfixturevalue("postgres_server")
+        return PostgresHarness(postgres.dsn)
     server: EtcdServer = request.getfixturevalue("etcd_server")
     return EtcdHarness(server.endpoint, compact=server.compact)
 

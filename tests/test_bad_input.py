@@ -52,7 +52,7 @@ from coordkit import (
     wait_deleted,
 )
 from coordkit._backends.types import MAX_INT64, MAX_LEASE_TTL, MAX_REQUEST_BYTES
-from coordkit.testing import Harness, MemoryHarness
+from coordkit.testing import Harness, MemoryHarness, PostgresHarness
 
 pytestmark = pytest.mark.anyio
 
@@ -174,7 +174,8 @@ LeaseLister = Callable[[], Awaitable[set[int]]]
 
 @pytest.fixture
 def live_leases(kind: str, harness: Harness, request: pytest.FixtureRequest) -> LeaseLister:
-    """Lists the leases alive in the store (a memory store's own list; ``etcdctl lease list`` on etcd)."""
+    """Lists the leases alive in the store (a memory store's own list; ``etcdctl lease list`` on etcd; the lease
+    table on PostgreSQL)."""
     if kind == "memory":
         assert isinstance(harness, MemoryHarness)
         store = harness.store
@@ -183,6 +184,20 @@ def live_leases(kind: str, harness: Harness, request: pytest.FixtureRequest) -> 
             return set(store.lease_ids())
 
         return memory_leases
+    if kind == "postgres":
+        assert isinstance(harness, PostgresHarness)
+        dsn, schema = harness.dsn, harness.schema
+
+        async def postgres_leases() -> set[int]:
+            import asyncpg
+
+            conn = await asyncpg.connect(dsn)
+            try:
+                return {row["id"] for row in await conn.fetch(f'SELECT id FROM "{schema}".lease')}
+            finally:
+                await conn.close()
+
+        return postgres_leases
     server = request.getfixturevalue("etcd_server")
 
     async def etcd_leases() -> set[int]:

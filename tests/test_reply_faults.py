@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
+from typing import cast
 
 import anyio
 import pytest
 
 from coordkit import (
+    Backend,
+    Compare,
     EventType,
     Group,
     Lock,
     MemoryBackend,
+    Op,
     Put,
     Range,
     Session,
+    TxnResult,
     UnavailableError,
     Watch,
     WatchBatch,
@@ -25,7 +31,7 @@ from coordkit import (
 )
 from coordkit.testing import FaultyBackend, Harness, MemoryHarness
 
-from .helpers import reply_faults, wait_queue
+from .helpers import PassThrough, reply_faults, wait_queue
 
 pytestmark = pytest.mark.anyio
 
@@ -222,13 +228,27 @@ async def test_lock_acquire_cancelled_while_its_reply_is_late_leaves_no_key(harn
         assert await count(observer, name.encode() + b"/") == 0
 
 
+class TxnReplied(PassThrough):
+    """A client that sets `replied` once a transaction's reply reached its caller (a key is in the store before
+    its writer has the reply: the fault below must hit the waiter's next call)."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.replied = anyio.Event()
+
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+        result = await self.inner.txn(compare, success, failure)
+        self.replied.set()
+        return result
+
+
 async def test_lock_waiter_keeps_its_place_when_a_reply_is_lost(harness: Harness) -> None:
     """A waiter's reads are retried: one lost reply does not throw it out of the queue it waited in."""
     name = harness.namespace.decode() + "lock"
     async with (
         harness.client() as client,
         harness.client() as holder_client,
-        Session(client, ttl=10) as session,
+        Session(TxnReplied(client), ttl=10) as session,
         Session(holder_client, ttl=10) as holder,
         anyio.create_task_group() as tg,
     ):
@@ -246,6 +266,7 @@ async def test_lock_waiter_keeps_its_place_when_a_reply_is_lost(harness: Harness
         tg.start_soon(waiter)
         await waiting.wait()
         await wait_queue(holder_client, name, 2)
+        await cast(TxnReplied, session.backend).replied.wait()
         reply_faults(client).lose_replies(1)
         await first.release()
     assert len(tokens) == 1

@@ -523,7 +523,7 @@ def real_wait(kind: str) -> float:
     """A bound for waiting on real processes. On virtual time (memory), the clock runs ahead while a process
     works, in steps of the session's keepalives: a bound of 10^4 virtual seconds is a few real seconds.
     """
-    return 10 if kind == "etcd" else 10_000
+    return 10_000 if kind == "memory" else 10
 
 
 def alive(pid: int) -> bool:

@@ -33,6 +33,7 @@ from ._harness import (
     Harness as Harness,
     HarnessBase as HarnessBase,
     MemoryHarness as MemoryHarness,
+    PostgresHarness as PostgresHarness,
 )
 from ._kv_history import (
     KvCas as KvCas,
@@ -51,6 +52,7 @@ from ._linearizability import (
     Operation as Operation,
     check_linearizable as check_linearizable,
 )
+from ._postgres_server import PostgresServer as PostgresServer
 from ._watch_checks import (
     WatchViolation as WatchViolation,
     check_atomic as check_atomic,
@@ -80,6 +82,8 @@ __all__ = (
     "KvReply",
     "LinearizabilityResult",
     "MemoryHarness",
+    "PostgresHarness",
+    "PostgresServer",
     "WatchViolation",
     "check_atomic",
     "check_ordered",

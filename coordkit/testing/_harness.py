@@ -296,3 +296,27 @@ class EtcdHarness(HarnessBase):
 
 class Compactor(Protocol):
     def __call__(self, revision: int) -> object: ...
+
+
+@final
+class PostgresHarness(HarnessBase):
+    """Harness for `PostgresBackend` against a running PostgreSQL; faults come from FaultyBackend.
+
+    Every client is a `PostgresBackend` of its own (its own connections), entered, so its sweeper runs too.
+    """
+
+    def __init__(self, dsn: str, *, schema: str = "coordkit") -> None:
+        super().__init__(tag="pg")
+        self.dsn = dsn
+        self.schema = schema
+
+    def connect(self) -> AbstractAsyncContextManager[Backend]:
+        from .._backends.postgres import PostgresBackend
+
+        return PostgresBackend(self.dsn, schema=self.schema)
+
+    async def compact(self, revision: int) -> None:
+        from .._backends.postgres import PostgresBackend
+
+        async with PostgresBackend(self.dsn, schema=self.schema) as backend:
+            await backend.compact(revision)
