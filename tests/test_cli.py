@@ -27,7 +27,7 @@ from click.testing import CliRunner
 
 from coordkit import EtcdBackend, JobSpec, RunContext, Scheduler, Session
 from coordkit._cli import load
-from coordkit.testing import EtcdServer
+from coordkit.testing import EtcdServer, PostgresServer
 
 from .helpers import etcdctl
 
@@ -413,7 +413,7 @@ async def test_once_runs_the_command_once_across_processes(env: dict[str, str], 
         (("lock", "", "--", "true"), 2, "must not be empty"),
         (("lock", "x"), 2, "Missing argument"),
         (("lock", "x", "--etcd", "ftp://127.0.0.1:1", "--", "true"), 2, "http:// or https://"),
-        (("lock", "x", "--etcd", "", "--", "true"), 2, "no etcd endpoint"),
+        (("lock", "x", "--etcd", "", "--", "true"), 2, "no store: pass --etcd"),
         (("elect", "x", "--id", "a", "--http", "nowhere"), 2, "HOST:PORT"),
         (("lock", "x", "--timeout", "-1", "--", "true"), 2, "--timeout"),
         (("--etcd", "http://127.0.0.1:1", "lock", "x", "--", "true"), 69, "etcd unreachable"),
@@ -605,3 +605,26 @@ async def test_queue_consume_kills_the_command_group_when_the_claim_is_lost(
             await wait_dead(pid)
     (item,) = json.loads((await cli(env, "queue", "list", name, "--json")).stdout)["items"]
     assert (item["attempts"], item["leased"]) == (2, False), item
+
+
+async def test_the_commands_run_on_postgresql(postgres_server: PostgresServer) -> None:
+    """``--postgres DSN`` (or COORDKIT_POSTGRES) wherever ``--etcd`` goes: a lock around a command, config and the
+    queue, on a real PostgreSQL; etcd's credentials or TLS files beside it, or both stores, are refused."""
+    env = {**os.environ, "COORDKIT_POSTGRES": postgres_server.dsn, "NO_COLOR": "1"}
+    env.pop("COORDKIT_ETCD", None)
+    name = unique("pg")
+    locked = await cli(env, "lock", name, "--", "sh", "-c", "echo held")
+    assert (locked.returncode, locked.stdout) == (0, b"held\n"), locked.stderr
+    assert (await cli(env, "config", "put", name + "/a", "1")).returncode == 0
+    got = await cli(env, "config", "get", name + "/a")
+    assert (got.returncode, got.stdout) == (0, b"1")
+    put = await cli(env, "queue", "put", name + "-q", "payload")
+    assert put.returncode == 0, put.stderr
+    depth = await cli(env, "queue", "depth", name + "-q", "--json")
+    assert json.loads(depth.stdout)["pending"] == 1
+    flags = await cli({**env, "COORDKIT_POSTGRES": ""}, "--postgres", postgres_server.dsn, "config", "get", name + "/a")
+    assert (flags.returncode, flags.stdout) == (0, b"1"), "the option works as the variable does"
+    both = await cli({**env, "COORDKIT_ETCD": "http://127.0.0.1:1"}, "config", "get", name + "/a")
+    assert both.returncode == 2 and b"give one" in both.stderr
+    tls = await cli(env, "--user", "root:x", "config", "get", name + "/a")
+    assert tls.returncode == 2 and b"go in the DSN" in tls.stderr

@@ -32,9 +32,11 @@ import click
 
 from .. import (
     AuthenticationError,
+    Backend,
     CoordkitError,
     EtcdBackend,
     OwnershipLostError,
+    PostgresBackend,
     UnavailableError,
     __version__,
     check_name as check_recipe_name,
@@ -86,9 +88,10 @@ def cli(ctx: click.Context, /, **connection: Any) -> None:
 
 @dataclass(frozen=True)
 class Connection:
-    """How to reach etcd, from the command line and the environment."""
+    """How to reach the store (etcd, or PostgreSQL), from the command line and the environment."""
 
     endpoints: tuple[str, ...] | None
+    postgres: str | None
     user: str | None
     password: str | None
     cacert_file: str | None
@@ -96,15 +99,19 @@ class Connection:
     key_file: str | None
     request_timeout: float | None
 
-    def backend(self) -> EtcdBackend:
-        """A client for these endpoints (not yet entered).
+    def backend(self) -> Backend:
+        """A client of the store: etcd (``--etcd``) or PostgreSQL (``--postgres``), not yet entered.
 
         Raises:
-            click.UsageError: no endpoint, or options that do not fit together (malformed URL, TLS files on
-                http, a password without a user).
+            click.UsageError: no store, both, or options that do not fit together (malformed URL, TLS files on
+                http, a password without a user, etcd's credentials or TLS files with ``--postgres``).
         """
+        if self.postgres:
+            return self._postgres(self.postgres)
         if not self.endpoints:
-            raise click.UsageError("no etcd endpoint: pass --etcd URL[,URL...] or set COORDKIT_ETCD")
+            raise click.UsageError(
+                "no store: pass --etcd URL[,URL...] (or set COORDKIT_ETCD), or --postgres DSN (COORDKIT_POSTGRES)"
+            )
         username, password = self.user, self.password
         if username is not None and ":" in username:
             username, password = username.split(":", 1)  # etcdctl's --user NAME:PASSWORD wins
@@ -127,6 +134,27 @@ class Connection:
         except ImportError as exc:
             raise click.UsageError(str(exc)) from None
 
+    def _postgres(self, dsn: str) -> Backend:
+        if self.endpoints:
+            raise click.UsageError("--etcd and --postgres name two stores: give one")
+        given = [name for name, value in self._etcd_only() if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: for etcd; with --postgres, credentials and TLS go in the DSN")
+        timeout = 5.0 if self.request_timeout is None else self.request_timeout
+        try:
+            return PostgresBackend(dsn, request_timeout=timeout)
+        except (ValueError, TypeError) as exc:
+            raise click.UsageError(str(exc)) from None
+
+    def _etcd_only(self) -> list[tuple[str, object]]:
+        return [
+            ("--user", self.user),
+            ("--password", self.password),
+            ("--cacert", self.cacert_file),
+            ("--cert", self.cert_file),
+            ("--key", self.key_file),
+        ]
+
 
 def _endpoints(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
     if value is None:
@@ -148,6 +176,13 @@ _CONNECTION_OPTIONS = (
         callback=_endpoints,
         help="etcd endpoints, http:// or https:// [env COORDKIT_ETCD]",
     ),
+    click.option(
+        "--postgres",
+        envvar="COORDKIT_POSTGRES",
+        metavar="DSN",
+        help="a PostgreSQL DSN instead of etcd (postgresql://user:password@host/db; needs coordkit[postgres])"
+        " [env COORDKIT_POSTGRES]",
+    ),
     click.option("--user", envvar="COORDKIT_USER", metavar="NAME[:PASSWORD]", help="[env COORDKIT_USER]"),
     click.option(
         "--password",
@@ -161,10 +196,19 @@ _CONNECTION_OPTIONS = (
     click.option(
         "--request-timeout",
         type=click.FloatRange(min=0, min_open=True),
-        help="seconds before one request to etcd counts as failed [default: 5]",
+        help="seconds before one request to the store counts as failed [default: 5]",
     ),
 )
-_CONNECTION_FIELDS = ("endpoints", "user", "password", "cacert_file", "cert_file", "key_file", "request_timeout")
+_CONNECTION_FIELDS = (
+    "endpoints",
+    "postgres",
+    "user",
+    "password",
+    "cacert_file",
+    "cert_file",
+    "key_file",
+    "request_timeout",
+)
 
 
 def _with_options(command: Callable[..., None]) -> Callable[..., None]:
