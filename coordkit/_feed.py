@@ -82,6 +82,14 @@ class _Feed:
             self._trim()
         return item
 
+    def item_nowait(self, subscriber: int) -> Snapshot | WatchBatch | None:
+        """The next item for ``subscriber`` if it was already read from the store, else None (no waiting)."""
+        index = self._cursors[subscriber]
+        if index >= self._base + len(self._log):
+            return None
+        self._cursors[subscriber] = index + 1
+        return self._log[index - self._base]
+
     async def subscribe(self, subscriber: int) -> tuple[dict[bytes, KeyValue], int]:
         """Start following: the current state and revision (read from the store for the first subscriber)."""
         while not self.revision:
@@ -136,6 +144,10 @@ class Subscription:
     async def next(self) -> Snapshot | WatchBatch:
         """The next change (a `Snapshot` with ``resync=True`` after a compaction)."""
         return await self.feed.item(self._subscriber)
+
+    def next_nowait(self) -> Snapshot | WatchBatch | None:
+        """The next change if another follower (or an earlier `next`) already read it, else None; never waits."""
+        return self.feed.item_nowait(self._subscriber)
 
     async def aclose(self) -> None:
         """Stop following; the last follower closes the backend watch."""

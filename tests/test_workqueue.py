@@ -303,18 +303,25 @@ async def test_sixteen_consumers_always_take_the_head(harness: Harness) -> None:
                     workers.cancel_scope.cancel()
                 await observer.txn([], [Put(prefix + b"end", b"")])  # the recorder stops there
     assert sorted(done) == sorted(b"%d" % i for i in range(total))
-    # Replay: state before each revision, then check every claim created at that revision.
+    # Replay: state before each revision, then check the claims created at that revision: they are the first
+    # free items, in order, and the oldest consumer in line got the first (the one handing out, not in line, last).
     items: dict[bytes, tuple[int, int]] = {}  # id -> (priority, create revision)
     claimed: set[bytes] = set()
+    line: dict[str, int] = {}  # waiter token -> its place in line (create revision of its waiting key)
     claims_checked = 0
     for batch in history:
+        handed = []
         for event in batch.events:
             key = event.kv.key[len(prefix) :]
             if key.startswith(b"claims/") and event.type is EventType.PUT and event.kv.version == 1:
-                item_id = key[len(b"claims/") :]
-                free = sorted((-p, c, i) for i, (p, c) in items.items() if i not in claimed)
-                assert free[0][2] == item_id, f"claimed {item_id!r} at {batch.revision}, head was {free[0]}"
-                claims_checked += 1
+                token = json.loads(event.kv.value).get("waiter", "")
+                handed.append((line.get(token, batch.revision), key[len(b"claims/") :]))
+        if handed:
+            free = sorted((-p, c, i) for i, (p, c) in items.items() if i not in claimed)
+            head = [i for _, _, i in free[: len(handed)]]
+            got = [item_id for _, item_id in sorted(handed)]
+            assert got == head, f"at {batch.revision} handed {got} (by place in line), the free head was {head}"
+            claims_checked += len(handed)
         for event in batch.events:
             key = event.kv.key[len(prefix) :]
             kind, _, item_id = key.partition(b"/")
@@ -325,6 +332,8 @@ async def test_sixteen_consumers_always_take_the_head(harness: Harness) -> None:
                 items.pop(item_id, None)
             elif kind == b"claims":
                 (claimed.add if event.type is EventType.PUT else claimed.discard)(item_id)
+            elif kind == b"waiting" and event.type is EventType.PUT:
+                line[item_id.decode().rpartition("/")[2]] = event.kv.create_revision
     assert claims_checked >= total + total // 7
 
 

@@ -35,32 +35,42 @@ import binascii
 import json
 import math
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
 from typing import Any, final
 
 import anyio
 import anyio.lowlevel
 
-from .._backends.types import MAX_INT64, Compare, Delete, KeyValue, Op, Put, Range, TxnResult, check_ttl
+from .._backends.types import MAX_INT64, Compare, Delete, KeyValue, Op, Put, Range, TxnResult, WatchBatch, check_ttl
 from .._errors import CoordkitError, LeaseExpiredError, OwnershipLostError, error_text
 from .._feed import Subscription, subscribe
 from .._keys import name_prefix
 from .._retry import retry_call
 from .._session import Session, require_session
-from .._watch import apply
+from .._watch import Snapshot, apply
 
-#: etcd refuses more than 128 compares in one transaction: a claim compares its candidate, its claim key, the
-#: tail and at most this many claims ahead of it (see "Order" in the guide for what happens beyond).
-_MAX_AHEAD = 124
+#: etcd refuses more than 128 compares (and 128 operations) in one transaction
+_MAX_TXN = 128
+#: items one claim transaction hands out at most (3 operations each: the item, its claim, the waiter's key)
+_HAND_OFF = 16
 #: items per put_many transaction (etcd's limit is 128 operations, and the tail is one more)
 _PUT_BATCH = 100
+#: ids an item may depend on (each is one compare of the put)
+_MAX_AFTER = 100
 #: another consumer takes a claim back this long after the holder's visibility timeout, by its own clock since
 #: it saw the claim (the holder's own deadline is ``_MARGIN`` before the timeout, from before it wrote it)
 _TAKEOVER_GRACE = 1.0
 _MARGIN = 0.5
+#: a waiting consumer that is not the oldest hands items out itself only after the queue was this quiet (the
+#: oldest waiter hands out at once; this covers an oldest waiter that is slow or gone)
+_QUIET = 0.2
+#: the value of the ``gate`` key while the queue is paused
+_PAUSED = b"paused"
 
 
 class ClaimLostError(OwnershipLostError):
@@ -80,6 +90,19 @@ class RequestFailedError(CoordkitError):
         self.item_id = item_id
         self.reason = reason
         super().__init__(f"request {item_id} will not be answered: {reason}")
+
+
+class UnknownDependencyError(CoordkitError):
+    """`WorkQueue.put` (or ``put_many``, ``request``) named in ``after`` an id that is not in the queue (never put,
+    or already completed, removed or dead-lettered). Nothing was written.
+
+    Attributes:
+        ids: the ids of ``after`` that are not in the queue.
+    """
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        super().__init__(f"not in the queue, cannot be waited for: {', '.join(ids)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +187,8 @@ class _Item:
     not_before: float | None = None  # wall clock, UTC seconds since the epoch: not offered before
     expires: float | None = None  # wall clock, UTC seconds since the epoch: dead-lettered if not completed by then
     reply: int | None = None  # a reply is expected: the lease (0: none) the reply key is bound to
+    held: bool = False  # claimed and not given back: not free, even when the claim vanished with its lease
+    after: tuple[str, ...] = ()  # ids that must complete before the item is offered
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {"payload": base64.b64encode(self.payload).decode(), "priority": self.priority}
@@ -174,6 +199,10 @@ class _Item:
             record["expires"] = self.expires
         if self.reply is not None:
             record["reply"] = self.reply
+        if self.held:
+            record["held"] = True
+        if self.after:
+            record["after"] = list(self.after)
         return json.dumps(record, separators=(",", ":")).encode()
 
     @classmethod
@@ -198,7 +227,12 @@ class _Item:
         priority = _int_field(record, "priority", 0, -MAX_INT64 - 1)
         not_before, expires = _time_field(record, "not_before"), _time_field(record, "expires")
         reply = None if record.get("reply") is None else _int_field(record, "reply", 0, 0)
-        return cls(raw, priority, _int_field(record, "attempts", 0, 0), error, not_before, expires, reply)
+        after = record.get("after") or []
+        if not isinstance(after, list) or not all(isinstance(dep, str) and dep for dep in after):
+            raise _Undecodable(f"'after' must be a list of item ids (non-empty strings), not {after!r:.80}")
+        attempts = _int_field(record, "attempts", 0, 0)
+        held = record.get("held") is True
+        return cls(raw, priority, attempts, error, not_before, expires, reply, held, tuple(after))
 
 
 def _time_field(record: dict[str, Any], name: str) -> float | None:
@@ -243,6 +277,236 @@ class _Behind:
     """A claim was refused: our view is behind the store; catch up to at least ``revision``, then look again."""
 
     revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiter:
+    """A consumer waiting in line for an item: its ``waiting/<lease hex>/<token>`` key, bound to its lease."""
+
+    key: bytes
+    revision: int  # the key's create revision: its place in line
+    lease: int
+    token: str
+    visibility: int
+
+    @classmethod
+    def parse(cls, key: bytes, kv: KeyValue, skip: int) -> _Waiter | None:
+        """The waiter a key names, or None for a key that is not one (ignored)."""
+        try:
+            lease_hex, token = key[skip:].decode().split("/")
+            visibility = json.loads(kv.value)["visibility"]
+            lease = int(lease_hex, 16)
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(visibility, int) or isinstance(visibility, bool) or visibility < 1 or not lease > 0:
+            return None
+        return cls(key, kv.create_revision, lease, token, visibility)
+
+
+@dataclass(slots=True)
+class _Scan:
+    """What one look at the queue found (`WorkQueue._scan`)."""
+
+    #: the first free items in order: key, key as seen, the record as delivered, how many of ``ahead`` precede it
+    free: list[tuple[bytes, KeyValue, _Item, int]] = field(default_factory=list)
+    #: one compare per item ahead that waits for a dependency: it still waits when the hand-off commits
+    ahead: list[Compare] = field(default_factory=list)
+    waiters: list[_Waiter] = field(default_factory=list)  # oldest first
+    gate: Compare | None = None
+    paused: bool = False
+    tail: Compare | None = None
+    wake: float = math.inf  # local time of the next timer (a claim to take back, a delayed item due)
+    chore: Callable[[], Awaitable[int]] | None = None  # a write to do first; returns the store's revision
+
+
+@final
+class _Claimer:
+    """One consumer's wait for an item (`WorkQueue.lease`).
+
+    It claims the first free items itself, handing the ones ahead of its own to the consumers waiting in line
+    (oldest first) in the same transaction; when that transaction is refused (another consumer claimed first),
+    its failure branch puts the consumer in line (``waiting/...``, bound to its session lease), and the consumer
+    then waits by watch until someone hands it an item, or until it is the oldest in line and items are free.
+    """
+
+    def __init__(self, queue: WorkQueue, subscription: Subscription, visibility: int) -> None:
+        self.queue, self.sub, self.visibility = queue, subscription, visibility
+        self.token = uuid.uuid4().hex[:16]
+        self.key = queue._waiting + f"{queue.session.lease_id:x}/{self.token}".encode()
+        self.registered = 0  # our waiting key's create revision; 0: not in line
+        self.changed = anyio.current_time()  # when the view last changed
+
+    async def run(self) -> Task:
+        """Wait for an item and claim it (or be handed it); leave the line if this ends any other way."""
+        try:
+            while True:
+                outcome = await self.step()
+                if isinstance(outcome, Task):
+                    return outcome
+                await self.wait(outcome)
+        except BaseException:
+            if self.registered:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.queue.session.ttl or 10):
+                    await self.leave_line()
+            raise
+
+    async def step(self) -> Task | float | _Behind:
+        """Act on the current view: our handed item, a chore, a hand-off, or the local time to wait until."""
+        state, now = self.sub.state, anyio.current_time()
+        if self.registered and self.key not in state:
+            # Our place in line is gone: an item was handed to us (its claim came in the same batch) or our
+            # lease ended (the session guard stops us).
+            self.registered = 0
+            task = self.handed(state, now)
+            if task is not None:
+                return task
+        scan = self.queue._scan(state, now)
+        if scan.chore is not None:
+            # Look again once the view has our write (or whatever refused it: the store moved past our view).
+            return _Behind(await scan.chore())
+        if scan.paused or not scan.free:
+            return scan.wake  # nothing to hand out: wait for a change, by watch, or a timer
+        if self.registered and scan.waiters and scan.waiters[0].key != self.key and now < self.changed + _QUIET:
+            # Not the oldest in line: the oldest hands out (to us too); we step in only if it stays quiet.
+            return min(scan.wake, self.changed + _QUIET)
+        return await self.hand_out(scan)
+
+    def handed(self, state: dict[bytes, KeyValue], now: float) -> Task | None:
+        """The item a hand-off gave us (a claim that names our token), if our view shows one."""
+        queue, mark = self.queue, f'"waiter":"{self.token}"'.encode()
+        for claim, kv in state.items():
+            if not claim.startswith(queue._claims) or mark not in kv.value:
+                continue
+            item_id = claim[len(queue._claims) :]
+            item_kv = state.get(queue._items + item_id)
+            decoded = None if item_kv is None else queue._decode(item_kv.key, item_kv)
+            if item_kv is None or not isinstance(decoded, _Item):
+                return None
+            task = Task(queue, item_id.decode(), decoded, kv.create_revision, self.visibility)
+            # Counted from when we saw it (after it was written): other consumers count from when they saw it.
+            task._deadline = now + self.visibility - _MARGIN
+            task._create_revision = item_kv.create_revision
+            return task
+        return None
+
+    async def hand_out(self, scan: _Scan) -> Task | float | _Behind:
+        """One transaction: the first free items to the oldest waiters and to us (last in line, unless we are
+        in line already); refused, it puts us in line (its failure branch) and we catch up."""
+        queue = self.queue
+        line: list[_Waiter | None] = [*scan.waiters] if self.registered else [*scan.waiters, None]
+        assert scan.gate is not None and scan.tail is not None
+        compares: list[Compare] = [scan.gate, scan.tail]
+        ops: list[Op] = []
+        given: list[Any] = []
+        ahead = 0
+        for (key, kv, delivered, before), waiter in zip(scan.free, line, strict=False):
+            if len(compares) + max(before - ahead, 0) + 3 > _MAX_TXN or len(ops) + 4 > _MAX_TXN:
+                break
+            compares += scan.ahead[ahead:before]
+            ahead = max(ahead, before)
+            claim = queue._claims + key[len(queue._items) :]
+            # The item unchanged (so free, not held) and unclaimed: count the delivery, claim it for the waiter
+            # under the waiter's session lease (any client may attach any lease), and take the waiter out of line.
+            compares += [Compare.mod(key, "==", kv.mod_revision), Compare.create(claim, "==", 0)]
+            visibility = self.visibility if waiter is None else waiter.visibility
+            value = queue._claim_value(
+                visibility, None if waiter is None else waiter.lease, self.token if waiter is None else waiter.token
+            )
+            ops += [
+                Put(key, delivered.encode()),
+                Put(claim, value, queue.session.lease_id if waiter is None else waiter.lease),
+            ]
+            if waiter is not None:
+                compares.append(Compare.create(waiter.key, "==", waiter.revision))
+                ops.append(Delete(waiter.key))
+            given.append((key, kv, delivered, claim, value, waiter))
+        served = any(waiter is None or waiter.key == self.key for *_, waiter in given)
+        enter: list[Op] = (
+            [] if self.registered or served else [Put(self.key, self._line_value(), queue.session.lease_id)]
+        )
+        # The gate open and the tail unchanged since our view (no item put, given back or requeued that we have
+        # not seen), every dependency-blocked item ahead still blocked: the items given are the first free ones.
+        latest = Range(queue._prefix, prefix=True, sort_by="mod", descending=True, limit=1, keys_only=True)
+        sent = anyio.current_time()
+        result = await queue.session.backend.txn(compares, [*ops, *enter], [*self._enter_line(), latest])
+        if not result.succeeded:
+            self.joined(result.revision)
+            kvs = getattr(result.responses[-1], "kvs", ())
+            return _Behind(max(kvs[0].mod_revision if kvs else 0, self.registered))
+        return self.given(given, result.revision, sent, bool(enter))
+
+    def _line_value(self) -> bytes:
+        return json.dumps({"visibility": self.visibility}).encode()
+
+    def _enter_line(self) -> list[Op]:
+        return [] if self.registered else [Put(self.key, self._line_value(), self.queue.session.lease_id)]
+
+    def joined(self, revision: int) -> None:
+        """We wrote our waiting key at ``revision`` (a failure branch, or a hand-off that had none for us)."""
+        if not self.registered:
+            self.registered = revision
+            self.sub.state[self.key] = KeyValue(
+                self.key, self._line_value(), revision, revision, 1, self.queue.session.lease_id
+            )
+
+    def given(self, given: list[Any], revision: int, sent: float, entered: bool) -> Task | float:
+        """Our hand-off committed at ``revision``: our own writes into the view (the next claim need not wait for
+        the watch to bring them); our task if we gave ourselves an item."""
+        queue, state, mine = self.queue, self.sub.state, None
+        for key, kv, delivered, claim, value, waiter in given:
+            lease = queue.session.lease_id if waiter is None else waiter.lease
+            state[claim] = KeyValue(claim, value, revision, revision, 1, lease)
+            state[key] = KeyValue(key, delivered.encode(), kv.create_revision, revision, kv.version + 1)
+            queue._decoded[key] = (revision, delivered)
+            if waiter is not None:
+                state.pop(waiter.key, None)
+            if waiter is None or waiter.key == self.key:
+                mine = Task(queue, key[len(queue._items) :].decode(), delivered, revision, self.visibility)
+                mine._deadline = sent + self.visibility - _MARGIN
+                mine._create_revision = kv.create_revision
+        if mine is not None:
+            self.registered = 0
+            return mine
+        if entered:
+            self.joined(revision)
+        return anyio.current_time()
+
+    async def wait(self, outcome: float | _Behind) -> None:
+        """Wait for the view to catch up (``_Behind``), or for the next change or the local time ``outcome``."""
+        sub = self.sub
+        if isinstance(outcome, _Behind):
+            # If the view already has that revision, what we missed is a deletion: the next change.
+            behind = max(outcome.revision, sub.revision + 1)
+            while sub.revision < behind:
+                self.apply(await sub.next())
+        elif outcome <= anyio.current_time():
+            await anyio.lowlevel.checkpoint()
+        else:
+            with anyio.move_on_after(outcome - anyio.current_time()):
+                self.apply(await sub.next())
+        # Batches that already arrived: act on the newest view, not on each step of it.
+        while (item := sub.next_nowait()) is not None:
+            self.apply(item)
+
+    def apply(self, item: Snapshot | WatchBatch) -> None:
+        self.sub.state, self.sub.revision = apply(self.sub.state, item), item.revision
+        self.changed = anyio.current_time()
+
+    async def leave_line(self) -> None:
+        """Take our waiting key out of line; if an item was handed to us meanwhile, give it back uncounted."""
+        queue, key, registered = self.queue, self.key, self.registered
+        # Compared: our key still there means nobody handed us an item (a hand-off deletes it with the claim).
+        result = await retry_call(
+            lambda: queue.session.backend.txn([Compare.create(key, "==", registered)], [Delete(key)])
+        )
+        self.registered = 0
+        if result.succeeded:
+            return
+        while self.sub.revision < result.revision:
+            self.apply(await self.sub.next())
+        task = self.handed(self.sub.state, anyio.current_time())
+        if task is not None:
+            await queue._settle(task, error=None)
 
 
 @final
@@ -396,55 +660,32 @@ class PendingRequest:
                 await subscription.aclose()
 
 
-class _Lease:
+@asynccontextmanager
+async def _leased(queue: WorkQueue, visibility: int) -> AsyncIterator[Task]:
     """``async with queue.lease() as task``: wait for an item, claim it, run the body, settle the claim."""
-
-    def __init__(self, queue: WorkQueue, visibility_timeout: int) -> None:
-        self._queue = queue
-        self._visibility = visibility_timeout
-        self._task: Task | None = None
-        self._guard: Any = None
-        self._scope: anyio.CancelScope | None = None
-
-    async def __aenter__(self) -> Task:
-        task = await self._queue._claim(self._visibility)
-        self._task = task
-        guard = self._queue.session.guarded(ClaimLostError, what=f"queue {self._queue.name!r}, item {task.id}")
-        try:
-            await guard.__aenter__()
-        except BaseException:
-            # Claimed, but cancelled (or the session went) before the body: give the item back uncounted.
-            await self._queue._settle(task, error=None)
-            raise
-        self._guard = guard
-        scope = anyio.CancelScope(deadline=task.deadline)
-        scope.__enter__()
-        self._scope = task._scope = scope
-        return task
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        task, scope, guard = self._task, self._scope, self._guard
-        assert task is not None and scope is not None
-        timed_out = bool(scope.__exit__(exc_type, exc, tb)) and scope.cancelled_caught
-        if timed_out:
-            exc_type, exc, tb = None, None, None
-        try:
-            await guard.__aexit__(exc_type, exc, tb)
-        except ClaimLostError:
-            await self._queue._settle(task, error="the consumer's session was lost")
-            raise
-        if timed_out:
-            await self._queue._settle(task, error="visibility timeout passed")
-            raise ClaimLostError(f"item {task.id}: the visibility timeout passed before the consumer finished")
-        if exc is None:
-            await self._queue._complete(task)
-        elif isinstance(exc, Exception):
-            await self._queue._settle(task, error=error_text(exc))
-        else:  # cancelled from outside: give the item back untouched, without counting it against the item
-            await self._queue._settle(task, error=None)
-        return None
+    task = await queue._claim(visibility)
+    entered = False
+    try:
+        async with queue.session.guarded(ClaimLostError, what=f"queue {queue.name!r}, item {task.id}"):
+            entered = True
+            with anyio.CancelScope(deadline=task.deadline) as scope:
+                task._scope = scope
+                yield task
+    except ClaimLostError:
+        # The session was lost during the body (or before it: then the delivery is not counted).
+        await queue._settle(task, error="the consumer's session was lost" if entered else None)
+        raise
+    except Exception as exc:
+        await queue._settle(task, error=error_text(exc))
+        raise
+    except BaseException:
+        # Cancelled from outside: give the item back untouched, without counting it against the item.
+        await queue._settle(task, error=None)
+        raise
+    if scope.cancelled_caught:
+        await queue._settle(task, error="visibility timeout passed")
+        raise ClaimLostError(f"item {task.id}: the visibility timeout passed before the consumer finished")
+    await queue._complete(task)
 
 
 @final
@@ -488,6 +729,8 @@ class WorkQueue:
         self._dead = self._prefix + b"dead/"
         self._tail = self._prefix + b"tail"
         self._replies = self._prefix + b"replies/"
+        self._waiting = self._prefix + b"waiting/"
+        self._gate = self._prefix + b"gate"
         self._subscription: Subscription | None = None
         self._subscription_busy = False
         # item key -> (mod revision, decoded item or why it cannot be decoded): each record is decoded once
@@ -518,6 +761,7 @@ class WorkQueue:
         priority: int = 0,
         not_before: float | datetime | None = None,
         expires_in: float | None = None,
+        after: Iterable[str] = (),
     ) -> str:
         """Add an item; return its id. Higher ``priority`` is offered first; equal ones in creation order.
 
@@ -531,16 +775,23 @@ class WorkQueue:
                 not free: items behind it are offered first.
             expires_in: seconds from now (by this producer's clock); an item not completed by then is never
                 delivered again and goes to the dead letters with the error "expired".
+            after: ids of items in the queue (at most 100) that must all be completed before this one is
+                offered. If one of them is dead-lettered or removed instead, this item goes to the dead letters
+                ("dependency <id> was dead-lettered: ..." / "... was removed"). The put compares that each is in
+                the queue, in its own transaction.
 
         Raises:
             TypeError: ``payload`` is not bytes, ``priority`` not an int, ``not_before`` neither a number nor a
-                datetime, or ``expires_in`` not a number.
+                datetime, ``expires_in`` not a number, or ``after`` not a collection of str.
             ValueError: ``priority`` does not fit a signed 64-bit integer, ``not_before`` is a naive datetime or
-                not finite, or ``expires_in`` is not above 0.
+                not finite, ``expires_in`` is not above 0, or ``after`` names more than 100 ids.
+            UnknownDependencyError: an id in ``after`` is not in the queue; nothing was written.
             RequestTooLargeError: the item is larger than the server accepts. It is stored base64-encoded, so the
                 payload limit is about 1.1 MiB with etcd's default 1.5 MiB request limit.
         """
-        (item_id,), _ = await self._put_items([payload], priority, not_before, expires_in, None)
+        (item_id,), _ = await self._put_items(
+            [payload], _Item(b"", priority, reply=None), not_before, expires_in, after
+        )
         return item_id
 
     async def request(
@@ -550,6 +801,7 @@ class WorkQueue:
         priority: int = 0,
         not_before: float | datetime | None = None,
         expires_in: float | None = None,
+        after: Iterable[str] = (),
     ) -> PendingRequest:
         """Put an item that expects a reply; ``await (await queue.request(b"...")).result()`` waits for it.
 
@@ -558,7 +810,8 @@ class WorkQueue:
         bound to this session's lease if the session is open (so a producer that is gone leaks nothing).
         """
         lease = self.session.lease_id if self.session._open and not self.session.lost else 0
-        (item_id,), revision = await self._put_items([payload], priority, not_before, expires_in, lease)
+        template = _Item(b"", priority, reply=lease)
+        (item_id,), revision = await self._put_items([payload], template, not_before, expires_in, after)
         return PendingRequest(self, item_id, revision)
 
     async def put_many(
@@ -568,31 +821,56 @@ class WorkQueue:
         priority: int = 0,
         not_before: float | datetime | None = None,
         expires_in: float | None = None,
+        after: Iterable[str] = (),
     ) -> list[str]:
         """Add several items, in order, in one transaction per 100 items; return their ids.
 
         Items of one transaction share a create revision; their ids sort in the order given, and items of one
-        revision are offered in id order, so they are offered in the order given. Arguments and errors as `put`.
+        revision are offered in id order, so they are offered in the order given. Arguments and errors as `put`
+        (``after`` applies to every item; with more than 100 items, a dependency completed between two batches
+        raises `UnknownDependencyError` for the rest, after the earlier batches were written).
         """
-        ids, _ = await self._put_items(payloads, priority, not_before, expires_in, None)
+        ids, _ = await self._put_items(payloads, _Item(b"", priority), not_before, expires_in, after)
         return ids
 
     async def _put_items(
         self,
         payloads: Iterable[bytes],
-        priority: int,
+        template: _Item,
         not_before: float | datetime | None,
         expires_in: float | None,
-        reply: int | None,
+        after: Iterable[str],
     ) -> tuple[list[str], int]:
         items = list(payloads)
         for payload in items:
             if not isinstance(payload, bytes):
                 raise TypeError(f"payloads are bytes, not {type(payload).__name__}")
+        priority = template.priority
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         if not -MAX_INT64 - 1 <= priority <= MAX_INT64:
             raise ValueError(f"priority must fit a signed 64-bit integer, not {priority}")
+        due, expires = self._times(not_before, expires_in)
+        template = replace(template, not_before=due, expires=expires, after=self._dependencies(after))
+        # Ids of one call share a random stem and end in a counter: items of one transaction share a create
+        # revision, and are offered in key order within it, which is then the order given.
+        stem = uuid.uuid4().hex[:24]
+        ids = [f"{stem}{i:08x}" for i in range(len(items))] if len(items) > 1 else [uuid.uuid4().hex]
+        revision = 0
+        for start in range(0, len(items), _PUT_BATCH):
+            batch = zip(ids[start : start + _PUT_BATCH], items[start : start + _PUT_BATCH], strict=True)
+            ops: list[Op] = [Put(self._items + i.encode(), replace(template, payload=p).encode()) for i, p in batch]
+            # The tail moves with every put: a claim that saw the tail unchanged saw every item. Each dependency
+            # must be in the queue (a completed one could never be waited for): else nothing is written.
+            needed = [Compare.create(self._items + dep.encode(), ">", 0) for dep in template.after]
+            result = await self.session.backend.txn(needed, [*ops, Put(self._tail, b"")])
+            if not result.succeeded:
+                raise UnknownDependencyError(await self._missing(template.after))
+            revision = result.revision
+        return ids, revision
+
+    def _times(self, not_before: float | datetime | None, expires_in: float | None) -> tuple[float | None, ...]:
+        """``not_before`` and ``expires_in`` as UTC wall-clock timestamps (None: not given), checked."""
         wall = self._now().timestamp()
         due: float | None = None
         if isinstance(not_before, datetime):
@@ -612,29 +890,49 @@ class WorkQueue:
             if not 0 < expires_in < math.inf:
                 raise ValueError(f"expires_in must be above 0 and finite, not {expires_in}")
             expires = wall + expires_in
-        # Ids of one call share a random stem and end in a counter: items of one transaction share a create
-        # revision, and are offered in key order within it, which is then the order given.
-        stem = uuid.uuid4().hex[:24]
-        ids = [f"{stem}{i:08x}" for i in range(len(items))] if len(items) > 1 else [uuid.uuid4().hex]
-        revision = 0
-        for start in range(0, len(items), _PUT_BATCH):
-            ops: list[Op] = [
-                Put(
-                    self._items + item_id.encode(),
-                    _Item(payload, priority, not_before=due, expires=expires, reply=reply).encode(),
-                )
-                for item_id, payload in zip(
-                    ids[start : start + _PUT_BATCH], items[start : start + _PUT_BATCH], strict=True
-                )
-            ]
-            # The tail moves with every put: a claim that saw the tail unchanged saw every item.
-            revision = (await self.session.backend.txn([], [*ops, Put(self._tail, b"")])).revision
-        return ids, revision
+        return due, expires
 
-    def lease(self, *, visibility_timeout: int = 30) -> _Lease:
+    @staticmethod
+    def _dependencies(after: Iterable[str]) -> tuple[str, ...]:
+        if isinstance(after, str | bytes):
+            raise TypeError("after is a collection of item ids, not a single " + type(after).__name__)
+        ids = tuple(dict.fromkeys(after))
+        for dep in ids:
+            _encode_id(dep)
+            if not dep:
+                raise ValueError("an item id in after is empty")
+        if len(ids) > _MAX_AFTER:
+            raise ValueError(f"an item may depend on at most {_MAX_AFTER} items, not {len(ids)}")
+        return ids
+
+    async def _missing(self, ids: tuple[str, ...]) -> list[str]:
+        """Which of ``ids`` are not in the queue (one read)."""
+        result = await self.session.backend.txn([], [Range(self._items + i.encode(), keys_only=True) for i in ids])
+        return [i for i, r in zip(ids, result.responses, strict=True) if not getattr(r, "kvs", ())]
+
+    async def pause(self) -> None:
+        """Close the gate: from now on no consumer claims an item until `resume` (one write).
+
+        Every claim compares the gate in its own transaction, so no claim commits after the pause's revision.
+        Items already held stay held and are completed as usual; waiting consumers keep waiting, by watch.
+        """
+        # Rewritten, not deleted: a claim compares the gate's mod revision, so any flip refuses a racing claim.
+        await retry_call(lambda: self.session.backend.txn([], [Put(self._gate, _PAUSED)]))
+
+    async def resume(self) -> None:
+        """Open the gate again (one write); waiting consumers see it by watch and claim."""
+        # Why a write and not a delete: as in pause, so the gate's mod revision moves with every flip.
+        await retry_call(lambda: self.session.backend.txn([], [Put(self._gate, b"")]))
+
+    async def paused(self) -> bool:
+        """Whether the gate is closed now (one read): `pause` was called and `resume` not since."""
+        result = await self.session.backend.range(Range(self._gate))
+        return bool(result.kvs) and result.kvs[0].value == _PAUSED
+
+    def lease(self, *, visibility_timeout: int = 30) -> AbstractAsyncContextManager[Task]:
         """Wait for an item and hold it (``async with``); see the class docstring. Bound with ``anyio.fail_after``."""
         check_ttl(visibility_timeout)
-        return _Lease(self, visibility_timeout)
+        return _leased(self, visibility_timeout)
 
     async def depth(self) -> QueueDepth:
         """Items waiting, held, and dead-lettered now (one consistent read)."""
@@ -680,7 +978,8 @@ class WorkQueue:
         if not current.kvs:
             return False
         try:
-            fresh = replace(_Item.decode(current.kvs[0].value), attempts=0, error=None, not_before=None, expires=None)
+            decoded = _Item.decode(current.kvs[0].value)
+            fresh = replace(decoded, attempts=0, error=None, not_before=None, expires=None, held=False, after=())
         except _Undecodable:
             fresh = _Item(current.kvs[0].value)
         moved = await self.session.backend.txn(
@@ -732,7 +1031,8 @@ class WorkQueue:
 
         A leased item is removed with its claim: the holder's body is not interrupted, but its completion (or
         give-back, or `Task.extend`) is refused, fenced by the claim, so leaving its block raises
-        `ClaimLostError`, and the item is never offered again.
+        `ClaimLostError`, and the item is never offered again. Items waiting for it (``after``) go to the dead
+        letters in the same transaction, with the error "dependency <id> was removed".
 
         Raises:
             TypeError: ``item_id`` is not a str.
@@ -740,12 +1040,27 @@ class WorkQueue:
         """
         encoded = _encode_id(item_id)
         key = self._items + encoded
-        result = await self.session.backend.txn(
-            [Compare.create(key, ">", 0)], [Delete(key), Delete(self._claims + encoded)]
-        )
-        if result.succeeded:
-            self._forget(key, self._claims + encoded)
-        return result.succeeded
+        while True:
+            # One read of the queue: the items that wait for this one, and the tail as it was then.
+            read = await self.session.backend.txn([], [Range(self._items, prefix=True), Range(self._tail)])
+            kvs: tuple[KeyValue, ...] = getattr(read.responses[0], "kvs", ())
+            tail = getattr(read.responses[1], "kvs", ())
+            ops: list[Op] = [Delete(key), Delete(self._claims + encoded)]
+            compares = [Compare.create(key, ">", 0), Compare.mod(self._tail, "==", tail[0].mod_revision if tail else 0)]
+            for kv in kvs:
+                decoded = self._decode(kv.key, kv)
+                if isinstance(decoded, _Item) and item_id in decoded.after and len(ops) < _MAX_TXN - 2:
+                    # A dependent could never be offered: dead-letter it with the item, unchanged since read.
+                    compares.append(Compare.mod(kv.key, "==", kv.mod_revision))
+                    reason = replace(decoded, error=f"dependency {item_id} was removed").encode()
+                    ops += [Delete(kv.key), Put(self._dead + kv.key[len(self._items) :], reason)]
+            # Why the tail: no dependent was put since the read (a put moves the tail); else read again.
+            result = await self.session.backend.txn(compares, ops, [Range(key, keys_only=True)])
+            if result.succeeded:
+                self._forget(key, self._claims + encoded)
+                return True
+            if not getattr(result.responses[0], "kvs", ()):
+                return False
 
     async def trim_dead_letters(self, *, keep: int = 0) -> int:
         """Delete all but the ``keep`` newest dead letters; return how many were deleted.
@@ -761,8 +1076,19 @@ class WorkQueue:
             raise TypeError(f"keep must be an int, not {type(keep).__name__}")
         if keep < 0:
             raise ValueError(f"keep must be at least 0, not {keep}")
-        result = await self.session.backend.range(Range(self._dead, prefix=True, sort_by="create", keys_only=True))
-        doomed = list(result.kvs[: max(0, len(result.kvs) - keep)])
+        read = await self.session.backend.txn(
+            [], [Range(self._dead, prefix=True, sort_by="create", keys_only=True), Range(self._items, prefix=True)]
+        )
+        letters: tuple[KeyValue, ...] = getattr(read.responses[0], "kvs", ())
+        # A dead letter an item waits for (``after``) is kept: the first consumer that sees both dead-letters the
+        # dependent with the reason; deleting it first would make the dependency look completed.
+        needed = {
+            dep.encode()
+            for kv in getattr(read.responses[1], "kvs", ())
+            if isinstance(decoded := self._decode(kv.key, kv), _Item)
+            for dep in decoded.after
+        }
+        doomed = [kv for kv in letters[: max(0, len(letters) - keep)] if kv.key[len(self._dead) :] not in needed]
         deleted = 0
         for start in range(0, len(doomed), _PUT_BATCH):
             # One transaction compares every letter of the batch (etcd allows 128 compares); refused (one of them
@@ -781,8 +1107,12 @@ class WorkQueue:
 
     # -- claiming --------------------------------------------------------------------------------------
 
-    def _claim_value(self, visibility: int) -> bytes:
-        return json.dumps({"holder": f"{self.session.lease_id:x}", "visibility": visibility}).encode()
+    def _claim_value(self, visibility: int, lease: int | None = None, waiter: str | None = None) -> bytes:
+        holder = self.session.lease_id if lease is None else lease
+        record: dict[str, Any] = {"holder": f"{holder:x}", "visibility": visibility}
+        if waiter is not None:
+            record["waiter"] = waiter
+        return json.dumps(record, separators=(",", ":")).encode()
 
     def _visibility_of(self, claim: bytes, held: KeyValue) -> int | None:
         cached = self._claim_visibilities.get(claim)
@@ -821,129 +1151,115 @@ class WorkQueue:
         subscription: Subscription = own or await subscribe(self.session.backend, self._prefix)
         self._subscription_busy |= own is not None
         try:
-            while True:
-                outcome = await self._claim_one(subscription.state, visibility)
-                if isinstance(outcome, Task):
-                    return outcome
-                if isinstance(outcome, _Behind):
-                    # If the view already has that revision, what we missed is a deletion: the next change.
-                    behind = max(outcome.revision, subscription.revision + 1)
-                    while subscription.revision < behind:
-                        item = await subscription.next()
-                        subscription.state, subscription.revision = apply(subscription.state, item), item.revision
-                    continue
-                if outcome <= anyio.current_time():
-                    await anyio.lowlevel.checkpoint()  # (a claim was just taken back: look again at once)
-                    continue
-                # Nothing free, or our view was behind the store: wait for the next change of the queue (by
-                # watch, never by polling), or until a claim we saw passes its visibility timeout.
-                with anyio.move_on_after(outcome - anyio.current_time()):
-                    item = await subscription.next()
-                    subscription.state, subscription.revision = apply(subscription.state, item), item.revision
+            return await _Claimer(self, subscription, visibility).run()
         finally:
             if own is None:
                 await subscription.aclose()
             else:
                 self._subscription_busy = False
 
-    async def _claim_one(self, state: dict[bytes, KeyValue], visibility: int) -> Task | float | _Behind:
-        """Claim the head of the free items, or return the local time until which to wait for a change.
-
-        The claim's transaction holds only if our view of the queue is exact where it matters: the candidate
-        unchanged and unclaimed, nothing put since our view (the tail), every item ahead of it held by the claim
-        we saw. So the item claimed is the head at the claim's revision; when the view was behind, the claim
-        fails and we wait for the watch to bring the change.
-        """
-        now = anyio.current_time()
-        wall = self._now().timestamp()
-        entries = []
+    def _scan(self, state: dict[bytes, KeyValue], now: float) -> _Scan:
+        """One look at the queue: the first free items in order, the waiting consumers, what a hand-off must
+        compare, and the first chore (a bad record, an expired item, a claim to take back) if any."""
+        entries, waiters = [], []
         for key, kv in state.items():
-            if not key.startswith(self._items):
-                continue
-            decoded = self._decode(key, kv)
-            if isinstance(decoded, str):
-                # Nobody can ever process it: out of the way, into the dead letters, with the reason.
-                await self._bury(key, kv, _Item(kv.value, error=f"undecodable item record: {decoded}"))
-                continue
-            entries.append((-decoded.priority, kv.create_revision, key, kv, decoded))
+            if key.startswith(self._items):
+                decoded = self._decode(key, kv)
+                if isinstance(decoded, str):
+                    # Nobody can ever process it: out of the way, into the dead letters, with the reason.
+                    buried = _Item(kv.value, error=f"undecodable item record: {decoded}")
+                    return _Scan(chore=partial(self._bury, key, kv, buried))
+                entries.append((-decoded.priority, kv.create_revision, key, kv, decoded))
+            elif key.startswith(self._waiting):
+                waiter = _Waiter.parse(key, kv, len(self._waiting))
+                if waiter is not None:
+                    waiters.append(waiter)
         if len(self._decoded) > 2 * len(entries) + 64:
             self._decoded = {key: value for key, value in self._decoded.items() if key in state}
+        if len(self._claims_seen) > 2 * len(entries) + 64:
+            self._claims_seen = {claim: value for claim, value in self._claims_seen.items() if claim in state}
         entries.sort()
-        tail = state.get(self._tail)
-        tail_revision = tail.mod_revision if tail is not None else 0
-        ahead: list[Compare] = []
-        wake = math.inf
-        seen = self._claims_seen
-        if len(seen) > 64 and len(seen) > 2 * len(entries):
-            seen = self._claims_seen = {claim: value for claim, value in seen.items() if claim in state}
+        gate, tail = state.get(self._gate), state.get(self._tail)
+        scan = _Scan(
+            gate=Compare.mod(self._gate, "==", gate.mod_revision if gate is not None else 0),
+            paused=gate is not None and gate.value == _PAUSED,
+            tail=Compare.mod(self._tail, "==", tail.mod_revision if tail is not None else 0),
+            waiters=sorted(waiters, key=lambda waiter: waiter.revision),
+        )
+        wall = self._now().timestamp()
         for _, _, key, kv, item in entries:
-            item_id = key[len(self._items) :]
-            claim = self._claims + item_id
-            held = state.get(claim)
-            if held is not None:
-                first_seen = self._claims_seen.get(claim)
-                if first_seen is None or first_seen[0] != held.mod_revision:
-                    first_seen = (held.mod_revision, now)
-                seen[claim] = first_seen
-                claim_visibility = self._visibility_of(claim, held)
-                expires = math.inf if claim_visibility is None else first_seen[1] + claim_visibility + _TAKEOVER_GRACE
-                if expires > now:
-                    # Held: it must still be held by this claim when ours commits (else it may be free again).
-                    ahead.append(Compare.create(claim, "==", held.create_revision))
-                    wake = min(wake, expires)
-                    continue
-                # The holder's visibility timeout passed by our clock since we saw its claim: take it back.
-                taken = await self._take_back(key, kv, item, claim, held)
-                return now if taken else math.inf  # taken: look again at once; else wait for what changed
-            if item.expires is not None and item.expires <= wall:
-                # Expired by our clock and free: never delivered again (fenced by its mod revision).
-                await self._bury(key, kv, replace(item, error="expired"))
-                continue
-            if item.not_before is not None and item.not_before > wall:
-                # Not due yet by our clock, so not free: skip it, and wake when it is due (a timer, no polling).
-                wake = min(wake, now + max(item.not_before - wall, 0.001))
-                continue
-            delivered = replace(item, attempts=item.attempts + 1)
-            if delivered.attempts > self.max_attempts:
-                # Delivered max_attempts times and no consumer finished (crashes, timeouts): give it up.
-                reason = item.error or "max attempts exceeded (no consumer finished)"
-                await self._bury(key, kv, replace(item, error=reason))
-                continue
-            # One transaction: the item unchanged and unclaimed, nothing new before it -> count the delivery,
-            # claim it under our session's lease.
-            compares = [
-                Compare.mod(key, "==", kv.mod_revision),
-                Compare.create(claim, "==", 0),
-                Compare.mod(self._tail, "==", tail_revision),
-                *ahead[-_MAX_AHEAD:],
-            ]
-            sent = anyio.current_time()
-            result = await self.session.backend.txn(
-                compares,
-                [Put(key, delivered.encode()), Put(claim, self._claim_value(visibility), self.session.lease_id)],
-                # refused: the revision of the last write under the queue's prefix, to catch up to
-                [Range(self._prefix, prefix=True, sort_by="mod", descending=True, limit=1, keys_only=True)],
-            )
-            if not result.succeeded:
-                # Our view was behind the store (lost a race, or something changed ahead of the candidate): catch
-                # up with the watch to at least the last write, then look again. (If the view already has it,
-                # what we missed is a deletion: wait for the next change, which is it.)
-                latest = getattr(result.responses[0], "kvs", ())
-                return _Behind(latest[0].mod_revision) if latest else math.inf
-            # Our own write, known now: the next claim need not wait for the watch to bring it.
-            value = self._claim_value(visibility)
-            state[claim] = KeyValue(claim, value, result.revision, result.revision, 1, self.session.lease_id)
-            state[key] = KeyValue(key, delivered.encode(), kv.create_revision, result.revision, kv.version + 1)
-            self._decoded[key] = (result.revision, delivered)
-            task = Task(self, item_id.decode(), delivered, result.revision, visibility)
-            task._deadline = sent + visibility - _MARGIN
-            task._create_revision = kv.create_revision
-            return task
-        return wake
+            self._place(scan, state, key, kv, item, now, wall)
+            if scan.chore is not None or len(scan.free) >= _HAND_OFF:
+                break
+        return scan
 
-    async def _take_back(self, key: bytes, kv: KeyValue, item: _Item, claim: bytes, held: KeyValue) -> bool:
-        """End a claim whose visibility timeout passed, fenced by the claim as we saw it; True if we did."""
-        reason = "visibility timeout passed (taken back from a consumer that neither finished nor extended)"
+    def _place(
+        self, scan: _Scan, state: dict[bytes, KeyValue], key: bytes, kv: KeyValue, item: _Item, now: float, wall: float
+    ) -> None:
+        """Classify one item, in order: held, to give back, to dead-letter, not due, blocked, or free."""
+        claim = self._claims + key[len(self._items) :]
+        held = state.get(claim)
+        if held is not None:
+            takeover = self._takeover_time(claim, held, now)
+            if takeover > now:
+                scan.wake = min(scan.wake, takeover)
+            else:  # the holder's visibility timeout passed by our clock since we saw its claim: take it back
+                fence = Compare.mod(claim, "==", held.mod_revision)
+                reason = "visibility timeout passed (taken back from a consumer that neither finished nor extended)"
+                scan.chore = partial(self._give_back, key, kv, item, fence, reason)
+        elif item.held:
+            # Its claim went with its holder's session lease (no write says so): offer it again, counted.
+            fence = Compare.create(claim, "==", 0)
+            scan.chore = partial(self._give_back, key, kv, item, fence, "the consumer's session ended")
+        elif item.expires is not None and item.expires <= wall:
+            # Expired by our clock and free: never delivered again (fenced by its mod revision).
+            scan.chore = partial(self._bury, key, kv, replace(item, error="expired"))
+        elif item.not_before is not None and item.not_before > wall:
+            # Not due yet by our clock, so not free: skip it, and wake when it is due (a timer, no polling).
+            scan.wake = min(scan.wake, now + max(item.not_before - wall, 0.001))
+        elif isinstance(blocking := self._blocking(item, state), str):
+            scan.chore = partial(self._bury, key, kv, replace(item, error=blocking))
+        elif blocking is not None:
+            scan.ahead.append(blocking)
+        elif item.attempts >= self.max_attempts:
+            # Delivered max_attempts times and no consumer finished (crashes, timeouts): give it up.
+            reason = item.error or "max attempts exceeded (no consumer finished)"
+            scan.chore = partial(self._bury, key, kv, replace(item, error=reason))
+        else:
+            delivered = replace(item, attempts=item.attempts + 1, held=True)
+            scan.free.append((key, kv, delivered, len(scan.ahead)))
+
+    def _takeover_time(self, claim: bytes, held: KeyValue, now: float) -> float:
+        """When (local time) we may take ``claim`` back: its visibility timeout plus a grace, counted from when
+        we first saw this revision of it; never for a foreign claim that declares no visibility timeout."""
+        first_seen = self._claims_seen.get(claim)
+        if first_seen is None or first_seen[0] != held.mod_revision:
+            first_seen = (held.mod_revision, now)
+        self._claims_seen[claim] = first_seen
+        visibility = self._visibility_of(claim, held)
+        return math.inf if visibility is None else first_seen[1] + visibility + _TAKEOVER_GRACE
+
+    def _blocking(self, item: _Item, state: dict[bytes, KeyValue]) -> Compare | str | None:
+        """None if every dependency of ``item`` completed; else a compare that holds while the first one still
+        waits (it is in the queue), or why the item can never be offered (a dependency was dead-lettered)."""
+        for dep in item.after:
+            encoded = dep.encode()
+            waiting = state.get(self._items + encoded)
+            if waiting is not None:
+                return Compare.create(waiting.key, "==", waiting.create_revision)
+            dead = state.get(self._dead + encoded)
+            if dead is not None:
+                try:
+                    why = _Item.decode(dead.value).error or "dead-lettered"
+                except _Undecodable:
+                    why = "dead-lettered"
+                return f"dependency {dep} was dead-lettered: {why}"
+        return None
+
+    async def _give_back(self, key: bytes, kv: KeyValue, item: _Item, fence: Compare, reason: str) -> int:
+        """Offer an item again whose claim ended without a give-back (timed out, or gone with its lease), or
+        dead-letter it after ``max_attempts``; fenced by the claim and the item as we saw them."""
+        claim = self._claims + key[len(self._items) :]
         ops: list[Op]
         if item.attempts >= self.max_attempts:
             ops = [
@@ -952,18 +1268,18 @@ class WorkQueue:
                 Put(self._dead + key[len(self._items) :], replace(item, error=reason).encode()),
             ]
         else:
-            ops = [Put(key, replace(item, error=reason).encode()), Delete(claim)]
-        result = await self.session.backend.txn(
-            [Compare.mod(claim, "==", held.mod_revision), Compare.mod(key, "==", kv.mod_revision)], ops
-        )
-        return result.succeeded
+            # The tail moves: an item free again must refuse any claim that did not see it free.
+            ops = [Put(key, replace(item, error=reason, held=False).encode()), Delete(claim), Put(self._tail, b"")]
+        return (await self.session.backend.txn([fence, Compare.mod(key, "==", kv.mod_revision)], ops)).revision
 
-    async def _bury(self, key: bytes, kv: KeyValue, item: _Item) -> None:
+    async def _bury(self, key: bytes, kv: KeyValue, item: _Item) -> int:
         """Move an item to the dead letters, if it is still as we saw it (another consumer may have done it)."""
         dead = self._dead + key[len(self._items) :]
-        await self.session.backend.txn(
-            [Compare.mod(key, "==", kv.mod_revision)], [Delete(key), Put(dead, item.encode())]
+        # Fenced by the record's mod revision: a record rewritten meanwhile (claimed, requeued) is left alone.
+        result = await self.session.backend.txn(
+            [Compare.mod(key, "==", kv.mod_revision)], [Delete(key), Put(dead, replace(item, held=False).encode())]
         )
+        return result.revision
 
     def _forget(self, *keys: bytes) -> None:
         """Our own deletion, known now: drop the keys from the kept view so the next claim does not compare
@@ -1015,7 +1331,7 @@ class WorkQueue:
         cannot be reached, the claim ends with the session's lease (or is taken back after its visibility timeout).
         """
         item_key, claim = self._items + task.id.encode(), self._claims + task.id.encode()
-        item = task._item
+        item = replace(task._item, held=False)
         ops: list[Op]
         if error is None:
             ops = [Put(item_key, replace(item, attempts=item.attempts - 1).encode()), Delete(claim)]
@@ -1027,6 +1343,9 @@ class WorkQueue:
             ]
         else:
             ops = [Put(item_key, replace(item, error=error).encode()), Delete(claim)]
+        if isinstance(ops[0], Put):
+            # The tail moves: the item is free again, so a claim that did not see it free must be refused.
+            ops.append(Put(self._tail, b""))
         mine = Compare.create(claim, "==", task._claim_revision)
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.session.ttl):
             result = await retry_call(lambda: self.session.backend.txn([mine], ops))
@@ -1036,3 +1355,7 @@ class WorkQueue:
                 state.pop(claim, None)
                 if isinstance(ops[0], Put):
                     state[item_key] = KeyValue(item_key, ops[0].value, task._create_revision, result.revision, 0)
+                    tail = state.get(self._tail)
+                    if tail is not None and self._subscription.revision == result.revision - 1:
+                        # Nothing was written between our view and this write: the view with it is exact.
+                        state[self._tail] = tail._replace(mod_revision=result.revision)
