@@ -89,6 +89,7 @@ from ._recipes.workqueue import (
     QueuedItem as QueuedItem,
     RequestFailedError as RequestFailedError,
     Task as Task,
+    UnknownDependencyError as UnknownDependencyError,
     WorkQueue as WorkQueue,
 )
 from ._session import Session as Session, SessionStatistics as SessionStatistics
@@ -182,6 +183,7 @@ __all__ = (
     "TooManyParticipantsError",
     "TxnResult",
     "UnavailableError",
+    "UnknownDependencyError",
     "wait_deleted",
     "Watch",
     "WatchBatch",

@@ -579,3 +579,85 @@ async def test_consumers_racing_for_expired_items_dead_letter_each_once(harness:
         letters = await queue.dead_letters()
         assert sorted(d.id for d in letters) == sorted(doomed)
         assert {d.error for d in letters} == {"expired"}
+
+
+async def test_pause_holds_every_consumer_until_resume(harness: Harness) -> None:
+    """While the gate is closed nothing is claimed and waiting consumers write nothing; resume lets them go; an
+    item already held when the queue is paused is completed as usual."""
+    from coordkit import Range
+
+    name = harness.namespace.decode() + "gate"
+    got: list[bytes] = []
+    async with sessions(harness, 3) as (control, first, second):
+        controller = WorkQueue(control, name)
+        assert not await controller.paused()
+        await controller.put_many([b"1", b"2", b"3"])
+        holding, release = anyio.Event(), anyio.Event()
+
+        async def consume(session: Session, count: int) -> None:
+            async with WorkQueue(session, name) as queue:
+                for _ in range(count):
+                    async with queue.lease() as task:
+                        holding.set()
+                        if task.payload == b"1":
+                            await release.wait()
+                        got.append(task.payload)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume, first, 1)
+            await holding.wait()  # "1" is held
+            await controller.pause()
+            assert await controller.paused()
+            tg.start_soon(consume, second, 2)
+            await anyio.sleep(0.2)
+            revision = (await control.backend.range(Range(name.encode() + b"/gate"))).revision
+            await anyio.sleep(0.5)
+            # Nothing claimed, nothing written while paused: the consumer waits by watch, without polling.
+            assert (await control.backend.range(Range(name.encode() + b"/gate"))).revision == revision
+            release.set()  # the held item completes while paused
+            await anyio.sleep(0.3)
+            assert got == [b"1"] and (await controller.depth()).pending == 2
+            await controller.resume()
+            assert not await controller.paused()
+        assert got == [b"1", b"2", b"3"]
+
+
+async def test_dependencies_wait_for_completion_and_fail_with_their_dependency(harness: Harness) -> None:
+    """``after``: an item is offered only once its dependencies completed, even ahead of a higher priority; an
+    unknown id refuses the put; a dependency dead-lettered or removed dead-letters its dependents with why."""
+    from coordkit import UnknownDependencyError
+
+    name = harness.namespace.decode() + "deps"
+    async with sessions(harness, 2) as (producer_session, consumer_session):
+        producer = WorkQueue(producer_session, name)
+        consumer = WorkQueue(consumer_session, name, max_attempts=1)
+        first = await producer.put(b"first")
+        await producer.put(b"second", priority=5, after=[first])
+        await producer.put(b"other")
+        with pytest.raises(UnknownDependencyError) as refused:
+            await producer.put(b"orphan", after=[first, "never-put"])
+        assert refused.value.ids == ["never-put"] and len(await producer.items()) == 3
+        order = []
+        for _ in range(3):
+            async with consumer.lease() as task:
+                order.append(task.payload)
+        assert order == [b"first", b"second", b"other"]
+        # A dependency that fails for good: its dependent follows it to the dead letters.
+        doomed = await producer.put(b"doomed")
+        waiting = await producer.put(b"waits for doomed", after=[doomed])
+        with pytest.raises(RuntimeError):
+            async with consumer.lease():
+                raise RuntimeError("boom")
+        assert await producer.trim_dead_letters() == 0  # kept: an item still waits for it
+        with anyio.move_on_after(1):
+            async with consumer.lease():
+                pytest.fail("an item whose dependency was dead-lettered was offered")
+        letters = {letter.id: letter.error for letter in await producer.dead_letters()}
+        assert letters[waiting] == f"dependency {doomed} was dead-lettered: RuntimeError: boom"
+        # A dependency removed: its dependent is dead-lettered in the same transaction.
+        removed = await producer.put(b"removed")
+        dependent = await producer.put(b"dependent", after=[removed])
+        assert await producer.remove(removed)
+        letters = {letter.id: letter.error for letter in await producer.dead_letters()}
+        assert letters[dependent] == f"dependency {removed} was removed"
+        assert await producer.items() == []

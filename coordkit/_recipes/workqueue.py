@@ -46,7 +46,19 @@ from typing import Any, final
 import anyio
 import anyio.lowlevel
 
-from .._backends.types import MAX_INT64, Compare, Delete, KeyValue, Op, Put, Range, TxnResult, WatchBatch, check_ttl
+from .._backends.types import (
+    MAX_INT64,
+    Compare,
+    Delete,
+    EventType,
+    KeyValue,
+    Op,
+    Put,
+    Range,
+    TxnResult,
+    WatchBatch,
+    check_ttl,
+)
 from .._errors import CoordkitError, LeaseExpiredError, OwnershipLostError, error_text
 from .._feed import Subscription, subscribe
 from .._keys import name_prefix
@@ -291,16 +303,24 @@ class _Waiter:
 
     @classmethod
     def parse(cls, key: bytes, kv: KeyValue, skip: int) -> _Waiter | None:
-        """The waiter a key names, or None for a key that is not one (ignored)."""
+        """The waiter a key names (``waiting/<lease hex>/<visibility>/<token>``), or None (ignored)."""
         try:
-            lease_hex, token = key[skip:].decode().split("/")
-            visibility = json.loads(kv.value)["visibility"]
+            lease_hex, visibility, token = key[skip:].decode().split("/")
             lease = int(lease_hex, 16)
-        except (ValueError, TypeError, KeyError):
+            seconds = int(visibility)
+        except (ValueError, UnicodeDecodeError):
             return None
-        if not isinstance(visibility, int) or isinstance(visibility, bool) or visibility < 1 or not lease > 0:
-            return None
-        return cls(key, kv.create_revision, lease, token, visibility)
+        return cls(key, kv.create_revision, lease, token, seconds) if lease > 0 and seconds > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """A place in line a completion took for this queue's next lease (see `WorkQueue._complete`)."""
+
+    token: str
+    visibility: int
+    revision: int  # the waiting key's create revision
+    since: float  # local time the completion was sent: a claim handed to us is newer than that
 
 
 @dataclass(slots=True)
@@ -329,16 +349,25 @@ class _Claimer:
     then waits by watch until someone hands it an item, or until it is the oldest in line and items are free.
     """
 
-    def __init__(self, queue: WorkQueue, subscription: Subscription, visibility: int) -> None:
+    def __init__(
+        self, queue: WorkQueue, subscription: Subscription, visibility: int, line: _Line | None = None
+    ) -> None:
         self.queue, self.sub, self.visibility = queue, subscription, visibility
-        self.token = uuid.uuid4().hex[:16]
-        self.key = queue._waiting + f"{queue.session.lease_id:x}/{self.token}".encode()
-        self.registered = 0  # our waiting key's create revision; 0: not in line
+        self.token = line.token if line is not None else uuid.uuid4().hex[:16]
+        self.key = queue._waiting_key(line.visibility if line is not None else visibility, self.token)
+        self.registered = line.revision if line is not None else 0  # our waiting key's create revision; 0: none
+        # A claim found at the first look may have been handed to us any time since we took our place in line.
+        self.since: float | None = line.since if line is not None else None
         self.changed = anyio.current_time()  # when the view last changed
 
     async def run(self) -> Task:
         """Wait for an item and claim it (or be handed it); leave the line if this ends any other way."""
+        while (item := self.sub.next_nowait()) is not None:
+            self.apply(item)  # what other followers already read: claim from the newest view
         try:
+            # A view older than our own last completion would only get a claim refused: catch up first.
+            while self.sub.revision < self.queue._written:
+                self.apply(await self.sub.next())
             while True:
                 outcome = await self.step()
                 if isinstance(outcome, Task):
@@ -357,19 +386,25 @@ class _Claimer:
             # Our place in line is gone: an item was handed to us (its claim came in the same batch) or our
             # lease ended (the session guard stops us).
             self.registered = 0
-            task = self.handed(state, now)
+            task = self.handed(state, self.since if self.since is not None else now)
             if task is not None:
                 return task
+        self.since = None
+        if self.registered and now < self.changed + _QUIET and not self.first_in_line(state):
+            # Not the oldest in line: the oldest hands out (to us too); we look only if the queue stays quiet.
+            return self.changed + _QUIET
         scan = self.queue._scan(state, now)
         if scan.chore is not None:
             # Look again once the view has our write (or whatever refused it: the store moved past our view).
             return _Behind(await scan.chore())
         if scan.paused or not scan.free:
             return scan.wake  # nothing to hand out: wait for a change, by watch, or a timer
-        if self.registered and scan.waiters and scan.waiters[0].key != self.key and now < self.changed + _QUIET:
-            # Not the oldest in line: the oldest hands out (to us too); we step in only if it stays quiet.
-            return min(scan.wake, self.changed + _QUIET)
         return await self.hand_out(scan)
+
+    def first_in_line(self, state: dict[bytes, KeyValue]) -> bool:
+        """Whether no waiting key older than ours is in the view (a cheap pass: no record is decoded)."""
+        waiting, ours = self.queue._waiting, self.registered
+        return not any(key.startswith(waiting) and kv.create_revision < ours for key, kv in state.items())
 
     def handed(self, state: dict[bytes, KeyValue], now: float) -> Task | None:
         """The item a hand-off gave us (a claim that names our token), if our view shows one."""
@@ -436,7 +471,7 @@ class _Claimer:
         return self.given(given, result.revision, sent, bool(enter))
 
     def _line_value(self) -> bytes:
-        return json.dumps({"visibility": self.visibility}).encode()
+        return b""
 
     def _enter_line(self) -> list[Op]:
         return [] if self.registered else [Put(self.key, self._line_value(), self.queue.session.lease_id)]
@@ -483,19 +518,28 @@ class _Claimer:
             await anyio.lowlevel.checkpoint()
         else:
             with anyio.move_on_after(outcome - anyio.current_time()):
-                self.apply(await sub.next())
+                while not self.apply(await sub.next()):
+                    pass
         # Batches that already arrived: act on the newest view, not on each step of it.
         while (item := sub.next_nowait()) is not None:
             self.apply(item)
 
-    def apply(self, item: Snapshot | WatchBatch) -> None:
+    def apply(self, item: Snapshot | WatchBatch) -> bool:
+        """Bring the view up to date with ``item``; whether we should look at it (a waiter behind others in
+        line looks only when someone leaves the line: its own hand-off, or an older waiter's)."""
         self.sub.state, self.sub.revision = apply(self.sub.state, item), item.revision
         self.changed = anyio.current_time()
+        if not self.registered or isinstance(item, Snapshot):
+            return True
+        waiting = self.queue._waiting
+        return any(event.type is EventType.DELETE and event.kv.key.startswith(waiting) for event in item.events)
 
     async def leave_line(self) -> None:
         """Take our waiting key out of line; if an item was handed to us meanwhile, give it back uncounted."""
         queue, key, registered = self.queue, self.key, self.registered
         # Compared: our key still there means nobody handed us an item (a hand-off deletes it with the claim).
+        if self.sub.revision < registered:
+            self.sub.state[key] = KeyValue(key, b"", registered, registered, 1, queue.session.lease_id)
         result = await retry_call(
             lambda: queue.session.backend.txn([Compare.create(key, "==", registered)], [Delete(key)])
         )
@@ -733,6 +777,8 @@ class WorkQueue:
         self._gate = self._prefix + b"gate"
         self._subscription: Subscription | None = None
         self._subscription_busy = False
+        self._written = 0  # the revision of our last completion: the next claim looks from a view that has it
+        self._line: _Line | None = None  # a place in line our last completion took for the next lease
         # item key -> (mod revision, decoded item or why it cannot be decoded): each record is decoded once
         self._decoded: dict[bytes, tuple[int, _Item | str]] = {}
         # claim key -> (mod revision, local time this consumer first saw that revision of the claim)
@@ -751,7 +797,12 @@ class WorkQueue:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         subscription, self._subscription = self._subscription, None
+        line, self._line = self._line, None
         if subscription is not None:
+            if line is not None:
+                # The place in line our last completion took: leave it (an item handed to us goes back).
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.session.ttl or 10):
+                    await _Claimer(self, subscription, line.visibility, line).leave_line()
             await subscription.aclose()
 
     async def put(
@@ -1107,6 +1158,9 @@ class WorkQueue:
 
     # -- claiming --------------------------------------------------------------------------------------
 
+    def _waiting_key(self, visibility: int, token: str) -> bytes:
+        return self._waiting + f"{self.session.lease_id:x}/{visibility}/{token}".encode()
+
     def _claim_value(self, visibility: int, lease: int | None = None, waiter: str | None = None) -> bytes:
         holder = self.session.lease_id if lease is None else lease
         record: dict[str, Any] = {"holder": f"{holder:x}", "visibility": visibility}
@@ -1150,8 +1204,13 @@ class WorkQueue:
         own = self._subscription if self._subscription is not None and not self._subscription_busy else None
         subscription: Subscription = own or await subscribe(self.session.backend, self._prefix)
         self._subscription_busy |= own is not None
+        line, self._line = (self._line, None) if own is not None else (None, self._line)
         try:
-            return await _Claimer(self, subscription, visibility).run()
+            if line is not None and line.visibility != visibility:
+                # Our place in line was taken for another visibility timeout: leave it, then wait afresh.
+                await _Claimer(self, subscription, line.visibility, line).leave_line()
+                line = None
+            return await _Claimer(self, subscription, visibility, line).run()
         finally:
             if own is None:
                 await subscription.aclose()
@@ -1295,6 +1354,12 @@ class WorkQueue:
         claim, item_key = self._claims + task.id.encode(), self._items + task.id.encode()
         attempts = 0
         ops: list[Op] = [Delete(item_key), Delete(claim)]
+        line = None
+        if self._subscription is not None and self._line is None and not self.session.lost:
+            # A consumer that leases in a loop leases again: take our place in line in this same transaction
+            # (no write of its own), so the next item can be handed to us (left on `__aexit__` if not).
+            line = _Line(uuid.uuid4().hex[:16], task._visibility, 0, anyio.current_time())
+            ops.append(Put(self._waiting_key(line.visibility, line.token), b"", self.session.lease_id))
         lease = task._item.reply
         if lease is not None:
             # A request: its reply is written in the completion's transaction, so it exists exactly when the
@@ -1318,6 +1383,9 @@ class WorkQueue:
             result = await retry_call(complete)
         if result.succeeded:
             self._forget(item_key, claim)
+            self._written = max(self._written, result.revision)
+            if line is not None:
+                self._line = replace(line, revision=result.revision)
             return
         # Retried after an ambiguous failure and the item is gone: the earlier attempt (whose reply was lost)
         # removed it. On the first attempt, a failure means the claim ended before we finished.
