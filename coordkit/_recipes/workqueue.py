@@ -359,6 +359,8 @@ class _Claimer:
         # A claim found at the first look may have been handed to us any time since we took our place in line.
         self.since: float | None = line.since if line is not None else None
         self.changed = anyio.current_time()  # when the view last changed
+        self._ahead: set[bytes] = set()  # the waiting keys ahead of ours in line, as far as the view shows
+        self._ahead_of = 0  # the place in line (``registered``) ``_ahead`` was counted for; 0: not counted
 
     async def run(self) -> Task:
         """Wait for an item and claim it (or be handed it); leave the line if this ends any other way."""
@@ -402,9 +404,12 @@ class _Claimer:
         return await self.hand_out(scan)
 
     def first_in_line(self, state: dict[bytes, KeyValue]) -> bool:
-        """Whether no waiting key older than ours is in the view (a cheap pass: no record is decoded)."""
-        waiting, ours = self.queue._waiting, self.registered
-        return not any(key.startswith(waiting) and kv.create_revision < ours for key, kv in state.items())
+        """Whether no waiting key older than ours is in the view (kept up to date by `apply`, one pass at first)."""
+        if self._ahead_of != self.registered:
+            waiting, ours = self.queue._waiting, self.registered
+            self._ahead = {key for key, kv in state.items() if key.startswith(waiting) and kv.create_revision < ours}
+            self._ahead_of = ours
+        return not self._ahead
 
     def handed(self, state: dict[bytes, KeyValue], now: float) -> Task | None:
         """The item a hand-off gave us (a claim that names our token), if our view shows one."""
@@ -530,9 +535,20 @@ class _Claimer:
         self.sub.state, self.sub.revision = apply(self.sub.state, item), item.revision
         self.changed = anyio.current_time()
         if not self.registered or isinstance(item, Snapshot):
+            self._ahead_of = 0  # (a snapshot: count the waiters ahead of us again when needed)
             return True
-        waiting = self.queue._waiting
-        return any(event.type is EventType.DELETE and event.kv.key.startswith(waiting) for event in item.events)
+        waiting, left = self.queue._waiting, False
+        for event in item.events:
+            key = event.kv.key
+            if not key.startswith(waiting):
+                continue
+            if event.type is EventType.DELETE:
+                left = True  # someone left the line: maybe us (handed an item), maybe we are first now
+                self._ahead.discard(key)
+            elif event.kv.create_revision < self.registered and self._ahead_of == self.registered:
+                self._ahead.add(key)  # an older waiter our view had not shown yet
+        # The first in line hands out, so it looks at every change (a waiter joining, an item put or freed).
+        return left or self.first_in_line(self.sub.state)
 
     async def leave_line(self) -> None:
         """Take our waiting key out of line; if an item was handed to us meanwhile, give it back uncounted."""
