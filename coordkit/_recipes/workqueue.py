@@ -5,16 +5,23 @@ The "work queue with leases" pattern. Guarantees:
 - **One holder at a time.** An item is claimed by writing ``claims/<id>`` (bound to the consumer's session
   lease) in the same transaction that counts the delivery; completion, give-back and `Task.extend` are fenced by
   that claim's create revision, so a consumer whose claim ended cannot complete an item someone else now holds.
-- **Order.** At the store revision of its claim, the item a consumer is given is the head of the free items:
-  no free item has a higher priority, and no free item of the same priority was created earlier (FIFO is by the
-  item key's create revision, then by id for items put in one transaction). The claim transaction proves it: it
-  compares that nothing was put since the consumer's view (the ``tail`` key every producer bumps) and that every
-  item ahead of the candidate is still held by the claim the consumer saw.
+- **Order.** A claim transaction that commits at revision *r* hands out the first *k* free items at *r* (by
+  priority, then the item key's create revision, then id), the first to the consumer longest in line: no item
+  left free at *r* is ahead of any of them. It proves it by comparing the gate, the ``tail`` (rewritten by every
+  write that makes an item free: put, give-back, re-offer, requeue), each item handed out (unchanged, unclaimed),
+  each waiter served (still in line) and each dependency-blocked item ahead (its dependency still there). An item
+  whose claim went with its holder's lease is still marked ``held`` in its record: not free until re-offered.
+- **No race for the head.** A consumer whose claim is refused is put in line by the refused transaction's failure
+  branch (``waiting/<lease>/<visibility>/<token>``, bound to its lease); a completion inside ``async with queue``
+  puts its consumer in line in the same transaction. Whoever claims hands items to the waiters, oldest first, in
+  its own transaction, writing their claims under their leases; the waiters learn of it through their watch.
 - **Re-offer.** A claim ends when the consumer completes the item (removed), fails (re-offered with its attempt
   count, or dead-lettered after ``max_attempts``), passes its visibility timeout (its own clock cancels the body
   and gives the item back; should it not, any other consumer takes the claim back once the timeout has passed by
   its own clock since it saw the claim), or loses its session (the claim goes with the session's lease).
-- **Control, time, replies.** `remove` deletes an item and its claim (fencing the holder); `items` lists the queue
+- **Control, time, replies.** `pause` closes the gate every claim compares; ``after`` items wait for others to
+  complete (dead-lettered if one of them is dead-lettered or removed); `remove` deletes an item and its claim
+  (fencing the holder); `items` lists the queue
   from one read; ``not_before`` items are not free until due by the consumer's ``now`` clock (a waiting consumer
   sets a timer); ``expires_in`` items not completed in time are dead-lettered with "expired"; `WorkQueue.request`
   items get a reply written in the completion's transaction (``replies/<id>``, bound to the producer's lease).
@@ -22,10 +29,10 @@ The "work queue with leases" pattern. Guarantees:
   fields, a key that is not UTF-8) is moved to the dead letters with the reason, atomically; the rest flows.
 
 Keys under ``<name>/``: ``items/<id>`` (the item record, JSON: see the guide for the format other languages
-write), ``claims/<id>`` (the holder, bound to its session lease), ``dead/<id>`` (dead letters), ``replies/<id>``
-(request replies) and ``tail``
-(rewritten by every put, so a claim can prove it saw every item). An item costs three writes from put to
-completion: the put, the claim, the completion.
+write), ``claims/<id>`` (the holder, bound to its lease), ``dead/<id>`` (dead letters), ``replies/<id>``
+(request replies), ``waiting/...`` (consumers in line), ``gate`` (``paused``) and ``tail``. An item costs three
+writes from put to completion: the put, its share of a claim transaction (or the write that put its consumer in
+line), the completion.
 """
 
 from __future__ import annotations
@@ -440,9 +447,13 @@ class _Claimer:
         given: list[Any] = []
         ahead = 0
         for (key, kv, delivered, before), waiter in zip(scan.free, line, strict=False):
-            if len(compares) + max(before - ahead, 0) + 3 > _MAX_TXN or len(ops) + 4 > _MAX_TXN:
-                break
-            compares += scan.ahead[ahead:before]
+            blocked = scan.ahead[ahead:before]
+            room = _MAX_TXN - len(compares) - 3
+            if len(blocked) > room or len(ops) + 4 > _MAX_TXN:
+                if given:
+                    break  # hand out fewer items rather than prove less
+                blocked = blocked[:room]  # the head itself: prove what fits (the oldest blocked items)
+            compares += blocked
             ahead = max(ahead, before)
             claim = queue._claims + key[len(queue._items) :]
             # The item unchanged (so free, not held) and unclaimed: count the delivery, claim it for the waiter
@@ -630,6 +641,7 @@ class Task:
         queue = self._queue
         claim = queue._claims + self.id.encode()
         sent = anyio.current_time()
+        # Fenced by our claim's create revision: a claim that ended (taken back, removed) is not revived.
         result = await retry_call(
             lambda: queue.session.backend.txn(
                 [Compare.create(claim, "==", self._claim_revision)],
@@ -683,6 +695,7 @@ class PendingRequest:
         (`ClaimLostError`) and no reply is written.
         """
         queue, encoded = self._queue, self.id.encode()
+        # One transaction, no compare: whatever state the request is in, nothing of it is left to deliver or read.
         await retry_call(
             lambda: queue.session.backend.txn(
                 [], [Delete(queue._items + encoded), Delete(queue._claims + encoded), Delete(queue._replies + encoded)]
@@ -1003,6 +1016,7 @@ class WorkQueue:
 
     async def depth(self) -> QueueDepth:
         """Items waiting, held, and dead-lettered now (one consistent read)."""
+        # One transaction of three counts: the numbers are of one revision.
         result = await self.session.backend.txn(
             [],
             [
@@ -1049,6 +1063,7 @@ class WorkQueue:
             fresh = replace(decoded, attempts=0, error=None, not_before=None, expires=None, held=False, after=())
         except _Undecodable:
             fresh = _Item(current.kvs[0].value)
+        # Fenced by the dead letter as read (requeued once); the tail moves: the item is new to every view.
         moved = await self.session.backend.txn(
             [Compare.mod(dead_key, "==", current.kvs[0].mod_revision)],
             [Delete(dead_key), Put(self._items + encoded, fresh.encode()), Put(self._tail, b"")],
@@ -1060,6 +1075,7 @@ class WorkQueue:
 
         A record that cannot be decoded is not listed (the next consumer that looks moves it to the dead letters).
         """
+        # Items and claims read in one transaction: one revision, so a claim never points at a missing item.
         result = await self.session.backend.txn([], [Range(self._items, prefix=True), Range(self._claims, prefix=True)])
         item_kvs: tuple[KeyValue, ...] = getattr(result.responses[0], "kvs", ())
         claims = {kv.key[len(self._claims) :]: kv for kv in getattr(result.responses[1], "kvs", ())}
@@ -1143,6 +1159,7 @@ class WorkQueue:
             raise TypeError(f"keep must be an int, not {type(keep).__name__}")
         if keep < 0:
             raise ValueError(f"keep must be at least 0, not {keep}")
+        # Dead letters and items in one read: which letters are still waited for, as of one revision.
         read = await self.session.backend.txn(
             [], [Range(self._dead, prefix=True, sort_by="create", keys_only=True), Range(self._items, prefix=True)]
         )
@@ -1385,6 +1402,7 @@ class WorkQueue:
         async def complete() -> TxnResult:
             nonlocal attempts
             attempts += 1
+            # Fenced by our claim: a consumer whose claim ended cannot remove an item someone else now holds.
             return await self.session.backend.txn(
                 [Compare.create(claim, "==", task._claim_revision)], ops, [Range(item_key, keys_only=True)]
             )
@@ -1432,6 +1450,7 @@ class WorkQueue:
             ops.append(Put(self._tail, b""))
         mine = Compare.create(claim, "==", task._claim_revision)
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.session.ttl):
+            # Fenced by our claim, as the completion; the record and the claim change together.
             result = await retry_call(lambda: self.session.backend.txn([mine], ops))
             if result.succeeded and self._subscription is not None:
                 # Our own write, known now. Never hide an item that is still there: the view would skip it.
