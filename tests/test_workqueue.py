@@ -661,3 +661,30 @@ async def test_dependencies_wait_for_completion_and_fail_with_their_dependency(h
         letters = {letter.id: letter.error for letter in await producer.dead_letters()}
         assert letters[dependent] == f"dependency {removed} was removed"
         assert await producer.items() == []
+
+
+async def test_an_item_handed_to_a_consumer_in_line_goes_back_when_it_leaves(harness: Harness) -> None:
+    """A completion inside ``async with queue`` puts the consumer in line; the next claimer hands it the next item,
+    under its session lease; leaving ``async with queue`` without leasing gives that item back, uncounted."""
+    name = harness.namespace.decode() + "line"
+    async with sessions(harness, 3) as (producer_session, first_session, second_session):
+        producer = WorkQueue(producer_session, name)
+        await producer.put(b"a")
+        got: list[tuple[bytes, int]] = []
+        async with anyio.create_task_group() as tg:
+            async with WorkQueue(first_session, name) as first:
+                async with first.lease() as task:
+                    assert task.payload == b"a"
+                await producer.put(b"b")  # the first consumer is in line now: "b" is handed to it
+
+                async def second() -> None:
+                    async with WorkQueue(second_session, name).lease() as task:
+                        got.append((task.payload, task.attempt))
+
+                tg.start_soon(second)
+                await anyio.sleep(0.5)
+                (listed,) = await producer.items()
+                assert listed.leased and listed.holder == f"{first_session.lease_id:x}"
+                assert got == []
+            # Left without leasing again: "b" goes back, and the consumer waiting gets it, first attempt.
+        assert got == [(b"b", 1)]

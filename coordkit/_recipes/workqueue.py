@@ -85,8 +85,8 @@ _MAX_AFTER = 100
 #: it saw the claim (the holder's own deadline is ``_MARGIN`` before the timeout, from before it wrote it)
 _TAKEOVER_GRACE = 1.0
 _MARGIN = 0.5
-#: a waiting consumer that is not the oldest hands items out itself only after the queue was this quiet (the
-#: oldest waiter hands out at once; this covers an oldest waiter that is slow or gone)
+#: a waiting consumer that is not the oldest hands items out itself only after the line did not move for this long
+#: (the oldest waiter hands out at once; this covers an oldest waiter that is slow, gone, or between two leases)
 _QUIET = 0.2
 #: the value of the ``gate`` key while the queue is paused
 _PAUSED = b"paused"
@@ -365,7 +365,7 @@ class _Claimer:
         self.registered = line.revision if line is not None else 0  # our waiting key's create revision; 0: none
         # A claim found at the first look may have been handed to us any time since we took our place in line.
         self.since: float | None = line.since if line is not None else None
-        self.changed = anyio.current_time()  # when the view last changed
+        self.changed = anyio.current_time()  # when the line last moved (someone left it) in our view
         self._ahead: set[bytes] = set()  # the waiting keys ahead of ours in line, as far as the view shows
         self._ahead_of = 0  # the place in line (``registered``) ``_ahead`` was counted for; 0: not counted
 
@@ -400,7 +400,8 @@ class _Claimer:
                 return task
         self.since = None
         if self.registered and now < self.changed + _QUIET and not self.first_in_line(state):
-            # Not the oldest in line: the oldest hands out (to us too); we look only if the queue stays quiet.
+            # Not the oldest in line: the oldest hands out (to us too); we step in only if the line stops moving
+            # (the oldest may be gone, or between two leases of its own).
             return self.changed + _QUIET
         scan = self.queue._scan(state, now)
         if scan.chore is not None:
@@ -495,7 +496,7 @@ class _Claimer:
     def joined(self, revision: int) -> None:
         """We wrote our waiting key at ``revision`` (a failure branch, or a hand-off that had none for us)."""
         if not self.registered:
-            self.registered = revision
+            self.registered, self.changed = revision, anyio.current_time()
             self.sub.state[self.key] = KeyValue(
                 self.key, self._line_value(), revision, revision, 1, self.queue.session.lease_id
             )
@@ -544,7 +545,6 @@ class _Claimer:
         """Bring the view up to date with ``item``; whether we should look at it (a waiter behind others in
         line looks only when someone leaves the line: its own hand-off, or an older waiter's)."""
         self.sub.state, self.sub.revision = apply(self.sub.state, item), item.revision
-        self.changed = anyio.current_time()
         if not self.registered or isinstance(item, Snapshot):
             self._ahead_of = 0  # (a snapshot: count the waiters ahead of us again when needed)
             return True
@@ -556,6 +556,7 @@ class _Claimer:
             if event.type is EventType.DELETE:
                 left = True  # someone left the line: maybe us (handed an item), maybe we are first now
                 self._ahead.discard(key)
+                self.changed = anyio.current_time()
             elif event.kv.create_revision < self.registered and self._ahead_of == self.registered:
                 self._ahead.add(key)  # an older waiter our view had not shown yet
         # The first in line hands out, so it looks at every change (a waiter joining, an item put or freed).
