@@ -1,6 +1,8 @@
 """WorkQueue throughput and claim latency against the store's own ceiling, and Scheduler claim cost, in one run.
 
-    python benchmarks/workqueue.py [--items 256] [--consumers 1,4,16,64] [--no-scheduler]
+    PYTHONPATH=. python benchmarks/workqueue.py [--items 256] [--consumers 1,4,16,64] [--no-scheduler]
+
+(``PYTHONPATH=.``: the checkout's coordkit, not an installed one; the last line says which was measured.)
 
 (Not ``queue.py``: a script there would shadow the standard library's ``queue`` for every benchmark.)
 
@@ -30,6 +32,8 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 from _measure import percentile
+
+import coordkit
 
 from coordkit import (
     Backend,
@@ -203,7 +207,9 @@ async def main() -> None:
             f"{label:<8} p50 {percentile(delays, 0.5) * 1e3:7.2f}  p99 {percentile(delays, 0.99) * 1e3:7.2f}"
             f"  runs per tick {ratio:.2f}"
         )
-    print(f"\nPython {sys.version.split()[0]}, {os.cpu_count()} cores")
+    print(
+        f"\nPython {sys.version.split()[0]}, {os.cpu_count()} cores, coordkit from {os.path.dirname(coordkit.__file__)}"
+    )
 
 
 if __name__ == "__main__":
