@@ -34,7 +34,6 @@ import anyio
 from _measure import percentile
 
 import coordkit
-
 from coordkit import (
     Backend,
     Compare,
