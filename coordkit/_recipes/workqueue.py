@@ -374,9 +374,6 @@ class _Claimer:
         while (item := self.sub.next_nowait()) is not None:
             self.apply(item)  # what other followers already read: claim from the newest view
         try:
-            # A view older than our own last completion would only get a claim refused: catch up first.
-            while self.sub.revision < self.queue._written:
-                self.apply(await self.sub.next())
             while True:
                 outcome = await self.step()
                 if isinstance(outcome, Task):
@@ -807,7 +804,6 @@ class WorkQueue:
         self._gate = self._prefix + b"gate"
         self._subscription: Subscription | None = None
         self._subscription_busy = False
-        self._written = 0  # the revision of our last completion: the next claim looks from a view that has it
         self._line: _Line | None = None  # a place in line our last completion took for the next lease
         # item key -> (mod revision, decoded item or why it cannot be decoded): each record is decoded once
         self._decoded: dict[bytes, tuple[int, _Item | str]] = {}
@@ -1418,9 +1414,11 @@ class WorkQueue:
             result = await retry_call(complete)
         if result.succeeded:
             self._forget(item_key, claim)
-            self._written = max(self._written, result.revision)
-            if line is not None:
+            if line is not None and self._subscription is not None:
+                # Our place in line, known now (the next claim need not wait for the watch to bring it).
                 self._line = replace(line, revision=result.revision)
+                key, lease = self._waiting_key(line.visibility, line.token), self.session.lease_id
+                self._subscription.state[key] = KeyValue(key, b"", result.revision, result.revision, 1, lease)
             return
         # Retried after an ambiguous failure and the item is gone: the earlier attempt (whose reply was lost)
         # removed it. On the first attempt, a failure means the claim ended before we finished.
