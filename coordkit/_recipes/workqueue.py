@@ -6,7 +6,7 @@ The "work queue with leases" pattern. Guarantees:
   lease) in the same transaction that counts the delivery; completion, give-back and `Task.extend` are fenced by
   that claim's create revision, so a consumer whose claim ended cannot complete an item someone else now holds.
 - **Order.** A claim transaction that commits at revision *r* hands out the first *k* free items at *r* (by
-  priority, then the item key's create revision, then id), the first to the consumer longest in line: no item
+  priority, then the item key's create revision, then id), to the waiters it serves by place in line: no item
   left free at *r* is ahead of any of them. It proves it by comparing the gate, the ``tail`` (rewritten by every
   write that makes an item free: put, give-back, re-offer, requeue), each item handed out (unchanged, unclaimed),
   each waiter served (still in line) and each dependency-blocked item ahead (its dependency still there). An item
