@@ -1,13 +1,17 @@
 """WorkQueue throughput and claim latency against the store's own ceiling, and Scheduler claim cost, in one run.
 
-    python benchmarks/workqueue.py [--items 256] [--consumers 1,4,16,64] [--no-scheduler]
+    PYTHONPATH=. python benchmarks/workqueue.py [--items 256] [--consumers 1,4,16,64] [--no-scheduler]
+
+(``PYTHONPATH=.``: the checkout's coordkit, not an installed one; the last line says which was measured.)
 
 (Not ``queue.py``: a script there would shadow the standard library's ``queue`` for every benchmark.)
 
 - queue: ``--items`` items put up front (``put_many``), then drained by N consumers (each on its own session and
   client, each holding ``async with queue``), on EtcdBackend (etcd 3.5.1 on loopback) and MemoryBackend, in two
   modes: each item's processing is a 20 ms sleep ("20ms"), or nothing ("none"). End-to-end items/s (up to the
-  last completion) and claim latency (from asking for a lease to holding an item) p50/p99.
+  last completion) and claim latency (from asking for a lease to holding an item) p50/p99; "x 1" is items/s over
+  one consumer's in the same mode, "% ceiling" items/s over the ceiling below; writes/item is the store
+  revisions the drain used per item (the store counts one per write), puts counted as one per item.
 - ceiling: the same etcd's raw throughput of small compare-and-put transactions from 16 concurrent clients, and
   one client's txn round trip p50; divided by the 3 writes an item costs (put, claim, completion), the most
   items/s any design with 3 writes per item could reach here.
@@ -29,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 from _measure import percentile
 
+import coordkit
 from coordkit import (
     Backend,
     Compare,
@@ -36,6 +41,7 @@ from coordkit import (
     JobSpec,
     MemoryBackend,
     Put,
+    Range,
     RunContext,
     Scheduler,
     Session,
@@ -47,7 +53,9 @@ Connect = Callable[[], AbstractAsyncContextManager[Backend]]
 WRITES_PER_ITEM = 3
 
 
-async def drain(connect: Connect, name: str, items: int, consumers: int, work: float) -> tuple[float, list[float]]:
+async def drain(
+    connect: Connect, name: str, items: int, consumers: int, work: float
+) -> tuple[float, list[float], float]:
     claims: list[float] = []
     done = 0
     finished = 0.0
@@ -57,7 +65,9 @@ async def drain(connect: Connect, name: str, items: int, consumers: int, work: f
         for _ in range(consumers + 1):
             client = await stack.enter_async_context(connect())
             sessions.append(await stack.enter_async_context(Session(client, ttl=30)))
-        await WorkQueue(sessions[0], name).put_many([b"item %d" % i for i in range(items)])
+        first = (await sessions[0].backend.range(Range(b"bench/none"))).revision
+        for start in range(0, items, 64):  # 64 per put (put_many writes 100 per transaction; count them as 1 each)
+            await WorkQueue(sessions[0], name).put_many([b"item %d" % i for i in range(start, min(items, start + 64))])
         started = time.perf_counter()
 
         async def consume(session: Session) -> None:
@@ -78,8 +88,12 @@ async def drain(connect: Connect, name: str, items: int, consumers: int, work: f
             for session in sessions[1:]:
                 tg.start_soon(consume, session)
             await all_done.wait()
+            last = (await sessions[0].backend.range(Range(b"bench/none"))).revision
             tg.cancel_scope.cancel()
-    return items / (finished - started), claims
+    # Store writes per item: revisions from before the puts to the last completion, the puts counted one per item
+    # (as `put` writes them), whatever put_many saved.
+    puts = -(-items // 64)
+    return items / (finished - started), claims, (last - first - puts) / items + 1
 
 
 async def ceiling(connect: Connect, clients: int = 16, seconds: float = 3.0) -> tuple[float, float]:
@@ -162,13 +176,22 @@ async def main() -> None:
             for mode, work in (("20ms", 0.02), ("none", 0.0)):
                 for consumers in counts:
                     name = f"bench/queue/{label}/{mode}/{consumers}"
-                    rate, claims = await drain(connect, name, args.items, consumers, work)
-                    rows.append((label, mode, consumers, rate, percentile(claims, 0.5), percentile(claims, 0.99)))
+                    rate, claims, writes = await drain(connect, name, args.items, consumers, work)
+                    p50, p99 = percentile(claims, 0.5), percentile(claims, 0.99)
+                    rows.append((label, mode, consumers, rate, p50, p99, writes))
         cron = {} if args.no_scheduler else {label: await scheduler_claims(connect) for label, connect in backends}
     print(f"WorkQueue: {args.items} items drained by N consumers (own session and client each)")
-    print(f"{'backend':<8} {'work':>5} {'consumers':>9} {'items/s':>9} {'claim p50 ms':>13} {'p99 ms':>8}")
-    for label, mode, consumers, rate, p50, p99 in rows:
-        print(f"{label:<8} {mode:>5} {consumers:>9} {rate:>9.0f} {p50 * 1e3:>13.2f} {p99 * 1e3:>8.2f}")
+    ceilings = {label: rate / WRITES_PER_ITEM for label, (rate, _) in raw.items()}
+    singles = {(label, mode): rate for label, mode, consumers, rate, *_ in rows if consumers == 1}
+    print(
+        f"{'backend':<8} {'work':>5} {'consumers':>9} {'items/s':>9} {'x 1':>6} {'% ceiling':>9}"
+        f" {'claim p50 ms':>13} {'p99 ms':>8} {'writes/item':>11}"
+    )
+    for label, mode, consumers, rate, p50, p99, writes in rows:
+        print(
+            f"{label:<8} {mode:>5} {consumers:>9} {rate:>9.0f} {rate / singles[label, mode]:>6.2f}"
+            f" {100 * rate / ceilings[label]:>8.1f}% {p50 * 1e3:>13.2f} {p99 * 1e3:>8.2f} {writes:>11.2f}"
+        )
     print()
     print(f"Ceiling: raw compare-and-put txns/s from 16 clients, / {WRITES_PER_ITEM} writes per item; one txn p50")
     for label, (rate, rtt) in raw.items():
@@ -183,7 +206,9 @@ async def main() -> None:
             f"{label:<8} p50 {percentile(delays, 0.5) * 1e3:7.2f}  p99 {percentile(delays, 0.99) * 1e3:7.2f}"
             f"  runs per tick {ratio:.2f}"
         )
-    print(f"\nPython {sys.version.split()[0]}, {os.cpu_count()} cores")
+    print(
+        f"\nPython {sys.version.split()[0]}, {os.cpu_count()} cores, coordkit from {os.path.dirname(coordkit.__file__)}"
+    )
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ from ._recipes.workqueue import (
     QueuedItem as QueuedItem,
     RequestFailedError as RequestFailedError,
     Task as Task,
+    UnknownDependencyError as UnknownDependencyError,
     WorkQueue as WorkQueue,
 )
 from ._session import Session as Session, SessionStatistics as SessionStatistics
@@ -199,6 +200,7 @@ __all__ = (
     "TooManyParticipantsError",
     "TxnResult",
     "UnavailableError",
+    "UnknownDependencyError",
     "wait_deleted",
     "Watch",
     "WatchBatch",

@@ -136,6 +136,14 @@ class _Feed:
             self._trim()
         return item
 
+    def item_nowait(self, subscriber: int) -> Snapshot | WatchBatch | None:
+        """The next item for ``subscriber`` if it was already read from the store, else None (no waiting)."""
+        index = self._cursors[subscriber]
+        if index >= self._base + len(self._log):
+            return None
+        self._cursors[subscriber] = index + 1
+        return self._log[index - self._base]
+
     async def follow(self) -> None:
         """Keep the pushed followers fed: read whenever nobody else does. Returns only by raising.
 
@@ -223,6 +231,10 @@ class Subscription:
     def decoded(self, codec: Codec[Any], kv: KeyValue) -> tuple[Any, Exception | None]:
         """``kv``'s value decoded by ``codec``, once for every follower of the prefix (see `_Feed.decoded`)."""
         return self.feed.decoded(codec, kv)
+
+    def next_nowait(self) -> Snapshot | WatchBatch | None:
+        """The next change if another follower (or an earlier `next`) already read it, else None; never waits."""
+        return self.feed.item_nowait(self._subscriber)
 
     async def aclose(self) -> None:
         """Stop following; the last follower closes the backend watch."""

@@ -23,22 +23,11 @@ import coordkit
 
 SOURCE = Path(coordkit.__file__).parent
 
-# The work queue is being brought into line by its owner (issue 14); the lead removes these at merge.
-# Entries are "<path relative to coordkit/>:<function qualname>".
-ALLOWED_DUNDER_CALLS = {
-    "_recipes/workqueue.py:_Lease.__aenter__",
-    "_recipes/workqueue.py:_Lease.__aexit__",
-}
 MAX_FUNCTION_LINES = 50
 ALLOWED_LONG_FUNCTIONS = {
-    # The work queue: its owner shortens these (issue 14); the lead removes them at merge.
-    "_recipes/workqueue.py:WorkQueue._put_items",
-    "_recipes/workqueue.py:WorkQueue._claim_one",
     # The linearizability checker's search: one hot loop over a linked list of events, kept whole for speed.
     "testing/_linearizability.py:_search",
 }
-# The work queue's statistics dataclass (its owner documents the fields); the lead removes it at merge.
-ALLOWED_UNDOCUMENTED = {"QueueDepth.pending", "QueueDepth.leased", "QueueDepth.dead"}
 
 
 def _modules() -> Iterator[tuple[str, ast.Module]]:
@@ -90,9 +79,7 @@ def _dunder_calls(trees: Iterator[tuple[str, ast.Module]]) -> Iterator[tuple[str
 
 def test_no_hand_called_async_dunders() -> None:
     found = set(_dunder_calls(_modules()))
-    assert sorted(f"{where} (line {line})" for where, line in found if where not in ALLOWED_DUNDER_CALLS) == []
-    # The allowance shrinks as the work queue is fixed: an entry nobody needs any more must go.
-    assert {where for where, _ in found} >= ALLOWED_DUNDER_CALLS
+    assert sorted(f"{where} (line {line})" for where, line in found) == []
 
 
 def test_the_dunder_scan_finds_what_it_forbids() -> None:
@@ -166,5 +153,4 @@ def _undocumented() -> Iterator[str]:
 
 def test_public_methods_properties_and_fields_are_documented() -> None:
     missing = set(_undocumented())
-    assert sorted(missing - ALLOWED_UNDOCUMENTED) == []
-    assert missing >= ALLOWED_UNDOCUMENTED, "an allowed name is documented now: take it off the list"
+    assert sorted(missing) == []

@@ -303,18 +303,25 @@ async def test_sixteen_consumers_always_take_the_head(harness: Harness) -> None:
                     workers.cancel_scope.cancel()
                 await observer.txn([], [Put(prefix + b"end", b"")])  # the recorder stops there
     assert sorted(done) == sorted(b"%d" % i for i in range(total))
-    # Replay: state before each revision, then check every claim created at that revision.
+    # Replay: state before each revision, then check the claims created at that revision: they are the first
+    # free items, in order, and the oldest consumer in line got the first (the one handing out, not in line, last).
     items: dict[bytes, tuple[int, int]] = {}  # id -> (priority, create revision)
     claimed: set[bytes] = set()
+    line: dict[str, int] = {}  # waiter token -> its place in line (create revision of its waiting key)
     claims_checked = 0
     for batch in history:
+        handed = []
         for event in batch.events:
             key = event.kv.key[len(prefix) :]
             if key.startswith(b"claims/") and event.type is EventType.PUT and event.kv.version == 1:
-                item_id = key[len(b"claims/") :]
-                free = sorted((-p, c, i) for i, (p, c) in items.items() if i not in claimed)
-                assert free[0][2] == item_id, f"claimed {item_id!r} at {batch.revision}, head was {free[0]}"
-                claims_checked += 1
+                token = json.loads(event.kv.value).get("waiter", "")
+                handed.append((line.get(token, batch.revision), key[len(b"claims/") :]))
+        if handed:
+            free = sorted((-p, c, i) for i, (p, c) in items.items() if i not in claimed)
+            head = [i for _, _, i in free[: len(handed)]]
+            got = [item_id for _, item_id in sorted(handed)]
+            assert got == head, f"at {batch.revision} handed {got} (by place in line), the free head was {head}"
+            claims_checked += len(handed)
         for event in batch.events:
             key = event.kv.key[len(prefix) :]
             kind, _, item_id = key.partition(b"/")
@@ -325,6 +332,8 @@ async def test_sixteen_consumers_always_take_the_head(harness: Harness) -> None:
                 items.pop(item_id, None)
             elif kind == b"claims":
                 (claimed.add if event.type is EventType.PUT else claimed.discard)(item_id)
+            elif kind == b"waiting" and event.type is EventType.PUT:
+                line[item_id.decode().rpartition("/")[2]] = event.kv.create_revision
     assert claims_checked >= total + total // 7
 
 
@@ -570,3 +579,112 @@ async def test_consumers_racing_for_expired_items_dead_letter_each_once(harness:
         letters = await queue.dead_letters()
         assert sorted(d.id for d in letters) == sorted(doomed)
         assert {d.error for d in letters} == {"expired"}
+
+
+async def test_pause_holds_every_consumer_until_resume(harness: Harness) -> None:
+    """While the gate is closed nothing is claimed and waiting consumers write nothing; resume lets them go; an
+    item already held when the queue is paused is completed as usual."""
+    from coordkit import Range
+
+    name = harness.namespace.decode() + "gate"
+    got: list[bytes] = []
+    async with sessions(harness, 3) as (control, first, second):
+        controller = WorkQueue(control, name)
+        assert not await controller.paused()
+        await controller.put_many([b"1", b"2", b"3"])
+        holding, release = anyio.Event(), anyio.Event()
+
+        async def consume(session: Session, count: int) -> None:
+            async with WorkQueue(session, name) as queue:
+                for _ in range(count):
+                    async with queue.lease() as task:
+                        holding.set()
+                        if task.payload == b"1":
+                            await release.wait()
+                        got.append(task.payload)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume, first, 1)
+            await holding.wait()  # "1" is held
+            await controller.pause()
+            assert await controller.paused()
+            tg.start_soon(consume, second, 2)
+            await anyio.sleep(0.2)
+            revision = (await control.backend.range(Range(name.encode() + b"/gate"))).revision
+            await anyio.sleep(0.5)
+            # Nothing claimed, nothing written while paused: the consumer waits by watch, without polling.
+            assert (await control.backend.range(Range(name.encode() + b"/gate"))).revision == revision
+            release.set()  # the held item completes while paused
+            await anyio.sleep(0.3)
+            assert got == [b"1"] and (await controller.depth()).pending == 2
+            await controller.resume()
+            assert not await controller.paused()
+        assert got == [b"1", b"2", b"3"]
+
+
+async def test_dependencies_wait_for_completion_and_fail_with_their_dependency(harness: Harness) -> None:
+    """``after``: an item is offered only once its dependencies completed, even ahead of a higher priority; an
+    unknown id refuses the put; a dependency dead-lettered or removed dead-letters its dependents with why."""
+    from coordkit import UnknownDependencyError
+
+    name = harness.namespace.decode() + "deps"
+    async with sessions(harness, 2) as (producer_session, consumer_session):
+        producer = WorkQueue(producer_session, name)
+        consumer = WorkQueue(consumer_session, name, max_attempts=1)
+        first = await producer.put(b"first")
+        await producer.put(b"second", priority=5, after=[first])
+        await producer.put(b"other")
+        with pytest.raises(UnknownDependencyError) as refused:
+            await producer.put(b"orphan", after=[first, "never-put"])
+        assert refused.value.ids == ["never-put"] and len(await producer.items()) == 3
+        order = []
+        for _ in range(3):
+            async with consumer.lease() as task:
+                order.append(task.payload)
+        assert order == [b"first", b"second", b"other"]
+        # A dependency that fails for good: its dependent follows it to the dead letters.
+        doomed = await producer.put(b"doomed")
+        waiting = await producer.put(b"waits for doomed", after=[doomed])
+        with pytest.raises(RuntimeError):
+            async with consumer.lease():
+                raise RuntimeError("boom")
+        assert await producer.trim_dead_letters() == 0  # kept: an item still waits for it
+        with anyio.move_on_after(1):
+            async with consumer.lease():
+                pytest.fail("an item whose dependency was dead-lettered was offered")
+        letters = {letter.id: letter.error for letter in await producer.dead_letters()}
+        assert letters[waiting] == f"dependency {doomed} was dead-lettered: RuntimeError: boom"
+        # A dependency removed: its dependent is dead-lettered in the same transaction.
+        removed = await producer.put(b"removed")
+        dependent = await producer.put(b"dependent", after=[removed])
+        assert await producer.remove(removed)
+        letters = {letter.id: letter.error for letter in await producer.dead_letters()}
+        assert letters[dependent] == f"dependency {removed} was removed"
+        assert await producer.items() == []
+
+
+async def test_an_item_handed_to_a_consumer_in_line_goes_back_when_it_leaves(harness: Harness) -> None:
+    """A completion inside ``async with queue`` puts the consumer in line; the next claimer hands it the next item,
+    under its session lease; leaving ``async with queue`` without leasing gives that item back, uncounted."""
+    name = harness.namespace.decode() + "line"
+    async with sessions(harness, 3) as (producer_session, first_session, second_session):
+        producer = WorkQueue(producer_session, name)
+        await producer.put(b"a")
+        got: list[tuple[bytes, int]] = []
+        async with anyio.create_task_group() as tg:
+            async with WorkQueue(first_session, name) as first:
+                async with first.lease() as task:
+                    assert task.payload == b"a"
+                await producer.put(b"b")  # the first consumer is in line now: "b" is handed to it
+
+                async def second() -> None:
+                    async with WorkQueue(second_session, name).lease() as task:
+                        got.append((task.payload, task.attempt))
+
+                tg.start_soon(second)
+                await anyio.sleep(0.5)
+                (listed,) = await producer.items()
+                assert listed.leased and listed.holder == f"{first_session.lease_id:x}"
+                assert got == []
+            # Left without leasing again: "b" goes back, and the consumer waiting gets it, first attempt.
+        assert got == [(b"b", 1)]

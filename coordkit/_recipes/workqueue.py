@@ -5,16 +5,23 @@ The "work queue with leases" pattern. Guarantees:
 - **One holder at a time.** An item is claimed by writing ``claims/<id>`` (bound to the consumer's session
   lease) in the same transaction that counts the delivery; completion, give-back and `Task.extend` are fenced by
   that claim's create revision, so a consumer whose claim ended cannot complete an item someone else now holds.
-- **Order.** At the store revision of its claim, the item a consumer is given is the head of the free items:
-  no free item has a higher priority, and no free item of the same priority was created earlier (FIFO is by the
-  item key's create revision, then by id for items put in one transaction). The claim transaction proves it: it
-  compares that nothing was put since the consumer's view (the ``tail`` key every producer bumps) and that every
-  item ahead of the candidate is still held by the claim the consumer saw.
+- **Order.** A claim transaction that commits at revision *r* hands out the first *k* free items at *r* (by
+  priority, then the item key's create revision, then id), to the waiters it serves by place in line: no item
+  left free at *r* is ahead of any of them. It proves it by comparing the gate, the ``tail`` (rewritten by every
+  write that makes an item free: put, give-back, re-offer, requeue), each item handed out (unchanged, unclaimed),
+  each waiter served (still in line) and each dependency-blocked item ahead (its dependency still there). An item
+  whose claim went with its holder's lease is still marked ``held`` in its record: not free until re-offered.
+- **No race for the head.** A consumer whose claim is refused is put in line by the refused transaction's failure
+  branch (``waiting/<lease>/<visibility>/<token>``, bound to its lease); a completion inside ``async with queue``
+  puts its consumer in line in the same transaction. Whoever claims hands items to the waiters, oldest first, in
+  its own transaction, writing their claims under their leases; the waiters learn of it through their watch.
 - **Re-offer.** A claim ends when the consumer completes the item (removed), fails (re-offered with its attempt
   count, or dead-lettered after ``max_attempts``), passes its visibility timeout (its own clock cancels the body
   and gives the item back; should it not, any other consumer takes the claim back once the timeout has passed by
   its own clock since it saw the claim), or loses its session (the claim goes with the session's lease).
-- **Control, time, replies.** `remove` deletes an item and its claim (fencing the holder); `items` lists the queue
+- **Control, time, replies.** `pause` closes the gate every claim compares; ``after`` items wait for others to
+  complete (dead-lettered if one of them is dead-lettered or removed); `remove` deletes an item and its claim
+  (fencing the holder); `items` lists the queue
   from one read; ``not_before`` items are not free until due by the consumer's ``now`` clock (a waiting consumer
   sets a timer); ``expires_in`` items not completed in time are dead-lettered with "expired"; `WorkQueue.request`
   items get a reply written in the completion's transaction (``replies/<id>``, bound to the producer's lease).
@@ -22,10 +29,10 @@ The "work queue with leases" pattern. Guarantees:
   fields, a key that is not UTF-8) is moved to the dead letters with the reason, atomically; the rest flows.
 
 Keys under ``<name>/``: ``items/<id>`` (the item record, JSON: see the guide for the format other languages
-write), ``claims/<id>`` (the holder, bound to its session lease), ``dead/<id>`` (dead letters), ``replies/<id>``
-(request replies) and ``tail``
-(rewritten by every put, so a claim can prove it saw every item). An item costs three writes from put to
-completion: the put, the claim, the completion.
+write), ``claims/<id>`` (the holder, bound to its lease), ``dead/<id>`` (dead letters), ``replies/<id>``
+(request replies), ``waiting/...`` (consumers in line), ``gate`` (``paused``) and ``tail``. An item costs three
+writes from put to completion: the put, its share of a claim transaction (or the write that put its consumer in
+line), the completion.
 """
 
 from __future__ import annotations
@@ -35,32 +42,54 @@ import binascii
 import json
 import math
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from types import TracebackType
 from typing import Any, final
 
 import anyio
 import anyio.lowlevel
 
-from .._backends.types import MAX_INT64, Compare, Delete, KeyValue, Op, Put, Range, TxnResult, check_ttl
+from .._backends.types import (
+    MAX_INT64,
+    Compare,
+    Delete,
+    EventType,
+    KeyValue,
+    Op,
+    Put,
+    Range,
+    TxnResult,
+    WatchBatch,
+    check_ttl,
+)
 from .._errors import CoordkitError, LeaseExpiredError, OwnershipLostError, error_text
 from .._feed import Subscription, subscribe
 from .._keys import name_prefix
 from .._retry import retry_call
 from .._session import Session, require_session
-from .._watch import apply
+from .._watch import Snapshot, apply
 
-#: etcd refuses more than 128 compares in one transaction: a claim compares its candidate, its claim key, the
-#: tail and at most this many claims ahead of it (see "Order" in the guide for what happens beyond).
-_MAX_AHEAD = 124
+#: etcd refuses more than 128 compares (and 128 operations) in one transaction
+_MAX_TXN = 128
+#: items one claim transaction hands out at most (3 operations each: the item, its claim, the waiter's key)
+_HAND_OFF = 16
 #: items per put_many transaction (etcd's limit is 128 operations, and the tail is one more)
 _PUT_BATCH = 100
+#: ids an item may depend on (each is one compare of the put)
+_MAX_AFTER = 100
 #: another consumer takes a claim back this long after the holder's visibility timeout, by its own clock since
 #: it saw the claim (the holder's own deadline is ``_MARGIN`` before the timeout, from before it wrote it)
 _TAKEOVER_GRACE = 1.0
 _MARGIN = 0.5
+#: a waiting consumer that is not the oldest hands items out itself only after the line did not move for this long
+#: (the oldest waiter hands out at once; this covers an oldest waiter that is slow, gone, or between two leases)
+_QUIET = 0.2
+#: the value of the ``gate`` key while the queue is paused
+_PAUSED = b"paused"
 
 
 class ClaimLostError(OwnershipLostError):
@@ -82,9 +111,29 @@ class RequestFailedError(CoordkitError):
         super().__init__(f"request {item_id} will not be answered: {reason}")
 
 
+class UnknownDependencyError(CoordkitError):
+    """`WorkQueue.put` (or ``put_many``, ``request``) named in ``after`` an id that is not in the queue (never put,
+    or already completed, removed or dead-lettered). Nothing was written.
+
+    Attributes:
+        ids: the ids of ``after`` that are not in the queue.
+    """
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        super().__init__(f"not in the queue, cannot be waited for: {', '.join(ids)}")
+
+
 @dataclass(frozen=True, slots=True)
 class QueueDepth:
-    """How many items are waiting, held by a consumer, and dead-lettered."""
+    """How many items are waiting, held by a consumer, and dead-lettered.
+
+    Attributes:
+        pending: items not held by any consumer (offered now, or later: not before their time, or after their
+            dependencies).
+        leased: items a consumer holds now (claimed, not yet completed, failed or given back).
+        dead: dead letters kept.
+    """
 
     pending: int
     leased: int
@@ -164,6 +213,8 @@ class _Item:
     not_before: float | None = None  # wall clock, UTC seconds since the epoch: not offered before
     expires: float | None = None  # wall clock, UTC seconds since the epoch: dead-lettered if not completed by then
     reply: int | None = None  # a reply is expected: the lease (0: none) the reply key is bound to
+    held: bool = False  # claimed and not given back: not free, even when the claim vanished with its lease
+    after: tuple[str, ...] = ()  # ids that must complete before the item is offered
 
     def encode(self) -> bytes:
         record: dict[str, Any] = {"payload": base64.b64encode(self.payload).decode(), "priority": self.priority}
@@ -174,6 +225,10 @@ class _Item:
             record["expires"] = self.expires
         if self.reply is not None:
             record["reply"] = self.reply
+        if self.held:
+            record["held"] = True
+        if self.after:
+            record["after"] = list(self.after)
         return json.dumps(record, separators=(",", ":")).encode()
 
     @classmethod
@@ -198,7 +253,12 @@ class _Item:
         priority = _int_field(record, "priority", 0, -MAX_INT64 - 1)
         not_before, expires = _time_field(record, "not_before"), _time_field(record, "expires")
         reply = None if record.get("reply") is None else _int_field(record, "reply", 0, 0)
-        return cls(raw, priority, _int_field(record, "attempts", 0, 0), error, not_before, expires, reply)
+        after = record.get("after") or []
+        if not isinstance(after, list) or not all(isinstance(dep, str) and dep for dep in after):
+            raise _Undecodable(f"'after' must be a list of item ids (non-empty strings), not {after!r:.80}")
+        attempts = _int_field(record, "attempts", 0, 0)
+        held = record.get("held") is True
+        return cls(raw, priority, attempts, error, not_before, expires, reply, held, tuple(after))
 
 
 def _time_field(record: dict[str, Any], name: str) -> float | None:
@@ -243,6 +303,286 @@ class _Behind:
     """A claim was refused: our view is behind the store; catch up to at least ``revision``, then look again."""
 
     revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiter:
+    """A consumer waiting in line for an item: its ``waiting/<lease hex>/<token>`` key, bound to its lease."""
+
+    key: bytes
+    revision: int  # the key's create revision: its place in line
+    lease: int
+    token: str
+    visibility: int
+
+    @classmethod
+    def parse(cls, key: bytes, kv: KeyValue, skip: int) -> _Waiter | None:
+        """The waiter a key names (``waiting/<lease hex>/<visibility>/<token>``), or None (ignored)."""
+        try:
+            lease_hex, visibility, token = key[skip:].decode().split("/")
+            lease = int(lease_hex, 16)
+            seconds = int(visibility)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return cls(key, kv.create_revision, lease, token, seconds) if lease > 0 and seconds > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """A place in line a completion took for this queue's next lease (see `WorkQueue._complete`)."""
+
+    token: str
+    visibility: int
+    revision: int  # the waiting key's create revision
+    since: float  # local time the completion was sent: a claim handed to us is newer than that
+
+
+@dataclass(slots=True)
+class _Scan:
+    """What one look at the queue found (`WorkQueue._scan`)."""
+
+    #: the first free items in order: key, key as seen, the record as delivered, how many of ``ahead`` precede it
+    free: list[tuple[bytes, KeyValue, _Item, int]] = field(default_factory=list)
+    #: one compare per item ahead that waits for a dependency: it still waits when the hand-off commits
+    ahead: list[Compare] = field(default_factory=list)
+    waiters: list[_Waiter] = field(default_factory=list)  # oldest first
+    gate: Compare | None = None
+    paused: bool = False
+    tail: Compare | None = None
+    wake: float = math.inf  # local time of the next timer (a claim to take back, a delayed item due)
+    chore: Callable[[], Awaitable[int]] | None = None  # a write to do first; returns the store's revision
+
+
+@final
+class _Claimer:
+    """One consumer's wait for an item (`WorkQueue.lease`).
+
+    It claims the first free items itself, handing the ones ahead of its own to the consumers waiting in line
+    (oldest first) in the same transaction; when that transaction is refused (another consumer claimed first),
+    its failure branch puts the consumer in line (``waiting/...``, bound to its session lease), and the consumer
+    then waits by watch until someone hands it an item, or until it is the oldest in line and items are free.
+    """
+
+    def __init__(
+        self, queue: WorkQueue, subscription: Subscription, visibility: int, line: _Line | None = None
+    ) -> None:
+        self.queue, self.sub, self.visibility = queue, subscription, visibility
+        self.token = line.token if line is not None else uuid.uuid4().hex[:16]
+        self.key = queue._waiting_key(line.visibility if line is not None else visibility, self.token)
+        self.registered = line.revision if line is not None else 0  # our waiting key's create revision; 0: none
+        # A claim found at the first look may have been handed to us any time since we took our place in line.
+        self.since: float | None = line.since if line is not None else None
+        self.changed = anyio.current_time()  # when the line last moved (someone left it) in our view
+        self._ahead: set[bytes] = set()  # the waiting keys ahead of ours in line, as far as the view shows
+        self._ahead_of = 0  # the place in line (``registered``) ``_ahead`` was counted for; 0: not counted
+
+    async def run(self) -> Task:
+        """Wait for an item and claim it (or be handed it); leave the line if this ends any other way."""
+        while (item := self.sub.next_nowait()) is not None:
+            self.apply(item)  # what other followers already read: claim from the newest view
+        try:
+            while True:
+                outcome = await self.step()
+                if isinstance(outcome, Task):
+                    return outcome
+                await self.wait(outcome)
+        except BaseException:
+            if self.registered:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.queue.session.ttl or 10):
+                    await self.leave_line()
+            raise
+
+    async def step(self) -> Task | float | _Behind:
+        """Act on the current view: our handed item, a chore, a hand-off, or the local time to wait until."""
+        state, now = self.sub.state, anyio.current_time()
+        if self.registered and self.key not in state:
+            # Our place in line is gone: an item was handed to us (its claim came in the same batch) or our
+            # lease ended (the session guard stops us).
+            self.registered = 0
+            task = self.handed(state, self.since if self.since is not None else now)
+            if task is not None:
+                return task
+        self.since = None
+        if self.registered and now < self.changed + _QUIET and not self.first_in_line(state):
+            # Not the oldest in line: the oldest hands out (to us too); we step in only if the line stops moving
+            # (the oldest may be gone, or between two leases of its own).
+            return self.changed + _QUIET
+        scan = self.queue._scan(state, now)
+        if scan.chore is not None:
+            # Look again once the view has our write (or whatever refused it: the store moved past our view).
+            return _Behind(await scan.chore())
+        if scan.paused or not scan.free:
+            return scan.wake  # nothing to hand out: wait for a change, by watch, or a timer
+        return await self.hand_out(scan)
+
+    def first_in_line(self, state: dict[bytes, KeyValue]) -> bool:
+        """Whether no waiting key older than ours is in the view (kept up to date by `apply`, one pass at first)."""
+        if self._ahead_of != self.registered:
+            waiting, ours = self.queue._waiting, self.registered
+            self._ahead = {key for key, kv in state.items() if key.startswith(waiting) and kv.create_revision < ours}
+            self._ahead_of = ours
+        return not self._ahead
+
+    def handed(self, state: dict[bytes, KeyValue], now: float) -> Task | None:
+        """The item a hand-off gave us (a claim that names our token), if our view shows one."""
+        queue, mark = self.queue, f'"waiter":"{self.token}"'.encode()
+        for claim, kv in state.items():
+            if not claim.startswith(queue._claims) or mark not in kv.value:
+                continue
+            item_id = claim[len(queue._claims) :]
+            item_kv = state.get(queue._items + item_id)
+            decoded = None if item_kv is None else queue._decode(item_kv.key, item_kv)
+            if item_kv is None or not isinstance(decoded, _Item):
+                return None
+            task = Task(queue, item_id.decode(), decoded, kv.create_revision, self.visibility)
+            # Counted from when we saw it (after it was written): other consumers count from when they saw it.
+            task._deadline = now + self.visibility - _MARGIN
+            task._create_revision = item_kv.create_revision
+            return task
+        return None
+
+    async def hand_out(self, scan: _Scan) -> Task | float | _Behind:
+        """One transaction: the first free items to the oldest waiters and to us (last in line, unless we are
+        in line already); refused, it puts us in line (its failure branch) and we catch up."""
+        queue = self.queue
+        line: list[_Waiter | None] = [*scan.waiters] if self.registered else [*scan.waiters, None]
+        assert scan.gate is not None and scan.tail is not None
+        compares: list[Compare] = [scan.gate, scan.tail]
+        ops: list[Op] = []
+        given: list[Any] = []
+        ahead = 0
+        for (key, kv, delivered, before), waiter in zip(scan.free, line, strict=False):
+            blocked = scan.ahead[ahead:before]
+            room = _MAX_TXN - len(compares) - 3
+            if len(blocked) > room or len(ops) + 4 > _MAX_TXN:
+                if given:
+                    break  # hand out fewer items rather than prove less
+                blocked = blocked[:room]  # the head itself: prove what fits (the oldest blocked items)
+            compares += blocked
+            ahead = max(ahead, before)
+            claim = queue._claims + key[len(queue._items) :]
+            # The item unchanged (so free, not held) and unclaimed: count the delivery, claim it for the waiter
+            # under the waiter's session lease (any client may attach any lease), and take the waiter out of line.
+            compares += [Compare.mod(key, "==", kv.mod_revision), Compare.create(claim, "==", 0)]
+            visibility = self.visibility if waiter is None else waiter.visibility
+            value = queue._claim_value(
+                visibility, None if waiter is None else waiter.lease, self.token if waiter is None else waiter.token
+            )
+            ops += [
+                Put(key, delivered.encode()),
+                Put(claim, value, queue.session.lease_id if waiter is None else waiter.lease),
+            ]
+            if waiter is not None:
+                compares.append(Compare.create(waiter.key, "==", waiter.revision))
+                ops.append(Delete(waiter.key))
+            given.append((key, kv, delivered, claim, value, waiter))
+        served = any(waiter is None or waiter.key == self.key for *_, waiter in given)
+        enter: list[Op] = (
+            [] if self.registered or served else [Put(self.key, self._line_value(), queue.session.lease_id)]
+        )
+        # The gate open and the tail unchanged since our view (no item put, given back or requeued that we have
+        # not seen), every dependency-blocked item ahead still blocked: the items given are the first free ones.
+        latest = Range(queue._prefix, prefix=True, sort_by="mod", descending=True, limit=1, keys_only=True)
+        sent = anyio.current_time()
+        result = await queue.session.backend.txn(compares, [*ops, *enter], [*self._enter_line(), latest])
+        if not result.succeeded:
+            self.joined(result.revision)
+            kvs = getattr(result.responses[-1], "kvs", ())
+            return _Behind(max(kvs[0].mod_revision if kvs else 0, self.registered))
+        return self.given(given, result.revision, sent, bool(enter))
+
+    def _line_value(self) -> bytes:
+        return b""
+
+    def _enter_line(self) -> list[Op]:
+        return [] if self.registered else [Put(self.key, self._line_value(), self.queue.session.lease_id)]
+
+    def joined(self, revision: int) -> None:
+        """We wrote our waiting key at ``revision`` (a failure branch, or a hand-off that had none for us)."""
+        if not self.registered:
+            self.registered, self.changed = revision, anyio.current_time()
+            self.sub.state[self.key] = KeyValue(
+                self.key, self._line_value(), revision, revision, 1, self.queue.session.lease_id
+            )
+
+    def given(self, given: list[Any], revision: int, sent: float, entered: bool) -> Task | float:
+        """Our hand-off committed at ``revision``: our own writes into the view (the next claim need not wait for
+        the watch to bring them); our task if we gave ourselves an item."""
+        queue, state, mine = self.queue, self.sub.state, None
+        for key, kv, delivered, claim, value, waiter in given:
+            lease = queue.session.lease_id if waiter is None else waiter.lease
+            state[claim] = KeyValue(claim, value, revision, revision, 1, lease)
+            state[key] = KeyValue(key, delivered.encode(), kv.create_revision, revision, kv.version + 1)
+            queue._decoded[key] = (revision, delivered)
+            if waiter is not None:
+                state.pop(waiter.key, None)
+            if waiter is None or waiter.key == self.key:
+                mine = Task(queue, key[len(queue._items) :].decode(), delivered, revision, self.visibility)
+                mine._deadline = sent + self.visibility - _MARGIN
+                mine._create_revision = kv.create_revision
+        if mine is not None:
+            self.registered = 0
+            return mine
+        if entered:
+            self.joined(revision)
+        return anyio.current_time()
+
+    async def wait(self, outcome: float | _Behind) -> None:
+        """Wait for the view to catch up (``_Behind``), or for the next change or the local time ``outcome``."""
+        sub = self.sub
+        if isinstance(outcome, _Behind):
+            # If the view already has that revision, what we missed is a deletion: the next change.
+            behind = max(outcome.revision, sub.revision + 1)
+            while sub.revision < behind:
+                self.apply(await sub.next())
+        elif outcome <= anyio.current_time():
+            await anyio.lowlevel.checkpoint()
+        else:
+            with anyio.move_on_after(outcome - anyio.current_time()):
+                while not self.apply(await sub.next()):
+                    pass
+        # Batches that already arrived: act on the newest view, not on each step of it.
+        while (item := sub.next_nowait()) is not None:
+            self.apply(item)
+
+    def apply(self, item: Snapshot | WatchBatch) -> bool:
+        """Bring the view up to date with ``item``; whether we should look at it (a waiter behind others in
+        line looks only when someone leaves the line: its own hand-off, or an older waiter's)."""
+        self.sub.state, self.sub.revision = apply(self.sub.state, item), item.revision
+        if not self.registered or isinstance(item, Snapshot):
+            self._ahead_of = 0  # (a snapshot: count the waiters ahead of us again when needed)
+            return True
+        waiting, left = self.queue._waiting, False
+        for event in item.events:
+            key = event.kv.key
+            if not key.startswith(waiting):
+                continue
+            if event.type is EventType.DELETE:
+                left = True  # someone left the line: maybe us (handed an item), maybe we are first now
+                self._ahead.discard(key)
+                self.changed = anyio.current_time()
+            elif event.kv.create_revision < self.registered and self._ahead_of == self.registered:
+                self._ahead.add(key)  # an older waiter our view had not shown yet
+        # The first in line hands out, so it looks at every change (a waiter joining, an item put or freed).
+        return left or self.first_in_line(self.sub.state)
+
+    async def leave_line(self) -> None:
+        """Take our waiting key out of line; if an item was handed to us meanwhile, give it back uncounted."""
+        queue, key, registered = self.queue, self.key, self.registered
+        # Compared: our key still there means nobody handed us an item (a hand-off deletes it with the claim).
+        if self.sub.revision < registered:
+            self.sub.state[key] = KeyValue(key, b"", registered, registered, 1, queue.session.lease_id)
+        result = await retry_call(
+            lambda: queue.session.backend.txn([Compare.create(key, "==", registered)], [Delete(key)])
+        )
+        self.registered = 0
+        if result.succeeded:
+            return
+        while self.sub.revision < result.revision:
+            self.apply(await self.sub.next())
+        task = self.handed(self.sub.state, anyio.current_time())
+        if task is not None:
+            await queue._settle(task, error=None)
 
 
 @final
@@ -306,6 +646,7 @@ class Task:
         queue = self._queue
         claim = queue._claims + self.id.encode()
         sent = anyio.current_time()
+        # Fenced by our claim's create revision: a claim that ended (taken back, removed) is not revived.
         result = await retry_call(
             lambda: queue.session.backend.txn(
                 [Compare.create(claim, "==", self._claim_revision)],
@@ -359,6 +700,7 @@ class PendingRequest:
         (`ClaimLostError`) and no reply is written.
         """
         queue, encoded = self._queue, self.id.encode()
+        # One transaction, no compare: whatever state the request is in, nothing of it is left to deliver or read.
         await retry_call(
             lambda: queue.session.backend.txn(
                 [], [Delete(queue._items + encoded), Delete(queue._claims + encoded), Delete(queue._replies + encoded)]
@@ -396,55 +738,32 @@ class PendingRequest:
                 await subscription.aclose()
 
 
-class _Lease:
+@asynccontextmanager
+async def _leased(queue: WorkQueue, visibility: int) -> AsyncIterator[Task]:
     """``async with queue.lease() as task``: wait for an item, claim it, run the body, settle the claim."""
-
-    def __init__(self, queue: WorkQueue, visibility_timeout: int) -> None:
-        self._queue = queue
-        self._visibility = visibility_timeout
-        self._task: Task | None = None
-        self._guard: Any = None
-        self._scope: anyio.CancelScope | None = None
-
-    async def __aenter__(self) -> Task:
-        task = await self._queue._claim(self._visibility)
-        self._task = task
-        guard = self._queue.session.guarded(ClaimLostError, what=f"queue {self._queue.name!r}, item {task.id}")
-        try:
-            await guard.__aenter__()
-        except BaseException:
-            # Claimed, but cancelled (or the session went) before the body: give the item back uncounted.
-            await self._queue._settle(task, error=None)
-            raise
-        self._guard = guard
-        scope = anyio.CancelScope(deadline=task.deadline)
-        scope.__enter__()
-        self._scope = task._scope = scope
-        return task
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        task, scope, guard = self._task, self._scope, self._guard
-        assert task is not None and scope is not None
-        timed_out = bool(scope.__exit__(exc_type, exc, tb)) and scope.cancelled_caught
-        if timed_out:
-            exc_type, exc, tb = None, None, None
-        try:
-            await guard.__aexit__(exc_type, exc, tb)
-        except ClaimLostError:
-            await self._queue._settle(task, error="the consumer's session was lost")
-            raise
-        if timed_out:
-            await self._queue._settle(task, error="visibility timeout passed")
-            raise ClaimLostError(f"item {task.id}: the visibility timeout passed before the consumer finished")
-        if exc is None:
-            await self._queue._complete(task)
-        elif isinstance(exc, Exception):
-            await self._queue._settle(task, error=error_text(exc))
-        else:  # cancelled from outside: give the item back untouched, without counting it against the item
-            await self._queue._settle(task, error=None)
-        return None
+    task = await queue._claim(visibility)
+    entered = False
+    try:
+        async with queue.session.guarded(ClaimLostError, what=f"queue {queue.name!r}, item {task.id}"):
+            entered = True
+            with anyio.CancelScope(deadline=task.deadline) as scope:
+                task._scope = scope
+                yield task
+    except ClaimLostError:
+        # The session was lost during the body (or before it: then the delivery is not counted).
+        await queue._settle(task, error="the consumer's session was lost" if entered else None)
+        raise
+    except Exception as exc:
+        await queue._settle(task, error=error_text(exc))
+        raise
+    except BaseException:
+        # Cancelled from outside: give the item back untouched, without counting it against the item.
+        await queue._settle(task, error=None)
+        raise
+    if scope.cancelled_caught:
+        await queue._settle(task, error="visibility timeout passed")
+        raise ClaimLostError(f"item {task.id}: the visibility timeout passed before the consumer finished")
+    await queue._complete(task)
 
 
 @final
@@ -488,8 +807,11 @@ class WorkQueue:
         self._dead = self._prefix + b"dead/"
         self._tail = self._prefix + b"tail"
         self._replies = self._prefix + b"replies/"
+        self._waiting = self._prefix + b"waiting/"
+        self._gate = self._prefix + b"gate"
         self._subscription: Subscription | None = None
         self._subscription_busy = False
+        self._line: _Line | None = None  # a place in line our last completion took for the next lease
         # item key -> (mod revision, decoded item or why it cannot be decoded): each record is decoded once
         self._decoded: dict[bytes, tuple[int, _Item | str]] = {}
         # claim key -> (mod revision, local time this consumer first saw that revision of the claim)
@@ -508,7 +830,12 @@ class WorkQueue:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         subscription, self._subscription = self._subscription, None
+        line, self._line = self._line, None
         if subscription is not None:
+            if line is not None:
+                # The place in line our last completion took: leave it (an item handed to us goes back).
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.session.ttl or 10):
+                    await _Claimer(self, subscription, line.visibility, line).leave_line()
             await subscription.aclose()
 
     async def put(
@@ -518,6 +845,7 @@ class WorkQueue:
         priority: int = 0,
         not_before: float | datetime | None = None,
         expires_in: float | None = None,
+        after: Iterable[str] = (),
     ) -> str:
         """Add an item; return its id. Higher ``priority`` is offered first; equal ones in creation order.
 
@@ -531,16 +859,23 @@ class WorkQueue:
                 not free: items behind it are offered first.
             expires_in: seconds from now (by this producer's clock); an item not completed by then is never
                 delivered again and goes to the dead letters with the error "expired".
+            after: ids of items in the queue (at most 100) that must all be completed before this one is
+                offered. If one of them is dead-lettered or removed instead, this item goes to the dead letters
+                ("dependency <id> was dead-lettered: ..." / "... was removed"). The put compares that each is in
+                the queue, in its own transaction.
 
         Raises:
             TypeError: ``payload`` is not bytes, ``priority`` not an int, ``not_before`` neither a number nor a
-                datetime, or ``expires_in`` not a number.
+                datetime, ``expires_in`` not a number, or ``after`` not a collection of str.
             ValueError: ``priority`` does not fit a signed 64-bit integer, ``not_before`` is a naive datetime or
-                not finite, or ``expires_in`` is not above 0.
+                not finite, ``expires_in`` is not above 0, or ``after`` names more than 100 ids.
+            UnknownDependencyError: an id in ``after`` is not in the queue; nothing was written.
             RequestTooLargeError: the item is larger than the server accepts. It is stored base64-encoded, so the
                 payload limit is about 1.1 MiB with etcd's default 1.5 MiB request limit.
         """
-        (item_id,), _ = await self._put_items([payload], priority, not_before, expires_in, None)
+        (item_id,), _ = await self._put_items(
+            [payload], _Item(b"", priority, reply=None), not_before, expires_in, after
+        )
         return item_id
 
     async def request(
@@ -550,6 +885,7 @@ class WorkQueue:
         priority: int = 0,
         not_before: float | datetime | None = None,
         expires_in: float | None = None,
+        after: Iterable[str] = (),
     ) -> PendingRequest:
         """Put an item that expects a reply; ``await (await queue.request(b"...")).result()`` waits for it.
 
@@ -558,7 +894,8 @@ class WorkQueue:
         bound to this session's lease if the session is open (so a producer that is gone leaks nothing).
         """
         lease = self.session.lease_id if self.session._open and not self.session.lost else 0
-        (item_id,), revision = await self._put_items([payload], priority, not_before, expires_in, lease)
+        template = _Item(b"", priority, reply=lease)
+        (item_id,), revision = await self._put_items([payload], template, not_before, expires_in, after)
         return PendingRequest(self, item_id, revision)
 
     async def put_many(
@@ -568,31 +905,56 @@ class WorkQueue:
         priority: int = 0,
         not_before: float | datetime | None = None,
         expires_in: float | None = None,
+        after: Iterable[str] = (),
     ) -> list[str]:
         """Add several items, in order, in one transaction per 100 items; return their ids.
 
         Items of one transaction share a create revision; their ids sort in the order given, and items of one
-        revision are offered in id order, so they are offered in the order given. Arguments and errors as `put`.
+        revision are offered in id order, so they are offered in the order given. Arguments and errors as `put`
+        (``after`` applies to every item; with more than 100 items, a dependency completed between two batches
+        raises `UnknownDependencyError` for the rest, after the earlier batches were written).
         """
-        ids, _ = await self._put_items(payloads, priority, not_before, expires_in, None)
+        ids, _ = await self._put_items(payloads, _Item(b"", priority), not_before, expires_in, after)
         return ids
 
     async def _put_items(
         self,
         payloads: Iterable[bytes],
-        priority: int,
+        template: _Item,
         not_before: float | datetime | None,
         expires_in: float | None,
-        reply: int | None,
+        after: Iterable[str],
     ) -> tuple[list[str], int]:
         items = list(payloads)
         for payload in items:
             if not isinstance(payload, bytes):
                 raise TypeError(f"payloads are bytes, not {type(payload).__name__}")
+        priority = template.priority
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         if not -MAX_INT64 - 1 <= priority <= MAX_INT64:
             raise ValueError(f"priority must fit a signed 64-bit integer, not {priority}")
+        due, expires = self._times(not_before, expires_in)
+        template = replace(template, not_before=due, expires=expires, after=self._dependencies(after))
+        # Ids of one call share a random stem and end in a counter: items of one transaction share a create
+        # revision, and are offered in key order within it, which is then the order given.
+        stem = uuid.uuid4().hex[:24]
+        ids = [f"{stem}{i:08x}" for i in range(len(items))] if len(items) > 1 else [uuid.uuid4().hex]
+        revision = 0
+        for start in range(0, len(items), _PUT_BATCH):
+            batch = zip(ids[start : start + _PUT_BATCH], items[start : start + _PUT_BATCH], strict=True)
+            ops: list[Op] = [Put(self._items + i.encode(), replace(template, payload=p).encode()) for i, p in batch]
+            # The tail moves with every put: a claim that saw the tail unchanged saw every item. Each dependency
+            # must be in the queue (a completed one could never be waited for): else nothing is written.
+            needed = [Compare.create(self._items + dep.encode(), ">", 0) for dep in template.after]
+            result = await self.session.backend.txn(needed, [*ops, Put(self._tail, b"")])
+            if not result.succeeded:
+                raise UnknownDependencyError(await self._missing(template.after))
+            revision = result.revision
+        return ids, revision
+
+    def _times(self, not_before: float | datetime | None, expires_in: float | None) -> tuple[float | None, ...]:
+        """``not_before`` and ``expires_in`` as UTC wall-clock timestamps (None: not given), checked."""
         wall = self._now().timestamp()
         due: float | None = None
         if isinstance(not_before, datetime):
@@ -612,32 +974,53 @@ class WorkQueue:
             if not 0 < expires_in < math.inf:
                 raise ValueError(f"expires_in must be above 0 and finite, not {expires_in}")
             expires = wall + expires_in
-        # Ids of one call share a random stem and end in a counter: items of one transaction share a create
-        # revision, and are offered in key order within it, which is then the order given.
-        stem = uuid.uuid4().hex[:24]
-        ids = [f"{stem}{i:08x}" for i in range(len(items))] if len(items) > 1 else [uuid.uuid4().hex]
-        revision = 0
-        for start in range(0, len(items), _PUT_BATCH):
-            ops: list[Op] = [
-                Put(
-                    self._items + item_id.encode(),
-                    _Item(payload, priority, not_before=due, expires=expires, reply=reply).encode(),
-                )
-                for item_id, payload in zip(
-                    ids[start : start + _PUT_BATCH], items[start : start + _PUT_BATCH], strict=True
-                )
-            ]
-            # The tail moves with every put: a claim that saw the tail unchanged saw every item.
-            revision = (await self.session.backend.txn([], [*ops, Put(self._tail, b"")])).revision
-        return ids, revision
+        return due, expires
 
-    def lease(self, *, visibility_timeout: int = 30) -> _Lease:
+    @staticmethod
+    def _dependencies(after: Iterable[str]) -> tuple[str, ...]:
+        if isinstance(after, str | bytes):
+            raise TypeError("after is a collection of item ids, not a single " + type(after).__name__)
+        ids = tuple(dict.fromkeys(after))
+        for dep in ids:
+            _encode_id(dep)
+            if not dep:
+                raise ValueError("an item id in after is empty")
+        if len(ids) > _MAX_AFTER:
+            raise ValueError(f"an item may depend on at most {_MAX_AFTER} items, not {len(ids)}")
+        return ids
+
+    async def _missing(self, ids: tuple[str, ...]) -> list[str]:
+        """Which of ``ids`` are not in the queue (one read)."""
+        result = await self.session.backend.txn([], [Range(self._items + i.encode(), keys_only=True) for i in ids])
+        return [i for i, r in zip(ids, result.responses, strict=True) if not getattr(r, "kvs", ())]
+
+    async def pause(self) -> None:
+        """Close the gate: from now on no consumer claims an item until `resume` (one write).
+
+        Every claim compares the gate in its own transaction, so no claim commits after the pause's revision.
+        Items already held stay held and are completed as usual; waiting consumers keep waiting, by watch.
+        """
+        # Rewritten, not deleted: a claim compares the gate's mod revision, so any flip refuses a racing claim.
+        await retry_call(lambda: self.session.backend.txn([], [Put(self._gate, _PAUSED)]))
+
+    async def resume(self) -> None:
+        """Open the gate again (one write); waiting consumers see it by watch and claim."""
+        # Why a write and not a delete: as in pause, so the gate's mod revision moves with every flip.
+        await retry_call(lambda: self.session.backend.txn([], [Put(self._gate, b"")]))
+
+    async def paused(self) -> bool:
+        """Whether the gate is closed now (one read): `pause` was called and `resume` not since."""
+        result = await self.session.backend.range(Range(self._gate))
+        return bool(result.kvs) and result.kvs[0].value == _PAUSED
+
+    def lease(self, *, visibility_timeout: int = 30) -> AbstractAsyncContextManager[Task]:
         """Wait for an item and hold it (``async with``); see the class docstring. Bound with ``anyio.fail_after``."""
         check_ttl(visibility_timeout)
-        return _Lease(self, visibility_timeout)
+        return _leased(self, visibility_timeout)
 
     async def depth(self) -> QueueDepth:
         """Items waiting, held, and dead-lettered now (one consistent read)."""
+        # One transaction of three counts: the numbers are of one revision.
         result = await self.session.backend.txn(
             [],
             [
@@ -680,9 +1063,11 @@ class WorkQueue:
         if not current.kvs:
             return False
         try:
-            fresh = replace(_Item.decode(current.kvs[0].value), attempts=0, error=None, not_before=None, expires=None)
+            decoded = _Item.decode(current.kvs[0].value)
+            fresh = replace(decoded, attempts=0, error=None, not_before=None, expires=None, held=False, after=())
         except _Undecodable:
             fresh = _Item(current.kvs[0].value)
+        # Fenced by the dead letter as read (requeued once); the tail moves: the item is new to every view.
         moved = await self.session.backend.txn(
             [Compare.mod(dead_key, "==", current.kvs[0].mod_revision)],
             [Delete(dead_key), Put(self._items + encoded, fresh.encode()), Put(self._tail, b"")],
@@ -694,6 +1079,7 @@ class WorkQueue:
 
         A record that cannot be decoded is not listed (the next consumer that looks moves it to the dead letters).
         """
+        # Items and claims read in one transaction: one revision, so a claim never points at a missing item.
         result = await self.session.backend.txn([], [Range(self._items, prefix=True), Range(self._claims, prefix=True)])
         item_kvs: tuple[KeyValue, ...] = getattr(result.responses[0], "kvs", ())
         claims = {kv.key[len(self._claims) :]: kv for kv in getattr(result.responses[1], "kvs", ())}
@@ -732,7 +1118,8 @@ class WorkQueue:
 
         A leased item is removed with its claim: the holder's body is not interrupted, but its completion (or
         give-back, or `Task.extend`) is refused, fenced by the claim, so leaving its block raises
-        `ClaimLostError`, and the item is never offered again.
+        `ClaimLostError`, and the item is never offered again. Items waiting for it (``after``) go to the dead
+        letters in the same transaction, with the error "dependency <id> was removed".
 
         Raises:
             TypeError: ``item_id`` is not a str.
@@ -740,12 +1127,27 @@ class WorkQueue:
         """
         encoded = _encode_id(item_id)
         key = self._items + encoded
-        result = await self.session.backend.txn(
-            [Compare.create(key, ">", 0)], [Delete(key), Delete(self._claims + encoded)]
-        )
-        if result.succeeded:
-            self._forget(key, self._claims + encoded)
-        return result.succeeded
+        while True:
+            # One read of the queue: the items that wait for this one, and the tail as it was then.
+            read = await self.session.backend.txn([], [Range(self._items, prefix=True), Range(self._tail)])
+            kvs: tuple[KeyValue, ...] = getattr(read.responses[0], "kvs", ())
+            tail = getattr(read.responses[1], "kvs", ())
+            ops: list[Op] = [Delete(key), Delete(self._claims + encoded)]
+            compares = [Compare.create(key, ">", 0), Compare.mod(self._tail, "==", tail[0].mod_revision if tail else 0)]
+            for kv in kvs:
+                decoded = self._decode(kv.key, kv)
+                if isinstance(decoded, _Item) and item_id in decoded.after and len(ops) < _MAX_TXN - 2:
+                    # A dependent could never be offered: dead-letter it with the item, unchanged since read.
+                    compares.append(Compare.mod(kv.key, "==", kv.mod_revision))
+                    reason = replace(decoded, error=f"dependency {item_id} was removed").encode()
+                    ops += [Delete(kv.key), Put(self._dead + kv.key[len(self._items) :], reason)]
+            # Why the tail: no dependent was put since the read (a put moves the tail); else read again.
+            result = await self.session.backend.txn(compares, ops, [Range(key, keys_only=True)])
+            if result.succeeded:
+                self._forget(key, self._claims + encoded)
+                return True
+            if not getattr(result.responses[0], "kvs", ()):
+                return False
 
     async def trim_dead_letters(self, *, keep: int = 0) -> int:
         """Delete all but the ``keep`` newest dead letters; return how many were deleted.
@@ -761,8 +1163,20 @@ class WorkQueue:
             raise TypeError(f"keep must be an int, not {type(keep).__name__}")
         if keep < 0:
             raise ValueError(f"keep must be at least 0, not {keep}")
-        result = await self.session.backend.range(Range(self._dead, prefix=True, sort_by="create", keys_only=True))
-        doomed = list(result.kvs[: max(0, len(result.kvs) - keep)])
+        # Dead letters and items in one read: which letters are still waited for, as of one revision.
+        read = await self.session.backend.txn(
+            [], [Range(self._dead, prefix=True, sort_by="create", keys_only=True), Range(self._items, prefix=True)]
+        )
+        letters: tuple[KeyValue, ...] = getattr(read.responses[0], "kvs", ())
+        # A dead letter an item waits for (``after``) is kept: the first consumer that sees both dead-letters the
+        # dependent with the reason; deleting it first would make the dependency look completed.
+        needed = {
+            dep.encode()
+            for kv in getattr(read.responses[1], "kvs", ())
+            if isinstance(decoded := self._decode(kv.key, kv), _Item)
+            for dep in decoded.after
+        }
+        doomed = [kv for kv in letters[: max(0, len(letters) - keep)] if kv.key[len(self._dead) :] not in needed]
         deleted = 0
         for start in range(0, len(doomed), _PUT_BATCH):
             # One transaction compares every letter of the batch (etcd allows 128 compares); refused (one of them
@@ -781,8 +1195,15 @@ class WorkQueue:
 
     # -- claiming --------------------------------------------------------------------------------------
 
-    def _claim_value(self, visibility: int) -> bytes:
-        return json.dumps({"holder": f"{self.session.lease_id:x}", "visibility": visibility}).encode()
+    def _waiting_key(self, visibility: int, token: str) -> bytes:
+        return self._waiting + f"{self.session.lease_id:x}/{visibility}/{token}".encode()
+
+    def _claim_value(self, visibility: int, lease: int | None = None, waiter: str | None = None) -> bytes:
+        holder = self.session.lease_id if lease is None else lease
+        record: dict[str, Any] = {"holder": f"{holder:x}", "visibility": visibility}
+        if waiter is not None:
+            record["waiter"] = waiter
+        return json.dumps(record, separators=(",", ":")).encode()
 
     def _visibility_of(self, claim: bytes, held: KeyValue) -> int | None:
         cached = self._claim_visibilities.get(claim)
@@ -820,130 +1241,121 @@ class WorkQueue:
         own = self._subscription if self._subscription is not None and not self._subscription_busy else None
         subscription: Subscription = own or await subscribe(self.session.backend, self._prefix)
         self._subscription_busy |= own is not None
+        line, self._line = (self._line, None) if own is not None else (None, self._line)
         try:
-            while True:
-                outcome = await self._claim_one(subscription.state, visibility)
-                if isinstance(outcome, Task):
-                    return outcome
-                if isinstance(outcome, _Behind):
-                    # If the view already has that revision, what we missed is a deletion: the next change.
-                    behind = max(outcome.revision, subscription.revision + 1)
-                    while subscription.revision < behind:
-                        item = await subscription.next()
-                        subscription.state, subscription.revision = apply(subscription.state, item), item.revision
-                    continue
-                if outcome <= anyio.current_time():
-                    await anyio.lowlevel.checkpoint()  # (a claim was just taken back: look again at once)
-                    continue
-                # Nothing free, or our view was behind the store: wait for the next change of the queue (by
-                # watch, never by polling), or until a claim we saw passes its visibility timeout.
-                with anyio.move_on_after(outcome - anyio.current_time()):
-                    item = await subscription.next()
-                    subscription.state, subscription.revision = apply(subscription.state, item), item.revision
+            if line is not None and line.visibility != visibility:
+                # Our place in line was taken for another visibility timeout: leave it, then wait afresh.
+                await _Claimer(self, subscription, line.visibility, line).leave_line()
+                line = None
+            return await _Claimer(self, subscription, visibility, line).run()
         finally:
             if own is None:
                 await subscription.aclose()
             else:
                 self._subscription_busy = False
 
-    async def _claim_one(self, state: dict[bytes, KeyValue], visibility: int) -> Task | float | _Behind:
-        """Claim the head of the free items, or return the local time until which to wait for a change.
-
-        The claim's transaction holds only if our view of the queue is exact where it matters: the candidate
-        unchanged and unclaimed, nothing put since our view (the tail), every item ahead of it held by the claim
-        we saw. So the item claimed is the head at the claim's revision; when the view was behind, the claim
-        fails and we wait for the watch to bring the change.
-        """
-        now = anyio.current_time()
-        wall = self._now().timestamp()
-        entries = []
+    def _scan(self, state: dict[bytes, KeyValue], now: float) -> _Scan:
+        """One look at the queue: the first free items in order, the waiting consumers, what a hand-off must
+        compare, and the first chore (a bad record, an expired item, a claim to take back) if any."""
+        entries, waiters = [], []
         for key, kv in state.items():
-            if not key.startswith(self._items):
-                continue
-            decoded = self._decode(key, kv)
-            if isinstance(decoded, str):
-                # Nobody can ever process it: out of the way, into the dead letters, with the reason.
-                await self._bury(key, kv, _Item(kv.value, error=f"undecodable item record: {decoded}"))
-                continue
-            entries.append((-decoded.priority, kv.create_revision, key, kv, decoded))
+            if key.startswith(self._items):
+                decoded = self._decode(key, kv)
+                if isinstance(decoded, str):
+                    # Nobody can ever process it: out of the way, into the dead letters, with the reason.
+                    buried = _Item(kv.value, error=f"undecodable item record: {decoded}")
+                    return _Scan(chore=partial(self._bury, key, kv, buried))
+                entries.append((-decoded.priority, kv.create_revision, key, kv, decoded))
+            elif key.startswith(self._waiting):
+                waiter = _Waiter.parse(key, kv, len(self._waiting))
+                if waiter is not None:
+                    waiters.append(waiter)
         if len(self._decoded) > 2 * len(entries) + 64:
             self._decoded = {key: value for key, value in self._decoded.items() if key in state}
+        if len(self._claims_seen) > 2 * len(entries) + 64:
+            self._claims_seen = {claim: value for claim, value in self._claims_seen.items() if claim in state}
         entries.sort()
-        tail = state.get(self._tail)
-        tail_revision = tail.mod_revision if tail is not None else 0
-        ahead: list[Compare] = []
-        wake = math.inf
-        seen = self._claims_seen
-        if len(seen) > 64 and len(seen) > 2 * len(entries):
-            seen = self._claims_seen = {claim: value for claim, value in seen.items() if claim in state}
+        gate, tail = state.get(self._gate), state.get(self._tail)
+        scan = _Scan(
+            gate=Compare.mod(self._gate, "==", gate.mod_revision if gate is not None else 0),
+            paused=gate is not None and gate.value == _PAUSED,
+            tail=Compare.mod(self._tail, "==", tail.mod_revision if tail is not None else 0),
+            waiters=sorted(waiters, key=lambda waiter: waiter.revision),
+        )
+        wall = self._now().timestamp()
         for _, _, key, kv, item in entries:
-            item_id = key[len(self._items) :]
-            claim = self._claims + item_id
-            held = state.get(claim)
-            if held is not None:
-                first_seen = self._claims_seen.get(claim)
-                if first_seen is None or first_seen[0] != held.mod_revision:
-                    first_seen = (held.mod_revision, now)
-                seen[claim] = first_seen
-                claim_visibility = self._visibility_of(claim, held)
-                expires = math.inf if claim_visibility is None else first_seen[1] + claim_visibility + _TAKEOVER_GRACE
-                if expires > now:
-                    # Held: it must still be held by this claim when ours commits (else it may be free again).
-                    ahead.append(Compare.create(claim, "==", held.create_revision))
-                    wake = min(wake, expires)
-                    continue
-                # The holder's visibility timeout passed by our clock since we saw its claim: take it back.
-                taken = await self._take_back(key, kv, item, claim, held)
-                return now if taken else math.inf  # taken: look again at once; else wait for what changed
-            if item.expires is not None and item.expires <= wall:
-                # Expired by our clock and free: never delivered again (fenced by its mod revision).
-                await self._bury(key, kv, replace(item, error="expired"))
-                continue
-            if item.not_before is not None and item.not_before > wall:
-                # Not due yet by our clock, so not free: skip it, and wake when it is due (a timer, no polling).
-                wake = min(wake, now + max(item.not_before - wall, 0.001))
-                continue
-            delivered = replace(item, attempts=item.attempts + 1)
-            if delivered.attempts > self.max_attempts:
-                # Delivered max_attempts times and no consumer finished (crashes, timeouts): give it up.
-                reason = item.error or "max attempts exceeded (no consumer finished)"
-                await self._bury(key, kv, replace(item, error=reason))
-                continue
-            # One transaction: the item unchanged and unclaimed, nothing new before it -> count the delivery,
-            # claim it under our session's lease.
-            compares = [
-                Compare.mod(key, "==", kv.mod_revision),
-                Compare.create(claim, "==", 0),
-                Compare.mod(self._tail, "==", tail_revision),
-                *ahead[-_MAX_AHEAD:],
-            ]
-            sent = anyio.current_time()
-            result = await self.session.backend.txn(
-                compares,
-                [Put(key, delivered.encode()), Put(claim, self._claim_value(visibility), self.session.lease_id)],
-                # refused: the revision of the last write under the queue's prefix, to catch up to
-                [Range(self._prefix, prefix=True, sort_by="mod", descending=True, limit=1, keys_only=True)],
-            )
-            if not result.succeeded:
-                # Our view was behind the store (lost a race, or something changed ahead of the candidate): catch
-                # up with the watch to at least the last write, then look again. (If the view already has it,
-                # what we missed is a deletion: wait for the next change, which is it.)
-                latest = getattr(result.responses[0], "kvs", ())
-                return _Behind(latest[0].mod_revision) if latest else math.inf
-            # Our own write, known now: the next claim need not wait for the watch to bring it.
-            value = self._claim_value(visibility)
-            state[claim] = KeyValue(claim, value, result.revision, result.revision, 1, self.session.lease_id)
-            state[key] = KeyValue(key, delivered.encode(), kv.create_revision, result.revision, kv.version + 1)
-            self._decoded[key] = (result.revision, delivered)
-            task = Task(self, item_id.decode(), delivered, result.revision, visibility)
-            task._deadline = sent + visibility - _MARGIN
-            task._create_revision = kv.create_revision
-            return task
-        return wake
+            self._place(scan, state, key, kv, item, now, wall)
+            if scan.chore is not None or len(scan.free) >= _HAND_OFF:
+                break
+        return scan
 
-    async def _take_back(self, key: bytes, kv: KeyValue, item: _Item, claim: bytes, held: KeyValue) -> bool:
-        """End a claim whose visibility timeout passed, fenced by the claim as we saw it; True if we did."""
-        reason = "visibility timeout passed (taken back from a consumer that neither finished nor extended)"
+    def _place(
+        self, scan: _Scan, state: dict[bytes, KeyValue], key: bytes, kv: KeyValue, item: _Item, now: float, wall: float
+    ) -> None:
+        """Classify one item, in order: held, to give back, to dead-letter, not due, blocked, or free."""
+        claim = self._claims + key[len(self._items) :]
+        held = state.get(claim)
+        if held is not None:
+            takeover = self._takeover_time(claim, held, now)
+            if takeover > now:
+                scan.wake = min(scan.wake, takeover)
+            else:  # the holder's visibility timeout passed by our clock since we saw its claim: take it back
+                fence = Compare.mod(claim, "==", held.mod_revision)
+                reason = "visibility timeout passed (taken back from a consumer that neither finished nor extended)"
+                scan.chore = partial(self._give_back, key, kv, item, fence, reason)
+        elif item.held:
+            # Its claim went with its holder's session lease (no write says so): offer it again, counted.
+            fence = Compare.create(claim, "==", 0)
+            scan.chore = partial(self._give_back, key, kv, item, fence, "the consumer's session ended")
+        elif item.expires is not None and item.expires <= wall:
+            # Expired by our clock and free: never delivered again (fenced by its mod revision).
+            scan.chore = partial(self._bury, key, kv, replace(item, error="expired"))
+        elif item.not_before is not None and item.not_before > wall:
+            # Not due yet by our clock, so not free: skip it, and wake when it is due (a timer, no polling).
+            scan.wake = min(scan.wake, now + max(item.not_before - wall, 0.001))
+        elif isinstance(blocking := self._blocking(item, state), str):
+            scan.chore = partial(self._bury, key, kv, replace(item, error=blocking))
+        elif blocking is not None:
+            scan.ahead.append(blocking)
+        elif item.attempts >= self.max_attempts:
+            # Delivered max_attempts times and no consumer finished (crashes, timeouts): give it up.
+            reason = item.error or "max attempts exceeded (no consumer finished)"
+            scan.chore = partial(self._bury, key, kv, replace(item, error=reason))
+        else:
+            delivered = replace(item, attempts=item.attempts + 1, held=True)
+            scan.free.append((key, kv, delivered, len(scan.ahead)))
+
+    def _takeover_time(self, claim: bytes, held: KeyValue, now: float) -> float:
+        """When (local time) we may take ``claim`` back: its visibility timeout plus a grace, counted from when
+        we first saw this revision of it; never for a foreign claim that declares no visibility timeout."""
+        first_seen = self._claims_seen.get(claim)
+        if first_seen is None or first_seen[0] != held.mod_revision:
+            first_seen = (held.mod_revision, now)
+        self._claims_seen[claim] = first_seen
+        visibility = self._visibility_of(claim, held)
+        return math.inf if visibility is None else first_seen[1] + visibility + _TAKEOVER_GRACE
+
+    def _blocking(self, item: _Item, state: dict[bytes, KeyValue]) -> Compare | str | None:
+        """None if every dependency of ``item`` completed; else a compare that holds while the first one still
+        waits (it is in the queue), or why the item can never be offered (a dependency was dead-lettered)."""
+        for dep in item.after:
+            encoded = dep.encode()
+            waiting = state.get(self._items + encoded)
+            if waiting is not None:
+                return Compare.create(waiting.key, "==", waiting.create_revision)
+            dead = state.get(self._dead + encoded)
+            if dead is not None:
+                try:
+                    why = _Item.decode(dead.value).error or "dead-lettered"
+                except _Undecodable:
+                    why = "dead-lettered"
+                return f"dependency {dep} was dead-lettered: {why}"
+        return None
+
+    async def _give_back(self, key: bytes, kv: KeyValue, item: _Item, fence: Compare, reason: str) -> int:
+        """Offer an item again whose claim ended without a give-back (timed out, or gone with its lease), or
+        dead-letter it after ``max_attempts``; fenced by the claim and the item as we saw them."""
+        claim = self._claims + key[len(self._items) :]
         ops: list[Op]
         if item.attempts >= self.max_attempts:
             ops = [
@@ -952,18 +1364,18 @@ class WorkQueue:
                 Put(self._dead + key[len(self._items) :], replace(item, error=reason).encode()),
             ]
         else:
-            ops = [Put(key, replace(item, error=reason).encode()), Delete(claim)]
-        result = await self.session.backend.txn(
-            [Compare.mod(claim, "==", held.mod_revision), Compare.mod(key, "==", kv.mod_revision)], ops
-        )
-        return result.succeeded
+            # The tail moves: an item free again must refuse any claim that did not see it free.
+            ops = [Put(key, replace(item, error=reason, held=False).encode()), Delete(claim), Put(self._tail, b"")]
+        return (await self.session.backend.txn([fence, Compare.mod(key, "==", kv.mod_revision)], ops)).revision
 
-    async def _bury(self, key: bytes, kv: KeyValue, item: _Item) -> None:
+    async def _bury(self, key: bytes, kv: KeyValue, item: _Item) -> int:
         """Move an item to the dead letters, if it is still as we saw it (another consumer may have done it)."""
         dead = self._dead + key[len(self._items) :]
-        await self.session.backend.txn(
-            [Compare.mod(key, "==", kv.mod_revision)], [Delete(key), Put(dead, item.encode())]
+        # Fenced by the record's mod revision: a record rewritten meanwhile (claimed, requeued) is left alone.
+        result = await self.session.backend.txn(
+            [Compare.mod(key, "==", kv.mod_revision)], [Delete(key), Put(dead, replace(item, held=False).encode())]
         )
+        return result.revision
 
     def _forget(self, *keys: bytes) -> None:
         """Our own deletion, known now: drop the keys from the kept view so the next claim does not compare
@@ -979,6 +1391,12 @@ class WorkQueue:
         claim, item_key = self._claims + task.id.encode(), self._items + task.id.encode()
         attempts = 0
         ops: list[Op] = [Delete(item_key), Delete(claim)]
+        line = None
+        if self._subscription is not None and self._line is None and not self.session.lost:
+            # A consumer that leases in a loop leases again: take our place in line in this same transaction
+            # (no write of its own), so the next item can be handed to us (left on `__aexit__` if not).
+            line = _Line(uuid.uuid4().hex[:16], task._visibility, 0, anyio.current_time())
+            ops.append(Put(self._waiting_key(line.visibility, line.token), b"", self.session.lease_id))
         lease = task._item.reply
         if lease is not None:
             # A request: its reply is written in the completion's transaction, so it exists exactly when the
@@ -988,6 +1406,7 @@ class WorkQueue:
         async def complete() -> TxnResult:
             nonlocal attempts
             attempts += 1
+            # Fenced by our claim: a consumer whose claim ended cannot remove an item someone else now holds.
             return await self.session.backend.txn(
                 [Compare.create(claim, "==", task._claim_revision)], ops, [Range(item_key, keys_only=True)]
             )
@@ -1002,6 +1421,11 @@ class WorkQueue:
             result = await retry_call(complete)
         if result.succeeded:
             self._forget(item_key, claim)
+            if line is not None and self._subscription is not None:
+                # Our place in line, known now (the next claim need not wait for the watch to bring it).
+                self._line = replace(line, revision=result.revision)
+                key, lease = self._waiting_key(line.visibility, line.token), self.session.lease_id
+                self._subscription.state[key] = KeyValue(key, b"", result.revision, result.revision, 1, lease)
             return
         # Retried after an ambiguous failure and the item is gone: the earlier attempt (whose reply was lost)
         # removed it. On the first attempt, a failure means the claim ended before we finished.
@@ -1015,7 +1439,7 @@ class WorkQueue:
         cannot be reached, the claim ends with the session's lease (or is taken back after its visibility timeout).
         """
         item_key, claim = self._items + task.id.encode(), self._claims + task.id.encode()
-        item = task._item
+        item = replace(task._item, held=False)
         ops: list[Op]
         if error is None:
             ops = [Put(item_key, replace(item, attempts=item.attempts - 1).encode()), Delete(claim)]
@@ -1027,8 +1451,12 @@ class WorkQueue:
             ]
         else:
             ops = [Put(item_key, replace(item, error=error).encode()), Delete(claim)]
+        if isinstance(ops[0], Put):
+            # The tail moves: the item is free again, so a claim that did not see it free must be refused.
+            ops.append(Put(self._tail, b""))
         mine = Compare.create(claim, "==", task._claim_revision)
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.session.ttl):
+            # Fenced by our claim, as the completion; the record and the claim change together.
             result = await retry_call(lambda: self.session.backend.txn([mine], ops))
             if result.succeeded and self._subscription is not None:
                 # Our own write, known now. Never hide an item that is still there: the view would skip it.
@@ -1036,3 +1464,7 @@ class WorkQueue:
                 state.pop(claim, None)
                 if isinstance(ops[0], Put):
                     state[item_key] = KeyValue(item_key, ops[0].value, task._create_revision, result.revision, 0)
+                    tail = state.get(self._tail)
+                    if tail is not None and self._subscription.revision == result.revision - 1:
+                        # Nothing was written between our view and this write: the view with it is exact.
+                        state[self._tail] = tail._replace(mod_revision=result.revision)
