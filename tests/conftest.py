@@ -18,7 +18,7 @@ from coordkit.testing import EtcdHarness, EtcdServer, Harness, MemoryHarness
 from .cluster import EtcdCluster
 
 
-@pytest.fixture(params=["memory", "etcd"])
+@pytest.fixture(params=["memory", "etcd", "etcd-grpc"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -41,7 +41,7 @@ def harness(kind: str, request: pytest.FixtureRequest) -> Harness:
     if kind == "memory":
         return MemoryHarness()
     server: EtcdServer = request.getfixturevalue("etcd_server")
-    return EtcdHarness(server.endpoint, compact=server.compact)
+    return EtcdHarness(server.endpoint, compact=server.compact, transport="grpc" if kind == "etcd-grpc" else "gateway")
 
 
 @pytest.fixture(scope="module")

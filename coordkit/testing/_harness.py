@@ -6,7 +6,7 @@ import itertools
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
-from typing import Protocol, TypeVar, final
+from typing import Literal, Protocol, TypeVar, final
 
 import anyio
 import anyio.to_thread
@@ -265,18 +265,22 @@ class FaultyBackend:
 
 @final
 class EtcdHarness:
-    """Harness for `EtcdBackend` against a running etcd; faults come from FaultyBackend."""
+    """Harness for `EtcdBackend` against a running etcd; faults come from FaultyBackend.
 
-    def __init__(self, endpoint: str, *, compact: Compactor) -> None:
+    ``transport`` picks the backend's transport: ``"gateway"`` (JSON gateway) or ``"grpc"`` (etcd's gRPC API).
+    """
+
+    def __init__(self, endpoint: str, *, compact: Compactor, transport: Literal["gateway", "grpc"] = "gateway") -> None:
         self.endpoint = endpoint
-        self.namespace = new_namespace("etcd")
+        self.transport: Literal["gateway", "grpc"] = transport
+        self.namespace = new_namespace("etcd" if transport == "gateway" else f"etcd-{transport}")
         self._compact = compact
 
     @asynccontextmanager
     async def client(self) -> AsyncIterator[Backend]:
         from .._backends.etcd import EtcdBackend
 
-        async with EtcdBackend(self.endpoint) as backend:
+        async with EtcdBackend(self.endpoint, transport=self.transport) as backend:
             yield FaultyBackend(backend)
 
     async def compact(self, revision: int) -> None:
