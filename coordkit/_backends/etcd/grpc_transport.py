@@ -79,6 +79,7 @@ PING_TIMEOUT = 5.0
 _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", int(PING_INTERVAL * 1000)),
     ("grpc.keepalive_timeout_ms", int(PING_TIMEOUT * 1000)),
+    ("grpc.http2.ping_timeout_ms", int(PING_TIMEOUT * 1000)),  # recent grpc times keepalive pings out by this
     # ping only while calls are open (etcd's default policy refuses pings on a connection without streams) ...
     ("grpc.keepalive_permit_without_calls", 0),
     # ... but then without a limit: by default grpc stops pinging after two pings without data (a silent watch)
@@ -141,6 +142,7 @@ class MalformedReplyError(ValueError):
 _NATIVE_ERRORS: tuple[type[BaseException], ...] = (
     grpc.aio.AioRpcError,
     grpc.aio.UsageError,
+    asyncio.InvalidStateError,  # a write to a call that ended
     TimeoutError,
     EOFError,
     OSError,
@@ -196,7 +198,7 @@ def translate(exc: BaseException, *, endpoint: str = "", lease_id: int = 0) -> B
         return BackendError(f"{message} (gRPC code {code.name}){where}")
     if isinstance(exc, TimeoutError):
         return UnavailableError(f"etcd did not answer in time{where}")
-    if isinstance(exc, EOFError | OSError | grpc.aio.UsageError):
+    if isinstance(exc, EOFError | OSError | grpc.aio.UsageError | asyncio.InvalidStateError):
         return UnavailableError(f"etcd stream broke{where}: {str(exc) or repr(exc)}")
     return BackendError(f"malformed reply from etcd{where}: {exc}")
 
