@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import ssl
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -901,6 +902,12 @@ def channel_credentials(*, ca_file: str | None, cert_file: str | None, key_file:
         except OSError as exc:
             raise ValueError(f"cannot load TLS files: {exc}") from exc
 
+    try:  # refuse now what OpenSSL refuses (a certificate given as the key, a key that does not match)
+        context = ssl.create_default_context(cafile=ca_file)
+        if cert_file is not None:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load TLS files: {exc}") from exc
     cert = read(cert_file)
     key = read(key_file) if key_file is not None else None
     if cert is not None and key is None:
