@@ -659,9 +659,9 @@ class _Stream:
             if not self.broken:  # grpc cancelled the call itself (the channel closed): not our close
                 self._break(UnavailableError(f"the stream to {self.endpoint} was cancelled"))
         except Exception as exc:  # anything else (a grpc error of another kind, a bug): the stream's waiters learn it
-            error = BackendError(f"the stream to {self.endpoint} failed: {exc!r}")
-            error.__cause__ = exc
-            self._break(error)
+            failure = BackendError(f"the stream to {self.endpoint} failed: {exc!r}")
+            failure.__cause__ = exc
+            self._break(failure)
 
     async def _read(self) -> Any:
         return await self._call.read()
