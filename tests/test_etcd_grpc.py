@@ -76,6 +76,20 @@ async def _collect(batches: AsyncIterator[WatchBatch], count: int) -> list[Watch
     return [await anext(batches) for _ in range(count)]
 
 
+def test_the_grpc_extra_is_imported_only_when_used_and_named_when_missing() -> None:
+    code = (
+        "import sys, coordkit, coordkit._backends.etcd\n"
+        "assert not {'grpc', 'google.protobuf'} & set(sys.modules)\n"
+        "sys.modules['grpc'] = None\n"
+        "from coordkit._backends.etcd import EtcdBackend\n"
+        "EtcdBackend('http://127.0.0.1:1')  # the gateway transport needs no grpc\n"
+        "try:\n    EtcdBackend('http://127.0.0.1:1', transport='grpc')\n"
+        "except ImportError as exc:\n    assert \"pip install 'coordkit[grpc]'\" in str(exc), exc\n"
+        "else:\n    raise SystemExit('no ImportError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="transport"):
         EtcdBackend("http://127.0.0.1:2379", transport="http3")  # type: ignore[arg-type]

@@ -398,7 +398,7 @@ class GrpcClient:
                 # from its poller thread, shortly after the cancellation, to the loop that started them: let
                 # them arrive while this loop runs, not at the next loop of the process (where they fail
                 # with "Event loop is closed")
-                await asyncio.sleep(_DRAIN)
+                await anyio.sleep(_DRAIN)
 
     async def result(self, call: Callable[[], Any]) -> Any:
         """The reply of a unary ``call``; a cancelled caller stops waiting for it at once.
