@@ -371,6 +371,7 @@ class GrpcClient:
         self._callables: dict[tuple[int, str], Any] = {}
         self._keepalive: KeepAliveStream | None = None
         self._watch: WatchStream | None = None
+        self._resumes: set[asyncio.Task[None]] = set()  # watchers moving from a broken stream to a new one
         self._stream_lock = anyio.Lock()
         self._calls: set[asyncio.Future[Any]] = set()  # unary calls not finished yet, so that close waits for them
         self._closed = False
@@ -383,6 +384,10 @@ class GrpcClient:
         """Close every channel (open streams end with UnavailableError). Idempotent; completes even when cancelled."""
         self._closed = True
         with anyio.CancelScope(shield=True):
+            for task in list(self._resumes):
+                task.cancel()
+            if self._resumes:
+                await asyncio.wait(self._resumes)
             for stream in (self._keepalive, self._watch):
                 if stream is not None:
                     await stream.close(UnavailableError("backend is closed"))
@@ -572,9 +577,22 @@ class GrpcClient:
         Creation is retried like an idempotent call until etcd accepts it; after that a broken stream raises
         UnavailableError from `Watcher.receive`. Leaving cancels the watch on the stream.
         """
-        stale: str | None = None
+        watcher = Watcher(create)
+        await self._register([watcher])
+        try:
+            yield watcher
+        finally:
+            await watcher.cancel()
 
-        async def once() -> Watcher:
+    async def _register(self, watchers: list[Watcher]) -> None:
+        """Register ``watchers`` on the shared stream, in order, failing over and re-authenticating as needed.
+
+        Raises the error of the last attempt (UnavailableError, AuthenticationError, ...).
+        """
+        stale: str | None = None
+        todo = list(watchers)
+
+        async def once() -> None:
             nonlocal stale
             async with self._stream_lock:
                 if self._watch is None or self._watch.broken or (stale is not None and self._watch.token == stale):
@@ -582,21 +600,37 @@ class GrpcClient:
                     metadata = await self.metadata(_HAS_LEADER, stale=stale)
                     self._watch = WatchStream(self, index, metadata)
                 stream = self._watch
-            try:
-                return await stream.create(create)
-            except AuthenticationError:
-                if self._username is None or stale is not None:
-                    raise
-                # A watch shows an expired or forgotten token only as a "permission denied" cancel: authenticate
-                # once more and create it again, on a new stream (a stream's token is fixed when it opens).
-                stale = stream.token or ""
-                raise UnavailableError("auth token expired; opening the watch stream again") from None
+            while todo:
+                try:
+                    await stream.register(todo[0])
+                except AuthenticationError:
+                    if self._username is None or stale is not None:
+                        raise
+                    # A watch shows an expired or forgotten token only as a "permission denied" cancel:
+                    # authenticate once more and create it again, on a new stream (a stream's token is fixed
+                    # when it opens).
+                    stale = stream.token or ""
+                    raise UnavailableError("auth token expired; opening the watch stream again") from None
+                del todo[0]
 
-        watcher = await retry_call(once, attempts=self.attempts + 1, retryable=lambda exc: not self._closed)
+        await retry_call(once, attempts=self.attempts + 1, retryable=lambda exc: not self._closed)
+
+    def resume(self, watchers: list[Watcher], error: UnavailableError) -> None:
+        """Move the watchers of a broken stream to a new one, each from the revision after its last event (as
+        etcd's Go client does); those that cannot be moved raise ``error``'s kind from their next read."""
+        self._resumes.add(task := asyncio.get_running_loop().create_task(self._resume(watchers, error)))
+        task.add_done_callback(self._resumes.discard)
+
+    async def _resume(self, watchers: list[Watcher], error: UnavailableError) -> None:
+        alive = [watcher for watcher in watchers if not watcher.cancelled]
         try:
-            yield watcher
-        finally:
-            await watcher.cancel()
+            await self._register(alive)
+        except BackendError as exc:
+            for watcher in alive:
+                if not watcher.registered:
+                    failure = UnavailableError(f"{error}; resuming the watch failed: {exc}")
+                    failure.__cause__ = exc
+                    watcher.fail(failure)
 
 
 class _Stream:
@@ -739,25 +773,50 @@ _NO_MESSAGE = object()
 
 @final
 class Watcher:
-    """One watch on the shared stream: its messages, in order, until it is cancelled or the stream breaks."""
+    """One watch on the shared stream: its messages, in order, until it is cancelled or fails.
 
-    def __init__(self, stream: WatchStream, watch_id: int) -> None:
-        self.stream = stream
-        self.watch_id = watch_id
-        #: the store revision when etcd registered the watch (from its "created" message)
+    It survives the stream: when the stream breaks, the client registers it on a new one from the revision
+    after its last event (`next_revision`), so no event is lost or repeated.
+    """
+
+    def __init__(self, request: rpc_pb2.WatchCreateRequest) -> None:
+        self.request = request
+        self.stream: WatchStream | None = None
+        self.watch_id = 0
+        #: whether etcd accepted it on `stream`
+        self.registered = False
+        #: the store revision when etcd first registered the watch (from its "created" message)
         self.created_revision = 0
+        #: where the watch resumes on a new stream: the revision after the last event delivered (or seen)
+        self.next_revision = request.start_revision
         self.created: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue: asyncio.Queue[Sequence[kv_pb2.Event] | BackendError] = asyncio.Queue()
         self._fragments: list[kv_pb2.Event] = []
-        self._cancelled = False
+        self.cancelled = False
+
+    def create_request(self, watch_id: int) -> rpc_pb2.WatchRequest:
+        """The request that registers this watch as ``watch_id``, from `next_revision` on."""
+        self.watch_id = watch_id
+        self.registered = False
+        self.created = asyncio.get_running_loop().create_future()
+        self._fragments = []  # a revision cut by a broken stream comes again, whole
+        request = rpc_pb2.WatchRequest(create_request=self.request)
+        request.create_request.watch_id = watch_id
+        request.create_request.fragment = True
+        request.create_request.start_revision = self.next_revision
+        return request
 
     def deliver(self, response: rpc_pb2.WatchResponse) -> None:
         if response.created and not self.created.done():
-            self.created_revision = response.header.revision
+            if not self.created_revision:
+                self.created_revision = response.header.revision
+            if not self.next_revision:  # a watch from now: what it sees starts after its registration
+                self.next_revision = response.header.revision + 1
             if not response.canceled:
+                self.registered = True
                 self.created.set_result(None)
         if response.canceled:
-            error = _cancel_error(response, self.stream.endpoint)
+            error = _cancel_error(response, self.stream.endpoint if self.stream else "")
             if not self.created.done() and not isinstance(error, CompactedError):
                 self.created.set_exception(error)  # refused at creation: an error now, not at the first read
                 return
@@ -775,12 +834,13 @@ class Watcher:
         else:
             events = response.events
         if events:
+            self.next_revision = events[-1].kv.mod_revision + 1
             self._queue.put_nowait(events)
 
     def fail(self, error: BackendError) -> None:
         if not self.created.done():
             self.created.set_exception(error)
-            self.created.exception()  # retrieved: the creator sees it from `create`
+            self.created.exception()  # retrieved: the creator sees it from `register`
         self._queue.put_nowait(error)
 
     async def receive(self) -> Sequence[kv_pb2.Event]:
@@ -788,7 +848,7 @@ class Watcher:
 
         Raises:
             CompactedError: the start revision was compacted.
-            UnavailableError: the stream broke.
+            UnavailableError: the stream broke and no other could take the watch.
             AuthenticationError, BackendError: etcd cancelled the watch for another reason.
         """
         item = await self._queue.get()
@@ -798,10 +858,11 @@ class Watcher:
         return item
 
     async def cancel(self) -> None:
-        """Cancel the watch on the stream (best effort: a broken stream has forgotten it already)."""
-        if not self._cancelled:
-            self._cancelled = True
-            await self.stream.remove(self)
+        """Cancel the watch on its stream (best effort: a broken stream has forgotten it already)."""
+        if not self.cancelled:
+            self.cancelled = True
+            if self.stream is not None:
+                await self.stream.remove(self)
 
 
 @final
@@ -809,11 +870,12 @@ class WatchStream(_Stream):
     """The one Watch stream of a client: every watch, with ids the client chooses, messages routed by id.
 
     When it has been silent for the client's ``watch_idle_timeout``, a progress request asks etcd for a message;
-    none within ``request_timeout`` breaks the stream (every watcher raises UnavailableError and is resumed above).
+    none within ``request_timeout`` breaks the stream. The watchers of a broken stream move to a new one (`resume`).
     """
 
     def __init__(self, client: GrpcClient, index: int, metadata: Any) -> None:
         self._watchers: dict[int, Watcher] = {}
+        self._creating: dict[int, Watcher] = {}  # sent, not accepted yet
         self._ids = itertools.count(1)
         super().__init__(client, index, _WATCH, rpc_pb2.WatchResponse, metadata)
 
@@ -834,25 +896,31 @@ class WatchStream(_Stream):
                 raise TimeoutError(f"the watch stream was silent for {idle + self.client.timeout:g} s")
         return read.result()
 
-    async def create(self, create: rpc_pb2.WatchCreateRequest) -> Watcher:
+    async def register(self, watcher: Watcher) -> None:
+        """Register ``watcher`` on this stream and wait for etcd to accept it.
+
+        Until then it is only "creating": a stream that breaks meanwhile fails its creation (the caller tries
+        again), it does not resume it.
+        """
         await anyio.lowlevel.checkpoint_if_cancelled()
-        watcher = Watcher(self, next(self._ids))
-        self._watchers[watcher.watch_id] = watcher
-        request = rpc_pb2.WatchRequest(create_request=create)
-        request.create_request.watch_id = watcher.watch_id
-        request.create_request.fragment = True
+        request = watcher.create_request(next(self._ids))
+        watcher.stream = self
+        self._creating[watcher.watch_id] = watcher
         try:
             self.send(request)
             with anyio.fail_after(self.client.timeout):
                 await watcher.created
         except TimeoutError as exc:
+            self._creating.pop(watcher.watch_id, None)
             error = self.client.failed(self.index, exc)
             self._break(error)
             raise error from exc
-        except BaseException:
-            self._watchers.pop(watcher.watch_id, None)
-            raise
-        return watcher
+        finally:
+            self._creating.pop(watcher.watch_id, None)
+        if watcher.registered:
+            self._watchers[watcher.watch_id] = watcher
+            if watcher.cancelled:  # its owner left while it moved here
+                await self.remove(watcher)
 
     async def remove(self, watcher: Watcher) -> None:
         if self._watchers.pop(watcher.watch_id, None) is None or self.broken:
@@ -863,16 +931,25 @@ class WatchStream(_Stream):
         self.send(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=watcher.watch_id)))
 
     def dispatch(self, message: rpc_pb2.WatchResponse) -> None:
-        watcher = self._watchers.get(message.watch_id)
+        watcher = self._watchers.get(message.watch_id) or self._creating.get(message.watch_id)
         if watcher is not None:  # else: a progress answer for the stream, or a watch just cancelled
             watcher.deliver(message)
             if message.canceled:
                 self._watchers.pop(message.watch_id, None)
 
     def fail_waiters(self, error: BackendError) -> None:
+        creating, self._creating = self._creating, {}
+        for watcher in creating.values():  # their creators try again
+            if not watcher.created.done():
+                watcher.created.set_exception(error)
         watchers, self._watchers = self._watchers, {}
-        for watcher in watchers.values():
-            watcher.fail(error)
+        if not watchers:
+            return
+        if isinstance(error, UnavailableError) and not self.client.closed:
+            self.client.resume(list(watchers.values()), error)
+        else:
+            for watcher in watchers.values():
+                watcher.fail(error)
 
 
 async def watch_batches_of(watcher: Watcher, *, notice: bool) -> AsyncGenerator[WatchBatch, None]:
