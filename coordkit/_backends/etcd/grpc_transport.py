@@ -133,6 +133,8 @@ _SORT_TARGET = {
 
 _Code = grpc.StatusCode
 _AUTH_MESSAGES = ("auth", "user name", "permission", "role")
+#: how grpc reports a connection that died under a call with a code other than UNAVAILABLE
+_TRANSPORT_FAILURES = ("RST_STREAM", "Stream removed", "Socket closed", "Connection reset", "GOAWAY", "Broken pipe")
 
 
 class MalformedReplyError(ValueError):
@@ -192,8 +194,10 @@ def translate(exc: BaseException, *, endpoint: str = "", lease_id: int = 0) -> B
         if code == _Code.UNAVAILABLE and _tls_failure(exc):
             # a certificate problem is configuration, not an outage: do not retry it away
             return BackendError(f"TLS handshake with etcd failed{where}: {message}")
-        if code in (_Code.UNAVAILABLE, _Code.DEADLINE_EXCEEDED, _Code.CANCELLED, _Code.ABORTED) or (
-            code == _Code.RESOURCE_EXHAUSTED and "too many requests" in message
+        if (
+            code in (_Code.UNAVAILABLE, _Code.DEADLINE_EXCEEDED, _Code.CANCELLED, _Code.ABORTED)
+            or (code == _Code.RESOURCE_EXHAUSTED and "too many requests" in message)
+            or (code in (_Code.INTERNAL, _Code.UNKNOWN) and any(m in message for m in _TRANSPORT_FAILURES))
         ):
             return UnavailableError(f"{message or code.name}{where}")
         return BackendError(f"{message} (gRPC code {code.name}){where}")
