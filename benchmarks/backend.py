@@ -7,6 +7,9 @@ Rows, for a real etcd 3.5.1 started on loopback:
   write's acknowledgement to the event reaching the watcher): coordkit's EtcdBackend against the floor, the same
   gateway requests sent with raw aiohttp and decoded with json.loads only. Both sides run interleaved in small
   rounds so machine noise hits them alike; the ratio column is EtcdBackend p50 / floor p50.
+- the same rows for ``EtcdBackend(transport="grpc")`` against its floor: the same requests sent on one raw
+  ``grpc.aio`` channel with coordkit's generated stubs (a LeaseKeepAlive stream and a Watch stream of its own),
+  plus 1,000 concurrent ranges (throughput, ops/s).
 - MemoryBackend operations per second on one core (sequential CAS txns, ranges).
 - PostgresBackend against a real PostgreSQL on loopback (started by the benchmark): the same rows against the floor
   of the same SQL statements sent by hand with asyncpg on one connection; watch delivery (put sent -> event out);
@@ -30,10 +33,16 @@ import time
 import aiohttp
 import anyio
 import asyncpg
+import grpc
+import grpc.aio
 from _measure import interleaved, percentile
+from google.protobuf.message import Message
 
 from coordkit import Compare, EtcdBackend, EventType, MemoryBackend, PostgresBackend, Put, Range
+from coordkit._backends.etcd._proto import rpc_pb2
 from coordkit.testing import EtcdServer, PostgresServer
+
+Row = tuple[str, float, float, float, float]
 
 
 def b64(data: bytes) -> str:
@@ -53,7 +62,7 @@ class Floor:
             return result
 
 
-async def etcd_rows(iterations: int) -> list[tuple[str, float, float, float, float]]:
+async def etcd_rows(iterations: int) -> list[Row]:
     rows = []
     with EtcdServer() as server:
         async with EtcdBackend(server.endpoint) as backend, aiohttp.ClientSession() as http:
@@ -157,6 +166,135 @@ async def watch_delivery(
             done = time.perf_counter()
             samples["raw sent"].append(done - sent)
             samples["raw acked"].append(done - acked)
+    return samples
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+async def grpc_rows(iterations: int) -> tuple[list[Row], tuple[float, float]]:
+    """The gRPC transport against raw grpc.aio calls with the same stubs; and 1,000 concurrent ranges (ops/s)."""
+    rows: list[Row] = []
+    with EtcdServer() as server:
+        target = server.endpoint.split("://", 1)[1]
+        async with (
+            EtcdBackend(server.endpoint, transport="grpc") as backend,
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            range_call = channel.unary_unary(
+                "/etcdserverpb.KV/Range",
+                request_serializer=_serialize,
+                response_deserializer=rpc_pb2.RangeResponse.FromString,
+            )
+            txn_call = channel.unary_unary(
+                "/etcdserverpb.KV/Txn",
+                request_serializer=_serialize,
+                response_deserializer=rpc_pb2.TxnResponse.FromString,
+            )
+            keepalive = channel.stream_stream(
+                "/etcdserverpb.Lease/LeaseKeepAlive",
+                request_serializer=_serialize,
+                response_deserializer=rpc_pb2.LeaseKeepAliveResponse.FromString,
+            )()
+            key = b"bench/key"
+            first = await backend.txn([], [Put(key, b"value")])
+            mod = {"rev": first.revision}
+            lease = await backend.grant(60)
+
+            async def ck_range() -> None:
+                await backend.range(Range(key))
+
+            async def floor_range() -> None:
+                reply = await range_call(rpc_pb2.RangeRequest(key=key))
+                [(kv.key, kv.value) for kv in reply.kvs]
+
+            async def ck_cas() -> None:
+                result = await backend.txn([Compare.mod(key, "==", mod["rev"])], [Put(key, b"value")])
+                assert result.succeeded
+                mod["rev"] = result.revision
+
+            async def floor_cas() -> None:
+                compare = rpc_pb2.Compare(
+                    key=key, target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL, mod_revision=mod["rev"]
+                )
+                put = rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=b"value"))
+                reply = await txn_call(rpc_pb2.TxnRequest(compare=[compare], success=[put]))
+                assert reply.succeeded
+                mod["rev"] = reply.header.revision
+
+            async def ck_refresh() -> None:
+                await backend.refresh(lease.id)
+
+            async def floor_refresh() -> None:
+                await keepalive.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease.id))
+                await keepalive.read()
+
+            samples = await interleaved(
+                {
+                    "range coordkit": ck_range,
+                    "range floor": floor_range,
+                    "txn-CAS coordkit": ck_cas,
+                    "txn-CAS floor": floor_cas,
+                    "refresh coordkit": ck_refresh,
+                    "refresh floor": floor_refresh,
+                },
+                iterations,
+            )
+            for op in ("range", "txn-CAS", "refresh"):
+                ck, fl = samples[f"{op} coordkit"], samples[f"{op} floor"]
+                rows.append((op, percentile(ck, 0.5), percentile(ck, 0.99), percentile(fl, 0.5), percentile(fl, 0.99)))
+            watch = await grpc_watch_delivery(backend, channel, max(200, iterations // 4))
+            for row, side in (("watch put->event", "sent"), ("watch ack->event", "acked")):
+                ck, fl = watch[f"ck {side}"], watch[f"raw {side}"]
+                rows.append((row, percentile(ck, 0.5), percentile(ck, 0.99), percentile(fl, 0.5), percentile(fl, 0.99)))
+            keepalive.cancel()
+
+            async def concurrent(call: object, count: int = 1000) -> float:
+                started = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for _ in range(count):
+                        tg.start_soon(call)  # type: ignore[arg-type]
+                return count / (time.perf_counter() - started)
+
+            throughput = [(await concurrent(ck_range), await concurrent(floor_range)) for _ in range(5)]
+            await backend.revoke(lease.id)
+    best = (max(ck for ck, _ in throughput), max(fl for _, fl in throughput))
+    return rows, best
+
+
+async def grpc_watch_delivery(backend: EtcdBackend, channel: grpc.aio.Channel, count: int) -> dict[str, list[float]]:
+    """As `watch_delivery`, over gRPC: coordkit's watch vs a raw Watch stream of the same stubs."""
+    ck_prefix, raw_prefix = b"bench/gck/", b"bench/graw/"
+    start = (await backend.range(Range(ck_prefix, prefix=True))).revision + 1
+    samples: dict[str, list[float]] = {name: [] for name in ("ck sent", "ck acked", "raw sent", "raw acked")}
+    raw = channel.stream_stream(
+        "/etcdserverpb.Watch/Watch",
+        request_serializer=_serialize,
+        response_deserializer=rpc_pb2.WatchResponse.FromString,
+    )()
+    create = rpc_pb2.WatchCreateRequest(key=raw_prefix, range_end=b"bench/graw0", start_revision=start)
+    await raw.write(rpc_pb2.WatchRequest(create_request=create))
+    created = await raw.read()
+    assert isinstance(created, rpc_pb2.WatchResponse) and created.created
+    async with backend.watch(ck_prefix, prefix=True, start_revision=start) as batches:
+        for i in range(count):
+            sent = time.perf_counter()
+            await backend.txn([], [Put(ck_prefix + str(i).encode(), b"x")])
+            acked = time.perf_counter()
+            await anext(batches)
+            done = time.perf_counter()
+            samples["ck sent"].append(done - sent)
+            samples["ck acked"].append(done - acked)
+            sent = time.perf_counter()
+            await backend.txn([], [Put(raw_prefix + str(i).encode(), b"x")])
+            acked = time.perf_counter()
+            while not getattr(await raw.read(), "events", None):
+                pass
+            done = time.perf_counter()
+            samples["raw sent"].append(done - sent)
+            samples["raw acked"].append(done - acked)
+    raw.cancel()
     return samples
 
 
@@ -339,6 +477,21 @@ async def main() -> None:
             f" {ratio:>9.2f}x {verdict:>7}"
         )
     print()
+    grpc_table, (ck_ops, floor_ops) = await grpc_rows(args.iterations)
+    print(f"EtcdBackend(transport='grpc') vs raw grpc.aio (the floor), {args.iterations} samples per side, ms")
+    print(
+        f"{header[0]:<16} {header[1]:>12} {header[2]:>8} {header[3]:>10} {header[4]:>8} {header[5]:>10} {header[6]:>7}"
+    )
+    for name, ck50, ck99, fl50, fl99 in grpc_table:
+        ratio = ck50 / fl50
+        verdict = "ok" if ratio <= 1.15 else "MISSED"
+        print(
+            f"{name:<16} {ck50 * 1e3:>12.3f} {ck99 * 1e3:>8.3f} {fl50 * 1e3:>10.3f} {fl99 * 1e3:>8.3f}"
+            f" {ratio:>9.2f}x {verdict:>7}"
+        )
+    verdict = "ok" if ck_ops >= 0.85 * floor_ops else "MISSED"
+    print(f"1,000 concurrent ranges: coordkit {ck_ops:,.0f} ops/s, floor {floor_ops:,.0f} ops/s (best of 5) {verdict}")
+    print()
     print("MemoryBackend on one core (asyncio)")
     for name, rate in await memory_rows():
         target = "" if not name.startswith("txn") else ("ok" if rate >= 50_000 else "MISSED (target 50,000)")
@@ -368,6 +521,7 @@ async def main() -> None:
     )
     print(
         f"\nPython {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, asyncpg {asyncpg.__version__}, "
+        f"grpcio {grpc.__version__}, "
         f"{os.cpu_count()} cores"
     )
 

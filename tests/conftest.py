@@ -1,7 +1,8 @@
-"""One suite, three backends: every test taking ``harness`` runs on MemoryBackend, a real etcd and a real PostgreSQL.
+"""One suite, every backend: each test taking ``harness`` runs on MemoryBackend, a real etcd through each of
+EtcdBackend's transports (the JSON gateway, gRPC) and a real PostgreSQL.
 
 Memory runs on trio under ``MockClock(autojump_threshold=0)``: time is virtual, a 10 s TTL passes at once.
-etcd runs on asyncio (aiohttp) against a real etcd 3.5.1 server the session fixture starts on loopback; PostgreSQL
+etcd runs on asyncio against a real etcd 3.5.1 server the session fixture starts on loopback; PostgreSQL
 on asyncio (asyncpg) against a real server started by ``initdb`` and ``postgres`` in a temporary directory.
 """
 
@@ -19,7 +20,7 @@ from coordkit.testing import EtcdHarness, EtcdServer, Harness, MemoryHarness, Po
 from .cluster import EtcdCluster
 
 
-@pytest.fixture(params=["memory", "etcd", "postgres"])
+@pytest.fixture(params=["memory", "etcd", "etcd-grpc", "postgres"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -51,7 +52,7 @@ def harness(kind: str, request: pytest.FixtureRequest) -> Harness:
         postgres: PostgresServer = request.getfixturevalue("postgres_server")
         return PostgresHarness(postgres.dsn)
     server: EtcdServer = request.getfixturevalue("etcd_server")
-    return EtcdHarness(server.endpoint, compact=server.compact)
+    return EtcdHarness(server.endpoint, compact=server.compact, transport="grpc" if kind == "etcd-grpc" else "gateway")
 
 
 @pytest.fixture(scope="module")

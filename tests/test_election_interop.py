@@ -6,6 +6,7 @@ This is about etcd's own tooling, so it runs against the real etcd only.
 from __future__ import annotations
 
 import signal
+from typing import Literal
 
 import anyio
 import anyio.abc
@@ -27,9 +28,12 @@ async def read_lines(process: anyio.abc.Process, count: int) -> list[str]:
     return data.decode().splitlines()[:count]
 
 
-async def test_etcdctl_leader_is_seen_and_hands_over(etcd_server: EtcdServer) -> None:
+@pytest.mark.parametrize("transport", ["gateway", "grpc"])
+async def test_etcdctl_leader_is_seen_and_hands_over(
+    etcd_server: EtcdServer, transport: Literal["gateway", "grpc"]
+) -> None:
     name = "interop-elect-etcdctl-first"
-    async with EtcdBackend(etcd_server.endpoint) as backend, Session(backend, ttl=5) as session:
+    async with EtcdBackend(etcd_server.endpoint, transport=transport) as backend, Session(backend, ttl=5) as session:
         election = Election(session, name)
         async with etcdctl(etcd_server, "elect", name, "from-etcdctl") as campaigner:
             with anyio.fail_after(15):
@@ -52,9 +56,12 @@ async def test_etcdctl_leader_is_seen_and_hands_over(etcd_server: EtcdServer) ->
                     await elected.wait()
 
 
-async def test_coordkit_leader_seen_by_etcdctl_and_handed_over(etcd_server: EtcdServer) -> None:
+@pytest.mark.parametrize("transport", ["gateway", "grpc"])
+async def test_coordkit_leader_seen_by_etcdctl_and_handed_over(
+    etcd_server: EtcdServer, transport: Literal["gateway", "grpc"]
+) -> None:
     name = "interop-elect-coordkit-first"
-    async with EtcdBackend(etcd_server.endpoint) as backend, Session(backend, ttl=5) as session:
+    async with EtcdBackend(etcd_server.endpoint, transport=transport) as backend, Session(backend, ttl=5) as session:
         elected, proclaim, resign = anyio.Event(), anyio.Event(), anyio.Event()
         keys: list[bytes] = []
 

@@ -6,6 +6,7 @@ This is about etcd's own tooling, so it runs against the real etcd only.
 from __future__ import annotations
 
 import signal
+from typing import Literal
 
 import anyio
 import anyio.abc
@@ -27,9 +28,10 @@ async def first_line(process: anyio.abc.Process) -> str:
     return data.decode().strip()
 
 
-async def test_etcdctl_holder_excludes_coordkit(etcd_server: EtcdServer) -> None:
+@pytest.mark.parametrize("transport", ["gateway", "grpc"])
+async def test_etcdctl_holder_excludes_coordkit(etcd_server: EtcdServer, transport: Literal["gateway", "grpc"]) -> None:
     name = "interop-etcdctl-first"
-    async with EtcdBackend(etcd_server.endpoint) as backend, Session(backend, ttl=5) as session:
+    async with EtcdBackend(etcd_server.endpoint, transport=transport) as backend, Session(backend, ttl=5) as session:
         async with etcdctl(etcd_server, "lock", name) as holder:
             with anyio.fail_after(15):
                 key = await first_line(holder)
@@ -52,9 +54,10 @@ async def test_etcdctl_holder_excludes_coordkit(etcd_server: EtcdServer) -> None
                     await acquired.wait()
 
 
-async def test_coordkit_holder_excludes_etcdctl(etcd_server: EtcdServer) -> None:
+@pytest.mark.parametrize("transport", ["gateway", "grpc"])
+async def test_coordkit_holder_excludes_etcdctl(etcd_server: EtcdServer, transport: Literal["gateway", "grpc"]) -> None:
     name = "interop-coordkit-first"
-    async with EtcdBackend(etcd_server.endpoint) as backend, Session(backend, ttl=5) as session:
+    async with EtcdBackend(etcd_server.endpoint, transport=transport) as backend, Session(backend, ttl=5) as session:
         lock = Lock(session, name)
         held = await lock.acquire()
         assert held.key == f"{name}/{session.lease_id:x}".encode(), "Go's key layout"

@@ -1,6 +1,7 @@
 """Security on a real etcd: TLS, mutual TLS, user/password auth, RBAC, token expiry, and secrets that never leak.
 
-etcd only (TLS, auth and permissions are etcd's; MemoryBackend has none), on asyncio. Every recipe is exercised in
+etcd only (TLS, auth and permissions are etcd's; MemoryBackend has none), on asyncio, over both transports of
+EtcdBackend (the JSON gateway and gRPC: every test runs on each, through `transport`). Every recipe is exercised in
 every mode through one helper (`exercise_recipes`). Every test of this module also runs under a capture of all
 log records at DEBUG (coordkit, aiohttp, etcd3, asyncio) and of coordkit's spans, and the teardown of each test
 fails it if a password, a private key or an auth token shows up there.
@@ -16,7 +17,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import pytest
@@ -48,6 +49,7 @@ from coordkit import (
     publish,
 )
 from coordkit._backends.etcd.gateway import GatewayClient
+from coordkit._backends.etcd.grpc_transport import GrpcClient
 from coordkit.testing import EtcdServer
 
 pytestmark = pytest.mark.anyio
@@ -66,7 +68,28 @@ _spans = InMemorySpanExporter()
 
 @pytest.fixture
 def anyio_backend() -> str:
-    return "asyncio"  # aiohttp is asyncio-only
+    return "asyncio"  # aiohttp and grpc.aio are asyncio-only
+
+
+_TRANSPORT: list[Literal["gateway", "grpc"]] = ["gateway"]
+
+
+@pytest.fixture(scope="module", params=["gateway", "grpc"], autouse=True)
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The transport every `EtcdBackend` of this module uses (`_etcd`)."""
+    _TRANSPORT[0] = request.param
+    yield request.param
+    _TRANSPORT[0] = "gateway"
+
+
+def _etcd(endpoints: str, **options: Any) -> EtcdBackend:
+    """An EtcdBackend on the transport under test."""
+    return EtcdBackend(endpoints, transport=_TRANSPORT[0], **options)
+
+
+def _token(backend: EtcdBackend) -> str | None:
+    """The auth token the backend holds now."""
+    return backend._grpc._token if backend._grpc is not None else backend._client._auth_token
 
 
 # -- servers --------------------------------------------------------------------------------------------------
@@ -103,11 +126,11 @@ def auth_server() -> Iterator[EtcdServer]:
 
 
 def _root(server: EtcdServer) -> EtcdBackend:
-    return EtcdBackend(server.endpoint, username="root", password=ROOT_PASSWORD)
+    return _etcd(server.endpoint, username="root", password=ROOT_PASSWORD)
 
 
 def _user(server: EtcdServer) -> EtcdBackend:
-    return EtcdBackend(server.endpoint, username=USER, password=USER_PASSWORD)
+    return _etcd(server.endpoint, username=USER, password=USER_PASSWORD)
 
 
 # -- capture of logs, spans and tokens ----------------------------------------------------------------------
@@ -148,16 +171,17 @@ def _capture_spans() -> Iterator[None]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _capture_tokens() -> Iterator[None]:
-    """Remember every auth token coordkit obtains (observing the adapter, not replacing it)."""
-    authenticate = GatewayClient._authenticate
-
-    async def remembering(self: GatewayClient, *, stale: str | None) -> str:
-        token: str = await authenticate(self, stale=stale)
-        _secrets.add(token)
-        return token
-
+    """Remember every auth token coordkit obtains (observing the transports, not replacing them)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(GatewayClient, "_authenticate", remembering)
+        for client in (GatewayClient, GrpcClient):
+            authenticate = client._authenticate
+
+            async def remembering(self: Any, *, stale: str | None, authenticate: Any = authenticate) -> str:
+                token: str = await authenticate(self, stale=stale)
+                _secrets.add(token)
+                return token
+
+            patch.setattr(client, "_authenticate", remembering)
         yield
 
 
@@ -302,7 +326,11 @@ RECIPES: dict[str, Callable[[Session, str], Awaitable[None]]] = {
 
 
 async def exercise_recipes(backend: EtcdBackend, prefix: str) -> None:
-    """Run every recipe once on keys under ``prefix``, in one session; a hang fails instead of blocking."""
+    """Run every recipe once on keys under ``prefix``, in one session; a hang fails instead of blocking.
+
+    The keys are under ``prefix`` + the transport: both transports run on the same servers.
+    """
+    prefix = f"{prefix}{_TRANSPORT[0]}/"
     with anyio.fail_after(30):
         async with Session(backend, ttl=5) as session:
             for recipe in RECIPES.values():
@@ -315,37 +343,42 @@ async def exercise_recipes(backend: EtcdBackend, prefix: str) -> None:
 
 async def test_tls_with_ca_file(tls_server: EtcdServer) -> None:
     assert tls_server.endpoint.startswith("https://") and tls_server.ca_file
-    async with EtcdBackend(tls_server.endpoint, ca_file=tls_server.ca_file) as backend:
+    async with _etcd(tls_server.endpoint, ca_file=tls_server.ca_file) as backend:
         await exercise_recipes(backend, "ca-file/")
 
 
-async def test_tls_with_ssl_context(tls_server: EtcdServer) -> None:
-    async with EtcdBackend(tls_server.endpoint, ssl_context=tls_server.client_ssl_context()) as backend:
+async def test_tls_with_ssl_context(tls_server: EtcdServer, transport: str) -> None:
+    if transport == "grpc":  # grpc cannot take an SSLContext: said at construction, not at the first call
+        with pytest.raises(ValueError, match="ssl_context"):
+            _etcd(tls_server.endpoint, ssl_context=tls_server.client_ssl_context())
+        return
+    async with _etcd(tls_server.endpoint, ssl_context=tls_server.client_ssl_context()) as backend:
         await exercise_recipes(backend, "ssl-context/")
 
 
 async def test_tls_refuses_an_unknown_ca(tls_server: EtcdServer) -> None:
-    async with EtcdBackend(tls_server.endpoint) as untrusting:  # system CAs: they do not know the test CA
+    async with _etcd(tls_server.endpoint) as untrusting:  # system CAs: they do not know the test CA
         with anyio.fail_after(10), pytest.raises(BackendError, match="TLS") as info:
             await untrusting.range(Range(b"k"))
     assert not isinstance(info.value, UnavailableError)  # configuration, not an outage: not retried
 
 
-async def test_mutual_tls(mtls_server: EtcdServer) -> None:
+async def test_mutual_tls(mtls_server: EtcdServer, transport: str) -> None:
     assert mtls_server.client_cert_file and mtls_server.client_key_file
-    async with EtcdBackend(
+    async with _etcd(
         mtls_server.endpoint,
         ca_file=mtls_server.ca_file,
         cert_file=mtls_server.client_cert_file,
         key_file=mtls_server.client_key_file,
     ) as backend:
         await exercise_recipes(backend, "mtls-files/")
-    async with EtcdBackend(mtls_server.endpoint, ssl_context=mtls_server.client_ssl_context()) as backend:
-        await exercise_recipes(backend, "mtls-context/")
+    if transport == "gateway":  # the gRPC transport takes no SSLContext (test_tls_with_ssl_context)
+        async with _etcd(mtls_server.endpoint, ssl_context=mtls_server.client_ssl_context()) as backend:
+            await exercise_recipes(backend, "mtls-context/")
 
 
 async def test_mutual_tls_refuses_a_client_without_certificate(mtls_server: EtcdServer) -> None:
-    async with EtcdBackend(mtls_server.endpoint, ca_file=mtls_server.ca_file) as no_cert:
+    async with _etcd(mtls_server.endpoint, ca_file=mtls_server.ca_file) as no_cert:
         with anyio.fail_after(10):
             with pytest.raises(BackendError, match="TLS handshake") as info:
                 await no_cert.range(Range(b"k"))
@@ -369,7 +402,7 @@ async def test_root_user_runs_every_recipe(auth_server: EtcdServer) -> None:
 
 
 async def test_wrong_password_is_refused_at_once(auth_server: EtcdServer) -> None:
-    async with EtcdBackend(auth_server.endpoint, username=USER, password="not-" + USER_PASSWORD) as backend:
+    async with _etcd(auth_server.endpoint, username=USER, password="not-" + USER_PASSWORD) as backend:
         with anyio.fail_after(10):
             with pytest.raises(AuthenticationError) as info:
                 await backend.range(Range(ALLOWED.encode(), prefix=True))
@@ -466,7 +499,7 @@ async def test_read_only_user_observes_but_cannot_write(auth_server: EtcdServer)
     async with _user(auth_server) as writer, Session(writer, ttl=5) as session:
         await WorkQueue(session, f"{prefix}queue").put(b"job")  # so that the reader's lease tries to claim it
     before = await _keys(auth_server, prefix)
-    async with EtcdBackend(auth_server.endpoint, username=READER, password=READER_PASSWORD) as backend:
+    async with _etcd(auth_server.endpoint, username=READER, password=READER_PASSWORD) as backend:
         async with Session(backend, ttl=5) as session:
             reads, writes = _entry_points(session, prefix)
             for name, call in reads.items():
@@ -508,7 +541,7 @@ async def test_expired_token_is_renewed_transparently(auth_server: EtcdServer) -
     async with _user(auth_server) as backend, Session(backend, ttl=5) as session:
         async with Lock(session, f"{prefix}lock") as held, ConfigView(backend, f"{prefix}config/") as view:
             for round_ in range(rounds):
-                token = backend._client._auth_token
+                token = _token(backend)
                 assert token is not None
                 tokens.append(token)
                 # Idle for longer than the token's TTL (etcd checks expiry once a second). Keepalives do not use
@@ -525,7 +558,7 @@ async def test_expired_token_is_renewed_transparently(auth_server: EtcdServer) -
                     assert fenced.succeeded
             statistics = session.statistics()
         assert not session.lost
-    tokens.append(backend._client._auth_token)
+    tokens.append(_token(backend))
     assert len(set(tokens)) == rounds + 1, "each round re-authenticated once"
     assert not statistics.lost and statistics.keepalives >= rounds
 
@@ -555,9 +588,9 @@ async def test_secrets_never_leak(auth_server: EtcdServer, mtls_server: EtcdServ
 
     # credentials in an endpoint URL are refused without echoing them
     with pytest.raises(ValueError, match="user info") as bad_url:
-        EtcdBackend(f"http://{USER}:{USER_PASSWORD}@127.0.0.1:2379")
+        _etcd(f"http://{USER}:{USER_PASSWORD}@127.0.0.1:2379")
     with pytest.raises(ValueError, match="user info") as bad_url_and_port:
-        EtcdBackend(f"http://{USER}:{USER_PASSWORD}/x@127.0.0.1:2379")
+        _etcd(f"http://{USER}:{USER_PASSWORD}/x@127.0.0.1:2379")
     failures += [bad_url.value, bad_url_and_port.value]
 
     objects: list[object] = []
@@ -567,25 +600,26 @@ async def test_secrets_never_leak(auth_server: EtcdServer, mtls_server: EtcdServ
             async with lock as held, election.campaign(b"x") as leadership:
                 group = Group(session, f"{ALLOWED}leak/group")
                 async with group.join("m") as member, ConfigView(user, f"{ALLOWED}leak/config/") as view:
-                    objects += [user, root, user._client, session, lock, held, election, leadership, group, member]
+                    transport_client = user._grpc or user._client
+                    objects += [user, root, transport_client, session, lock, held, election, leadership, group, member]
                     objects += [view, WorkQueue(session, f"{ALLOWED}leak/q"), Scheduler(session, f"{ALLOWED}cron")]
                     objects += [Semaphore(session, f"{ALLOWED}leak/s", limit=1), session.statistics()]
             await fails(lambda: Lock(session, f"{FORBIDDEN}lock").try_acquire())  # permission denied
             await fails(lambda: exercise_recipes(user, FORBIDDEN))
         await fails(lambda: root.txn([], [Put(b"k", b"x" * 1_600_000)]))  # too large
-    async with EtcdBackend(auth_server.endpoint, username=USER, password=USER_PASSWORD + "x") as wrong:
+    async with _etcd(auth_server.endpoint, username=USER, password=USER_PASSWORD + "x") as wrong:
         await fails(lambda: wrong.range(Range(b"k")))  # wrong password
-    async with EtcdBackend(_free_endpoint(), username=USER, password=USER_PASSWORD, request_timeout=1) as unreachable:
+    async with _etcd(_free_endpoint(), username=USER, password=USER_PASSWORD, request_timeout=1) as unreachable:
         await fails(lambda: unreachable.range(Range(b"k")))
         await fails(lambda: exercise_recipes(unreachable, ALLOWED))
     mtls = mtls_server
-    async with EtcdBackend(
+    async with _etcd(
         mtls.endpoint, ca_file=mtls.ca_file, cert_file=mtls.client_cert_file, key_file=mtls.client_key_file
     ) as with_key:
         objects.append(with_key)
         await fails(lambda: with_key.txn([], [Put(b"k", b"x" * 1_600_000)]))
     with pytest.raises(ValueError, match="TLS files") as bad_key:  # a certificate where the key should be
-        EtcdBackend(mtls.endpoint, cert_file=mtls.client_cert_file, key_file=mtls.ca_file)
+        _etcd(mtls.endpoint, cert_file=mtls.client_cert_file, key_file=mtls.ca_file)
     failures.append(bad_key.value)
 
     assert {type(exc).__name__ for exc in failures} >= {"AuthenticationError", "UnavailableError", "ValueError"}
@@ -596,4 +630,4 @@ async def test_secrets_never_leak(auth_server: EtcdServer, mtls_server: EtcdServ
     assert any(record.levelno == logging.DEBUG and record.name.startswith("asyncio") for record in _log_records)
     recorded = [event for span in _spans.get_finished_spans() for event in span.events if event.name == "exception"]
     assert any("AuthenticationError" in str(event.attributes) for event in recorded)
-    assert user._client._auth_token in _secrets  # tokens are captured
+    assert _token(user) in _secrets  # tokens are captured

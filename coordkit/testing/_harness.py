@@ -6,7 +6,7 @@ import abc
 import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
-from typing import Protocol, TypeVar, final
+from typing import Literal, Protocol, TypeVar, final
 
 import anyio
 import anyio.to_thread
@@ -278,17 +278,21 @@ class FaultyBackend(ClientFaults):
 
 @final
 class EtcdHarness(HarnessBase):
-    """Harness for `EtcdBackend` against a running etcd; faults come from FaultyBackend."""
+    """Harness for `EtcdBackend` against a running etcd; faults come from FaultyBackend.
 
-    def __init__(self, endpoint: str, *, compact: Compactor) -> None:
-        super().__init__(tag="etcd")
+    ``transport`` picks the backend's transport: ``"gateway"`` (JSON gateway) or ``"grpc"`` (etcd's gRPC API).
+    """
+
+    def __init__(self, endpoint: str, *, compact: Compactor, transport: Literal["gateway", "grpc"] = "gateway") -> None:
+        super().__init__(tag="etcd" if transport == "gateway" else f"etcd-{transport}")
         self.endpoint = endpoint
+        self.transport: Literal["gateway", "grpc"] = transport
         self._compact = compact
 
     def connect(self) -> AbstractAsyncContextManager[Backend]:
         from .._backends.etcd import EtcdBackend
 
-        return EtcdBackend(self.endpoint)
+        return EtcdBackend(self.endpoint, transport=self.transport)
 
     async def compact(self, revision: int) -> None:
         await anyio.to_thread.run_sync(self._compact, revision)

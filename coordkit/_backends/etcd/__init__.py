@@ -1,5 +1,6 @@
-"""The etcd v3 backend. Importing this package needs no etcd extra: etcd3-py and aiohttp are imported when an
-`EtcdBackend` is built (``pip install 'coordkit[etcd]'``)."""
+"""The etcd v3 backend. Importing this package needs no extra: etcd3-py and aiohttp (the gateway transport,
+``pip install 'coordkit[etcd]'``) or grpcio and protobuf (``transport="grpc"``, ``pip install 'coordkit[grpc]'``)
+are imported when an `EtcdBackend` is built."""
 
 from __future__ import annotations
 

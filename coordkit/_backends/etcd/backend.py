@@ -1,8 +1,11 @@
-"""EtcdBackend: the backend protocol on a real etcd v3 cluster, through its gRPC-JSON gateway.
+"""EtcdBackend: the backend protocol on a real etcd v3 cluster, over one of two transports.
 
-This module encodes coordkit's requests as the gateway's JSON and decodes the replies; the transport (aiohttp,
-etcd3-py, failover, auth, TLS, error mapping) is in `gateway`, imported only when a backend is built so
-that ``import coordkit`` does not need the ``etcd`` extra.
+The default transport is etcd's gRPC-JSON gateway: this module encodes coordkit's requests as the gateway's JSON
+and decodes the replies; the transport (aiohttp, etcd3-py, failover, auth, TLS, error mapping) is in `gateway`.
+``transport="grpc"`` speaks etcd's gRPC API through `grpc_transport` (grpc.aio, coordkit's own stubs), which
+encodes, decodes and maps its errors itself. Both are imported only when a backend is built, so that
+``import coordkit`` needs neither the ``etcd`` nor the ``grpc`` extra. Validation and the backend's guarantees
+are written once, here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, Literal, final
 from urllib.parse import urlsplit
 
 from ..._errors import BackendError, LeaseExpiredError, UnavailableError
@@ -47,6 +50,7 @@ from ..types import (
 
 if TYPE_CHECKING:
     from .gateway import GatewayClient, WatchStream
+    from .grpc_transport import GrpcClient
 
 JSON = dict[str, Any]
 
@@ -70,6 +74,53 @@ def _load_gateway() -> ModuleType:
             f"EtcdBackend needs etcd3-py and aiohttp ({exc}): pip install 'coordkit[etcd]'", name=exc.name
         ) from exc
     return gateway
+
+
+def _load_grpc() -> ModuleType:
+    try:
+        from . import grpc_transport
+    except ImportError as exc:
+        raise ImportError(
+            f"EtcdBackend(transport='grpc') needs grpcio and protobuf ({exc}): pip install 'coordkit[grpc]'",
+            name=exc.name,
+        ) from exc
+    return grpc_transport
+
+
+def _check_options(
+    endpoints: tuple[str, ...],
+    username: str | None,
+    password: str | None,
+    ssl_context: ssl.SSLContext | None,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
+    request_timeout: float,
+) -> bool:
+    """Refuse options that do not fit together; return whether the endpoints use TLS."""
+    if (username is None) != (password is None):
+        raise ValueError("give both username and password, or neither")
+    if not isinstance(request_timeout, int | float) or isinstance(request_timeout, bool):
+        raise TypeError(f"request_timeout is a number of seconds, not {type(request_timeout).__name__}")
+    if not request_timeout > 0:
+        raise ValueError(f"request_timeout must be positive, not {request_timeout!r}")
+    tls_files = ca_file is not None or cert_file is not None or key_file is not None
+    if ssl_context is not None and tls_files:
+        raise ValueError("give ssl_context or ca_file/cert_file/key_file, not both")
+    if key_file is not None and cert_file is None:
+        raise ValueError("key_file needs cert_file")
+    uses_tls = any(url.startswith("https:") for url in endpoints)
+    if (ssl_context is not None or tls_files) and not uses_tls:
+        raise ValueError("TLS options were given but no endpoint is https://")
+    return uses_tls
+
+
+def _check_watch_idle_timeout(watch_idle_timeout: float | None) -> None:
+    if watch_idle_timeout is not None:
+        if not isinstance(watch_idle_timeout, int | float) or isinstance(watch_idle_timeout, bool):
+            raise TypeError(f"watch_idle_timeout is a number of seconds, not {type(watch_idle_timeout).__name__}")
+        if not 0 < watch_idle_timeout < math.inf:
+            raise ValueError(f"watch_idle_timeout must be positive and finite, not {watch_idle_timeout!r}")
 
 
 def _parse_endpoint(url: str) -> str:
@@ -212,7 +263,7 @@ def _batches(events: Sequence[JSON]) -> Iterator[WatchBatch]:
 
 @final
 class EtcdBackend:
-    """The backend protocol on etcd v3 (>= 3.4), through its gRPC-JSON gateway. asyncio only (aiohttp).
+    """The backend protocol on etcd v3 (>= 3.4), through its gRPC-JSON gateway or its gRPC API. asyncio only.
 
     ``async with EtcdBackend("http://127.0.0.1:2379") as backend: ...``. Building one does no I/O, so it works
     while etcd is down; the first call connects.
@@ -223,6 +274,11 @@ class EtcdBackend:
     retried only when it surely was not sent (the connection was refused): after an ambiguous failure it raises
     UnavailableError and the caller decides. Expired auth tokens are renewed transparently, once per expiry.
     Every call is a cancellation point (anyio cancel scopes work; asyncio only).
+
+    With ``transport="grpc"`` (extra ``coordkit[grpc]``) the same guarantees hold over etcd's gRPC API, shaped
+    like etcd's Go client: one HTTP/2 connection per endpoint in use, one keepalive stream for every lease, one
+    watch stream for every watch, HTTP/2 pings that detect a dead or blackholed member within ~11 s (then its
+    streams move to the next endpoint), and streams that a member without a leader fails.
 
     Args:
         endpoints: one URL or several (``http://host:port`` / ``https://host:port``), tried in order.
@@ -240,13 +296,19 @@ class EtcdBackend:
             Watches ask etcd for progress notifications, which etcd sends on idle streams every
             ``--experimental-watch-progress-notify-interval`` (10 minutes by default): keep this above that
             interval (the default, 15 minutes, suits etcd's default; lower both to detect sooner). None: never.
+            On the gRPC transport HTTP/2 pings detect a dead connection anyway; a silent watch stream is asked
+            for progress after this long, and broken when it does not answer within ``request_timeout``.
+        transport: ``"gateway"`` (the JSON gateway, extra ``coordkit[etcd]``) or ``"grpc"`` (etcd's gRPC API,
+            extra ``coordkit[grpc]``; TLS from ``ca_file``/``cert_file``/``key_file``, not ``ssl_context``).
 
     Raises:
         ValueError: a bad endpoint URL or scheme (a URL without a port means etcd's 2379), inconsistent
-            credentials or TLS options, unreadable TLS files.
+            credentials or TLS options, unreadable TLS files, an unknown transport, an ``ssl_context`` with
+            ``transport="grpc"``.
         TypeError: endpoints that are not URL strings, a request_timeout or watch_idle_timeout that is not a
             number.
-        ImportError: the ``etcd`` extra is not installed (``pip install 'coordkit[etcd]'``).
+        ImportError: the transport's extra is not installed (``pip install 'coordkit[etcd]'`` or
+            ``'coordkit[grpc]'``).
     """
 
     name = "etcd"
@@ -263,46 +325,49 @@ class EtcdBackend:
         key_file: str | None = None,
         request_timeout: float = 5.0,
         watch_idle_timeout: float | None = 900.0,
+        transport: Literal["gateway", "grpc"] = "gateway",
     ) -> None:
+        if transport not in ("gateway", "grpc"):
+            raise ValueError(f"transport is 'gateway' or 'grpc', not {transport!r}")
         if isinstance(endpoints, bytes | bytearray) or not isinstance(endpoints, str | Sequence):
             raise TypeError(f"endpoints are a URL string or a sequence of them, not {type(endpoints).__name__}")
         urls = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not urls:
             raise ValueError("EtcdBackend needs at least one endpoint")
         self.endpoints = tuple(_parse_endpoint(url) for url in urls)
-        if (username is None) != (password is None):
-            raise ValueError("give both username and password, or neither")
-        if not isinstance(request_timeout, int | float) or isinstance(request_timeout, bool):
-            raise TypeError(f"request_timeout is a number of seconds, not {type(request_timeout).__name__}")
-        if not request_timeout > 0:
-            raise ValueError(f"request_timeout must be positive, not {request_timeout!r}")
-        if watch_idle_timeout is not None:
-            if not isinstance(watch_idle_timeout, int | float) or isinstance(watch_idle_timeout, bool):
-                raise TypeError(f"watch_idle_timeout is a number of seconds, not {type(watch_idle_timeout).__name__}")
-            if not 0 < watch_idle_timeout < math.inf:
-                raise ValueError(f"watch_idle_timeout must be positive and finite, not {watch_idle_timeout!r}")
-        tls_files = ca_file is not None or cert_file is not None or key_file is not None
-        if ssl_context is not None and tls_files:
-            raise ValueError("give ssl_context or ca_file/cert_file/key_file, not both")
-        if key_file is not None and cert_file is None:
-            raise ValueError("key_file needs cert_file")
-        uses_tls = any(url.startswith("https:") for url in self.endpoints)
-        if (ssl_context is not None or tls_files) and not uses_tls:
-            raise ValueError("TLS options were given but no endpoint is https://")
+        uses_tls = _check_options(
+            self.endpoints, username, password, ssl_context, ca_file, cert_file, key_file, request_timeout
+        )
+        _check_watch_idle_timeout(watch_idle_timeout)
+        self.transport = transport
+        self._grpc: GrpcClient | None = None
+        timeouts = {
+            "request_timeout": float(request_timeout),
+            "watch_idle_timeout": None if watch_idle_timeout is None else float(watch_idle_timeout),
+        }
+        if transport == "grpc":
+            if ssl_context is not None:
+                raise ValueError("transport='grpc' takes TLS from ca_file/cert_file/key_file, not an ssl_context")
+            grpc_transport = _load_grpc()
+            credentials = (
+                grpc_transport.channel_credentials(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+                if uses_tls
+                else None
+            )
+            self._grpc = grpc_transport.GrpcClient(
+                self.endpoints, credentials=credentials, username=username, password=password, **timeouts
+            )
+            return
         adapter = _load_gateway()
         if uses_tls and ssl_context is None:
             ssl_context = adapter.build_ssl_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         self._client: GatewayClient = adapter.GatewayClient(
-            self.endpoints,
-            ssl_context=ssl_context,
-            username=username,
-            password=password,
-            request_timeout=float(request_timeout),
-            watch_idle_timeout=None if watch_idle_timeout is None else float(watch_idle_timeout),
+            self.endpoints, ssl_context=ssl_context, username=username, password=password, **timeouts
         )
 
     def __repr__(self) -> str:
-        return f"<EtcdBackend {', '.join(self.endpoints)}>"
+        via = " (grpc)" if self._grpc is not None else ""
+        return f"<EtcdBackend {', '.join(self.endpoints)}{via}>"
 
     async def __aenter__(self) -> EtcdBackend:
         return self
@@ -314,10 +379,10 @@ class EtcdBackend:
 
     async def aclose(self) -> None:
         """Close every connection; open watches end with UnavailableError. Idempotent."""
-        await self._client.close()
+        await (self._grpc or self._client).close()
 
     def _check_open(self) -> None:
-        if self._client.closed:
+        if (self._grpc or self._client).closed:
             raise UnavailableError("backend is closed")
 
     # -- KV ------------------------------------------------------------------------------------------------
@@ -330,6 +395,8 @@ class EtcdBackend:
         """
         check_range(request)
         self._check_open()
+        if self._grpc is not None:
+            return await self._grpc.range(request)
         reply = await self._client.call("/kv/range", _range_request(request), idempotent=True)
         return _range_result(reply, _revision(reply))
 
@@ -347,13 +414,15 @@ class EtcdBackend:
         """
         check_txn(compare, success, failure)
         self._check_open()
-        body: JSON = {"compare": [_compare(c) for c in compare]}
-        if success:
-            body["success"] = [_request_op(op) for op in success]
-        if failure:
-            body["failure"] = [_request_op(op) for op in failure]
         leases = [op.lease for op in (*success, *failure) if isinstance(op, Put) and op.lease]
         try:
+            if self._grpc is not None:
+                return await self._grpc.txn(compare, success, failure, lease_id=leases[0] if leases else 0)
+            body: JSON = {"compare": [_compare(c) for c in compare]}
+            if success:
+                body["success"] = [_request_op(op) for op in success]
+            if failure:
+                body["failure"] = [_request_op(op) for op in failure]
             reply = await self._client.call("/kv/txn", body, idempotent=False, lease_id=leases[0] if leases else 0)
         except LeaseExpiredError as exc:
             if len(set(leases)) < 2:
@@ -387,12 +456,17 @@ class EtcdBackend:
             if named(success) and named(failure):
                 branch = named(success) if (await self.txn(compare, [])).succeeded else named(failure)
             for lease_id in branch:
-                reply = await self._client.call("/lease/timetolive", {"ID": str(lease_id)}, idempotent=True)
-                if int(reply.get("TTL", -1)) < 0:  # etcd's answer for a lease it does not know
+                if await self._time_to_live(lease_id) < 0:  # etcd's answer for a lease it does not know
                     return lease_id
         except BackendError:
             pass
         return guess
+
+    async def _time_to_live(self, lease_id: int) -> int:
+        if self._grpc is not None:
+            return await self._grpc.time_to_live(lease_id)
+        reply = await self._client.call("/lease/timetolive", {"ID": str(lease_id)}, idempotent=True)
+        return int(reply.get("TTL", -1))
 
     # -- leases --------------------------------------------------------------------------------------------
 
@@ -404,6 +478,8 @@ class EtcdBackend:
         """
         check_ttl(ttl)
         self._check_open()
+        if self._grpc is not None:
+            return await self._grpc.grant(ttl)
         # Safe to repeat: a lease granted by a lost reply has no keys and expires unused after its TTL.
         reply = await self._client.call("/lease/grant", {"TTL": str(ttl)}, idempotent=True)
         if reply.get("error"):
@@ -420,6 +496,11 @@ class EtcdBackend:
         """
         check_lease_id(lease_id)
         self._check_open()
+        if self._grpc is not None:
+            ttl = await self._grpc.refresh(lease_id)
+            if ttl <= 0:  # etcd answers a keepalive of an unknown lease with TTL 0, not an error
+                raise LeaseExpiredError(lease_id)
+            return ttl
         reply = await self._client.call("/lease/keepalive", {"ID": str(lease_id)}, idempotent=True, lease_id=lease_id)
         ttl = int(reply.get("TTL", 0))
         if ttl <= 0:  # etcd answers a keepalive of an unknown lease with TTL 0 (omitted), not an error
@@ -436,6 +517,9 @@ class EtcdBackend:
         check_lease_id(lease_id)
         self._check_open()
         with contextlib.suppress(LeaseExpiredError):  # already gone: revoking is idempotent
+            if self._grpc is not None:
+                await self._grpc.revoke(lease_id)
+                return
             await self._client.call("/lease/revoke", {"ID": str(lease_id)}, idempotent=True, lease_id=lease_id)
 
     # -- watch ---------------------------------------------------------------------------------------------
@@ -459,6 +543,15 @@ class EtcdBackend:
     @asynccontextmanager
     async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
         self._check_open()
+        if self._grpc is not None:
+            grpc_transport = _load_grpc()
+            async with self._grpc.open_watch(grpc_transport.watch_create_request(key, prefix, start_revision)) as w:
+                batches = grpc_transport.watch_batches_of(w, notice=not start_revision)
+                try:
+                    yield batches
+                finally:
+                    await batches.aclose()
+            return
         create: dict[str, object] = {**_bounds(key, prefix), "progress_notify": True}  # liveness on idle streams
         if start_revision:
             create["start_revision"] = str(start_revision)
