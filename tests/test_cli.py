@@ -496,6 +496,29 @@ def test_the_cli_imports_only_public_names() -> None:
 # -- queue ------------------------------------------------------------------------------------------------------
 
 
+async def test_queue_pause_resume_and_dependencies(env: dict[str, str]) -> None:
+    """``put --after``: the dependent comes after what it waits for, whatever its priority; an unknown id exits 4
+    and puts nothing. ``pause``/``resume`` flip the gate a consumer waits on."""
+    name = unique("gate")
+    first = json.loads((await cli(env, "queue", "put", name, "first", "--json")).stdout)["id"]
+    second = await cli(env, "queue", "put", name, "second", "--priority", "9", "--after", first, "--json")
+    assert second.returncode == 0, second.stderr
+    unknown = await cli(env, "queue", "put", name, "x", "--after", "nope")
+    assert unknown.returncode == 4 and b"nothing was put" in unknown.stderr
+    assert (await cli(env, "queue", "pause", name)).returncode == 0
+    consume = ("queue", "consume", name, "--max-items", "2", "--json", "--", "cat")
+    async with background(env, *consume) as consumer:
+        await anyio.wait_all_tasks_blocked()
+        assert (await cli(env, "queue", "resume", name)).returncode == 0
+        assert await wait_exit(consumer) == 0
+        assert consumer.stdout is not None
+        lines = (await consumer.stdout.receive()).decode()
+        while lines.count("\n") < 2:
+            lines += (await consumer.stdout.receive()).decode()
+    done = [json.loads(line)["id"] for line in lines.splitlines()]
+    assert done == [first, json.loads(second.stdout)["id"]]
+
+
 async def test_queue_put_list_consume_dead_requeue_remove(env: dict[str, str]) -> None:
     name = unique("queue")
     ids: dict[str, str] = {}

@@ -18,12 +18,14 @@ import click
 
 from .. import (
     MAX_REQUEST_BYTES,
+    Backend,
     ClaimLostError,
     LeaseExpiredError,
     OwnershipLostError,
     QueuedItem,
     Session,
     Task,
+    UnknownDependencyError,
     WorkQueue,
     kill_deadline,
 )
@@ -81,6 +83,13 @@ def _payload(value: str) -> bytes:
     type=click.FloatRange(min=0, min_open=True),
     help="dead-letter the item if it is not completed within this many seconds",
 )
+@click.option(
+    "--after",
+    "after",
+    multiple=True,
+    metavar="ID",
+    help="offer the item only once item ID has completed (repeat it for several); exit 4 if ID is not in the queue",
+)
 @click.option("--wait", is_flag=True, help="a request: wait for the consumer's reply and print it")
 @click.option(
     "--timeout",
@@ -96,6 +105,7 @@ def queue_put(
     priority: int,
     delay: float | None,
     expires_in: float | None,
+    after: tuple[str, ...],
     wait: bool,
     timeout: float | None,
     as_json: bool,
@@ -111,33 +121,50 @@ def queue_put(
     data = _payload(payload)
     backend = connection.backend()
     output = Output(as_json=as_json)
-    options: dict[str, Any] = {"priority": priority, "not_before": delay, "expires_in": expires_in}
+    options: dict[str, Any] = {"priority": priority, "not_before": delay, "expires_in": expires_in, "after": after}
 
     async def work() -> int:
-        async with backend:
-            if not wait:
-                item_id = await WorkQueue(Session(backend), name).put(data, **options)
-                if as_json:
-                    output.json({"id": item_id})
-                else:
-                    output.line(item_id)
-                return 0
-            # The reply is bound to this session's lease: a producer that is gone leaks nothing.
-            async with Session(backend) as session:
-                request = await WorkQueue(session, name).request(data, **options)
-                note(f"put {request.id}; waiting for its reply")
-                with anyio.move_on_after(timeout if timeout is not None else float("inf")) as waiting:
-                    reply = await request.result()  # withdraws the request if this wait ends any other way
-                if waiting.cancelled_caught:
-                    raise Failure(f"no reply to {request.id} within {timeout} s; it was withdrawn", EXIT_TIMEOUT)
-        if as_json:
-            output.json({"id": request.id, "reply": text(reply)})
-        else:
-            sys.stdout.buffer.write(reply)
-            sys.stdout.buffer.flush()
-        return 0
+        try:
+            return await _put(backend, name, data, options, output, wait=wait, timeout=timeout)
+        except UnknownDependencyError as exc:
+            raise Failure(f"{exc}; nothing was put", EXIT_NOT_FOUND) from None
 
     run(work)
+
+
+async def _put(
+    backend: Backend,
+    name: str,
+    data: bytes,
+    options: dict[str, Any],
+    output: Output,
+    *,
+    wait: bool,
+    timeout: float | None,
+) -> int:
+    """`queue put`: the item, or (``wait``) a request whose reply is printed."""
+    async with backend:
+        if not wait:
+            item_id = await WorkQueue(Session(backend), name).put(data, **options)
+            if output.as_json:
+                output.json({"id": item_id})
+            else:
+                output.line(item_id)
+            return 0
+        # The reply is bound to this session's lease: a producer that is gone leaks nothing.
+        async with Session(backend) as session:
+            request = await WorkQueue(session, name).request(data, **options)
+            note(f"put {request.id}; waiting for its reply")
+            with anyio.move_on_after(timeout if timeout is not None else float("inf")) as waiting:
+                reply = await request.result()  # withdraws the request if this wait ends any other way
+            if waiting.cancelled_caught:
+                raise Failure(f"no reply to {request.id} within {timeout} s; it was withdrawn", EXIT_TIMEOUT)
+    if output.as_json:
+        output.json({"id": request.id, "reply": text(reply)})
+    else:
+        sys.stdout.buffer.write(reply)
+        sys.stdout.buffer.flush()
+    return 0
 
 
 # -- list, depth, dead ------------------------------------------------------------------------------------------
@@ -282,6 +309,39 @@ def queue_remove(connection: Connection, name: str, item_id: str) -> None:
         async with work_queue.session.backend:
             if not await work_queue.remove(item_id):
                 raise Failure(f"no item {item_id!r} in {name!r}", EXIT_NOT_FOUND)
+        return 0
+
+    run(work)
+
+
+# -- pause, resume ----------------------------------------------------------------------------------------------
+
+
+@queue.command("pause")
+@click.argument("name", callback=check_name)
+@connection_options
+def queue_pause(connection: Connection, name: str) -> None:
+    """Stop the queue NAME handing out items until 'queue resume' (items held now are completed as usual)."""
+    work_queue = _queue(connection, name)
+
+    async def work() -> int:
+        async with work_queue.session.backend:
+            await work_queue.pause()
+        return 0
+
+    run(work)
+
+
+@queue.command("resume")
+@click.argument("name", callback=check_name)
+@connection_options
+def queue_resume(connection: Connection, name: str) -> None:
+    """Let the queue NAME hand out items again after 'queue pause'."""
+    work_queue = _queue(connection, name)
+
+    async def work() -> int:
+        async with work_queue.session.backend:
+            await work_queue.resume()
         return 0
 
     run(work)
