@@ -28,6 +28,12 @@ EXPECTED = {
         "was offered again after the kill and is now done",
         "all 20 items completed exactly once",
     ],
+    "events.py": [
+        "none delivered: True",
+        "sender: audit failed: removed",
+        "deploy after build: True",
+        "resize handled on attempt 2: True",
+    ],
     "distributed_cron.py": ["killed   on", "workers now: w2, w3", "on w2 said 'up'", "every tick ran exactly once"],
     "monolith_sidecar.py": [
         "is killed with SIGKILL",
