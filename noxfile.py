@@ -35,7 +35,7 @@ def tests(session: nox.Session) -> None:
     overlap well on 2 cores.
     """
     session.install("-e", ".[test]")
-    session.run("pytest", "-n", "3", *session.posargs)
+    session.run("pytest", "-n", "4", *session.posargs)
 
 
 @nox.session

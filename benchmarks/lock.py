@@ -3,12 +3,13 @@
     python benchmarks/lock.py [--iterations 1000] [--waiters 5]
 
 Against one real etcd 3.5.1 on loopback:
-- uncontended acquire + release, p50/p99: coordkit's Lock on EtcdBackend (``async with lock``); the floor, the
+- uncontended acquire + release, p50/p99: coordkit's Lock on EtcdBackend (``async with lock``), on each transport
+  (the JSON gateway, gRPC); the floor, the
   same two transactions sent as raw gateway requests with aiohttp; etcd's server-side lock service through the
   gateway (``/v3/lock/lock`` + ``/v3/lock/unlock``); and the ``aetcd`` package's lock (gRPC), if installed in
   the benchmark environment (``pip install aetcd``; it is not a coordkit dependency). Rounds alternate.
-- contended hand-off: N waiters on N sessions take the lock in turn; the time from a holder's release to the
-  next holder's entry, p50/p99, and the number of wake-ups per release (waits that ended in a read).
+- contended hand-off, on each transport: N waiters on N sessions take the lock in turn; the time from a holder's
+  release to the next holder's entry, p50/p99, and the number of wake-ups per release (waits that ended in a read).
 - MemoryBackend acquire + release per second (one core, asyncio).
 - PostgresBackend (a real PostgreSQL on loopback, started by the benchmark): uncontended acquire + release, p50/p99
   and per second, one task.
@@ -46,9 +47,12 @@ async def uncontended(server: EtcdServer, iterations: int) -> dict[str, list[flo
     async with (
         EtcdBackend(server.endpoint) as backend,
         Session(backend, ttl=30) as session,
+        EtcdBackend(server.endpoint, transport="grpc") as grpc_backend,
+        Session(grpc_backend, ttl=30) as grpc_session,
         aiohttp.ClientSession() as http,
     ):
         lock = Lock(session, "bench/uncontended")
+        grpc_lock = Lock(grpc_session, "bench/uncontended-grpc")
         lease = format(session.lease_id, "x")
         key = f"bench/floor/{lease}".encode()
         prefix, end = b"bench/floor/", b"bench/floor0"
@@ -60,6 +64,10 @@ async def uncontended(server: EtcdServer, iterations: int) -> dict[str, list[flo
 
         async def coordkit_lock() -> None:
             async with lock:
+                pass
+
+        async def coordkit_grpc_lock() -> None:
+            async with grpc_lock:
                 pass
 
         owner = {"key": b64(prefix), "range_end": b64(end), "sort_target": "CREATE", "sort_order": "ASCEND", "limit": 1}
@@ -94,6 +102,7 @@ async def uncontended(server: EtcdServer, iterations: int) -> dict[str, list[flo
 
         ops: dict[str, Callable[[], Awaitable[None]]] = {
             "coordkit Lock": coordkit_lock,
+            "coordkit Lock (gRPC)": coordkit_grpc_lock,
             "floor (2 raw txns)": floor,
             "etcd lock service": server_lock,
         }
@@ -147,8 +156,8 @@ class CountingWaits:
         return Counted()
 
 
-async def handoff(server: EtcdServer, waiters: int, rounds: int) -> tuple[list[float], float]:
-    name = "bench/handoff"
+async def handoff(server: EtcdServer, waiters: int, rounds: int, transport: str) -> tuple[list[float], float]:
+    name = f"bench/handoff-{transport}"
     wakeups = [0]
     handoffs: list[float] = []
     released_at = [0.0]
@@ -156,7 +165,8 @@ async def handoff(server: EtcdServer, waiters: int, rounds: int) -> tuple[list[f
     async with anyio.create_task_group() as tg:
 
         async def contender() -> None:
-            async with EtcdBackend(server.endpoint) as backend, Session(CountingWaits(backend, wakeups), ttl=30) as s:  # type: ignore[arg-type]
+            client = EtcdBackend(server.endpoint, transport=transport)  # type: ignore[arg-type]
+            async with client as backend, Session(CountingWaits(backend, wakeups), ttl=30) as s:  # type: ignore[arg-type]
                 lock = Lock(s, name)
                 for _ in range(rounds):
                     async with lock:
@@ -211,7 +221,10 @@ async def main() -> None:
     args = parser.parse_args()
     with EtcdServer() as server:
         samples = await uncontended(server, args.iterations)
-        handoffs, wakeups = await handoff(server, args.waiters, max(20, args.iterations // 20))
+        rounds = max(20, args.iterations // 20)
+        handoffs = {
+            transport: await handoff(server, args.waiters, rounds, transport) for transport in ("gateway", "grpc")
+        }
     floor50 = percentile(samples["floor (2 raw txns)"], 0.5)
     print(f"Uncontended acquire + release on etcd 3.5.1, {args.iterations} samples each, ms")
     print(f"{'implementation':<22} {'p50':>8} {'p99':>8} {'vs floor':>9}")
@@ -221,10 +234,11 @@ async def main() -> None:
     if aetcd is None:
         print("(aetcd not installed: pip install aetcd to add its row)")
     print()
-    print(f"Contended hand-off, {args.waiters} waiters on {args.waiters} sessions, {len(handoffs)} hand-offs")
-    p50, p99 = percentile(handoffs, 0.5) * 1e3, percentile(handoffs, 0.99) * 1e3
-    print(f"release -> next holder inside: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
-    print(f"wake-ups per release: {wakeups:.2f}")
+    for transport, (times, wakeups) in handoffs.items():
+        sessions = f"{args.waiters} waiters on {args.waiters} sessions"
+        print(f"Contended hand-off ({transport}), {sessions}, {len(times)} hand-offs")
+        p50, p99 = percentile(times, 0.5) * 1e3, percentile(times, 0.99) * 1e3
+        print(f"release -> next holder inside: p50 {p50:.3f} ms, p99 {p99:.3f} ms; wake-ups per release: {wakeups:.2f}")
     print()
     print(f"MemoryBackend Lock acquire + release: {await memory_rate():,.0f} per second (one core, asyncio)")
     pg, pg_rate = await postgres_uncontended(args.iterations)
