@@ -102,6 +102,23 @@ def test_options_are_checked() -> None:
     assert "grpc" in repr(EtcdBackend("http://127.0.0.1:2379", transport="grpc"))
 
 
+@pytest.mark.parametrize(
+    ("details", "expected"),
+    [
+        ("Internal error from Core", UnavailableError),  # a stream write after its member died (seen in CI)
+        ("Received RST_STREAM with error code 2", UnavailableError),
+        ("etcdserver: something the server refused", BackendError),
+    ],
+)
+def test_a_dead_connection_is_an_outage_and_a_refusal_is_not(details: str, expected: type[Exception]) -> None:
+    from grpc.aio import AioRpcError, Metadata
+
+    from coordkit._backends.etcd.grpc_transport import translate
+
+    error = translate(AioRpcError(grpc.StatusCode.INTERNAL, Metadata(), Metadata(), details=details))
+    assert type(error) is expected, error
+
+
 def test_stubs_cannot_clash_with_another_etcd_clients() -> None:
     """Another client's etcd stubs (package ``etcdserverpb``, file ``rpc.proto``, as python-etcd3 and aetcd
     register them) and ours live in one process: ours are ``coordkit.etcdserverpb`` in coordkit's own files."""

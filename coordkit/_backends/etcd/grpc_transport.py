@@ -134,7 +134,18 @@ _SORT_TARGET = {
 _Code = grpc.StatusCode
 _AUTH_MESSAGES = ("auth", "user name", "permission", "role")
 #: how grpc reports a connection that died under a call with a code other than UNAVAILABLE
-_TRANSPORT_FAILURES = ("RST_STREAM", "Stream removed", "Socket closed", "Connection reset", "GOAWAY", "Broken pipe")
+#: grpc's words for a connection that died under a call (INTERNAL/UNKNOWN codes), as opposed to etcd refusing it.
+#: "Internal error from Core": a write to a stream whose connection is gone (a member killed while a watch or
+#: keepalive stream sends).
+_TRANSPORT_FAILURES = (
+    "RST_STREAM",
+    "Stream removed",
+    "Socket closed",
+    "Connection reset",
+    "GOAWAY",
+    "Broken pipe",
+    "Internal error from Core",
+)
 
 
 class MalformedReplyError(ValueError):
