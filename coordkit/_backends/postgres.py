@@ -53,7 +53,7 @@ from .._errors import (
     UnavailableError,
 )
 from .._keys import prefix_end
-from .memory import MIN_LEASE_TTL, _check_range_size, _check_txn, _check_watch_size
+from .limits import MIN_LEASE_TTL, check_range_size, check_txn_limits, check_watch_size
 from .types import (
     Compare,
     CompareTarget,
@@ -655,7 +655,7 @@ class PostgresBackend:
     async def range(self, request: Range) -> RangeResult:
         """Read one key or a prefix, as `Backend.range`: one statement reads the revision, count and keys."""
         check_range(request)
-        _check_range_size(request)
+        check_range_size(request)
         sql, args = _range_sql(self._s, request)
         return _range_result(request, await self._fetch(sql, args))
 
@@ -664,7 +664,7 @@ class PostgresBackend:
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
         """As `Backend.txn`: compares and writes under the revision row's lock, so commit order is revision order."""
         check_txn(compare, success, failure)
-        _check_txn(compare, success, failure)
+        check_txn_limits(compare, success, failure)
         writes = any(not isinstance(op, Range) for op in (*success, *failure))
 
         async def run(conn: Connection, progress: _Progress) -> TxnResult:
@@ -887,7 +887,7 @@ class PostgresBackend:
 
     @asynccontextmanager
     async def _watch(self, key: bytes, prefix: bool, start_revision: int) -> AsyncIterator[AsyncIterator[WatchBatch]]:
-        _check_watch_size(key, prefix, start_revision)
+        check_watch_size(key, prefix, start_revision)
         async with self._connection() as conn:
             row = await conn.fetchrow(f"SELECT revision, compact_revision FROM {self._s}.meta")
         assert row is not None
