@@ -27,6 +27,7 @@ from coordkit import (
 )
 from coordkit._backends.faults import ClientFaults
 from coordkit.testing import EtcdServer, Harness
+from coordkit.testing._etcd_process import free_ports
 from coordkit.testing._harness import client_faults
 
 
@@ -176,3 +177,8 @@ class Counted(PassThrough):
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
         self.watches += 1
         return self.inner.watch(key, prefix=prefix, start_revision=start_revision)
+
+
+def closed_endpoint() -> str:
+    """A loopback URL nobody listens on (connection refused)."""
+    return f"http://127.0.0.1:{free_ports(1)[0]}"

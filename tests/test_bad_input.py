@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from typing import Any
@@ -53,6 +52,8 @@ from coordkit import (
 )
 from coordkit._backends.types import MAX_INT64, MAX_LEASE_TTL, MAX_REQUEST_BYTES
 from coordkit.testing import Harness, MemoryHarness, PostgresHarness
+
+from .helpers import closed_endpoint
 
 pytestmark = pytest.mark.anyio
 
@@ -494,17 +495,10 @@ def test_endpoint_and_option_types_are_checked() -> None:
         refused(f"request_timeout {timeout!r}", lambda t=timeout: EtcdBackend("http://h:1", request_timeout=t), error)  # type: ignore[misc]
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("kind", ["etcd"])
 async def test_unreachable_endpoint_fails_fast_with_a_typed_error() -> None:
     """Nothing listens: every call raises UnavailableError at once (connection refused), never hangs."""
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = closed_endpoint()
     async with EtcdBackend(url) as backend:
         calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("range", lambda: backend.range(Range(b"k"))),

@@ -30,6 +30,7 @@ from coordkit._errors import (
 from coordkit._watch import Snapshot, Watch
 from coordkit.testing._etcd_server import EtcdServer
 
+from .helpers import closed_endpoint
 from .proxy import TcpProxy
 
 pytestmark = pytest.mark.anyio
@@ -58,15 +59,6 @@ def ns() -> bytes:
 async def backend(server: EtcdServer) -> AsyncIterator[EtcdBackend]:
     async with EtcdBackend(server.endpoint) as b:
         yield b
-
-
-def _free_endpoint() -> str:
-    """A URL nobody listens on (connection refused)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 async def _collect(batches: AsyncIterator[WatchBatch], events: int) -> list[WatchBatch]:
@@ -119,7 +111,7 @@ def test_inconsistent_options_are_refused() -> None:
 
 def test_runs_on_asyncio_only() -> None:
     async def main() -> None:
-        async with EtcdBackend(_free_endpoint()) as b:
+        async with EtcdBackend(closed_endpoint()) as b:
             await b.range(Range(b"k"))
 
     with pytest.raises(RuntimeError, match="asyncio"):
@@ -308,7 +300,7 @@ async def test_lost_token_is_renewed_transparently(auth_server: EtcdServer) -> N
 
 
 async def test_failover_skips_a_dead_endpoint(server: EtcdServer, ns: bytes) -> None:
-    dead = _free_endpoint()
+    dead = closed_endpoint()
     async with EtcdBackend([dead, server.endpoint]) as backend:
         # a refused connection surely sent nothing: even a transaction moves on to the next endpoint
         result = await backend.txn((), (Put(ns + b"k", b"v"),))
@@ -321,7 +313,7 @@ async def test_failover_skips_a_dead_endpoint(server: EtcdServer, ns: bytes) -> 
     ):
         with anyio.fail_after(10):
             await _collect(batches, 1)
-    async with EtcdBackend([dead, _free_endpoint()]) as nowhere:
+    async with EtcdBackend([dead, closed_endpoint()]) as nowhere:
         with pytest.raises(UnavailableError):
             await nowhere.range(Range(b"k"))
 

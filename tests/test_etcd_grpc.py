@@ -34,6 +34,7 @@ from coordkit._errors import (
 from coordkit._watch import Snapshot, Watch
 from coordkit.testing._etcd_server import EtcdServer
 
+from .helpers import closed_endpoint
 from .proxy import TcpProxy
 
 pytestmark = pytest.mark.anyio
@@ -62,14 +63,6 @@ def ns() -> bytes:
 async def backend(server: EtcdServer) -> AsyncIterator[EtcdBackend]:
     async with EtcdBackend(server.endpoint, transport="grpc") as b:
         yield b
-
-
-def _free_endpoint() -> str:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 async def _collect(batches: AsyncIterator[WatchBatch], count: int) -> list[WatchBatch]:
@@ -202,7 +195,7 @@ async def test_errors_are_mapped_and_chained(backend: EtcdBackend, server: EtcdS
 
 
 async def test_failover_skips_a_dead_endpoint(server: EtcdServer, ns: bytes) -> None:
-    dead = _free_endpoint()
+    dead = closed_endpoint()
     async with EtcdBackend([dead, server.endpoint], transport="grpc") as backend:
         # a refused connection surely sent nothing: even a transaction moves on to the next endpoint
         result = await backend.txn((), (Put(ns + b"k", b"v"),))
@@ -216,7 +209,7 @@ async def test_failover_skips_a_dead_endpoint(server: EtcdServer, ns: bytes) -> 
     ):
         with anyio.fail_after(10):
             await _collect(batches, 1)
-    async with EtcdBackend([dead, _free_endpoint()], transport="grpc", request_timeout=1) as nowhere:
+    async with EtcdBackend([dead, closed_endpoint()], transport="grpc", request_timeout=1) as nowhere:
         with pytest.raises(UnavailableError):
             await nowhere.range(Range(b"k"))
         with pytest.raises(UnavailableError):

@@ -52,6 +52,8 @@ from coordkit._backends.etcd.gateway import GatewayClient
 from coordkit._backends.etcd.grpc_transport import GrpcClient
 from coordkit.testing import EtcdServer
 
+from .helpers import closed_endpoint
+
 pytestmark = pytest.mark.anyio
 
 ROOT_PASSWORD = "root-secret-Qx7vLw2"
@@ -566,14 +568,6 @@ async def test_expired_token_is_renewed_transparently(auth_server: EtcdServer) -
 # -- secrets --------------------------------------------------------------------------------------------------
 
 
-def _free_endpoint() -> str:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
 async def test_secrets_never_leak(auth_server: EtcdServer, mtls_server: EtcdServer) -> None:
     failures: list[BaseException] = []
 
@@ -609,7 +603,7 @@ async def test_secrets_never_leak(auth_server: EtcdServer, mtls_server: EtcdServ
         await fails(lambda: root.txn([], [Put(b"k", b"x" * 1_600_000)]))  # too large
     async with _etcd(auth_server.endpoint, username=USER, password=USER_PASSWORD + "x") as wrong:
         await fails(lambda: wrong.range(Range(b"k")))  # wrong password
-    async with _etcd(_free_endpoint(), username=USER, password=USER_PASSWORD, request_timeout=1) as unreachable:
+    async with _etcd(closed_endpoint(), username=USER, password=USER_PASSWORD, request_timeout=1) as unreachable:
         await fails(lambda: unreachable.range(Range(b"k")))
         await fails(lambda: exercise_recipes(unreachable, ALLOWED))
     mtls = mtls_server

@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,13 +21,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, final
 
+from ._etcd_process import free_ports
+
 __all__ = ("PostgresServer",)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def find_postgres_bin_dir() -> Path | None:
@@ -90,7 +85,7 @@ class PostgresServer:
         self._bin = found
         self.user = "coordkit"
         self.password = password
-        self.port = _free_port()
+        (self.port,) = free_ports(1)
         self._max_connections = max_connections
         self._startup_timeout = startup_timeout
         self._dir = Path(tempfile.mkdtemp(prefix="coordkit-pg-"))
