@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import anyio
@@ -43,6 +44,28 @@ from coordkit._backends.etcd._proto import rpc_pb2
 from coordkit.testing import EtcdServer, PostgresServer
 
 Row = tuple[str, float, float, float, float]
+
+
+Op = Callable[[], Awaitable[None]]
+
+
+def _row(name: str, coordkit: list[float], floor: list[float]) -> Row:
+    return (
+        name,
+        percentile(coordkit, 0.5),
+        percentile(coordkit, 0.99),
+        percentile(floor, 0.5),
+        percentile(floor, 0.99),
+    )
+
+
+async def paired_rows(pairs: Mapping[str, tuple[Op, Op]], iterations: int) -> list[Row]:
+    """Each (coordkit, floor) pair of calls, all interleaved in one measurement; a row per pair."""
+    calls = {
+        f"{name} {side}": call for name, pair in pairs.items() for side, call in zip(("ck", "floor"), pair, strict=True)
+    }
+    samples = await interleaved(calls, iterations)
+    return [_row(name, samples[f"{name} ck"], samples[f"{name} floor"]) for name in pairs]
 
 
 def b64(data: bytes) -> str:
@@ -63,7 +86,7 @@ class Floor:
 
 
 async def etcd_rows(iterations: int) -> list[Row]:
-    rows = []
+    rows: list[Row] = []
     with EtcdServer() as server:
         async with EtcdBackend(server.endpoint) as backend, aiohttp.ClientSession() as http:
             floor = Floor(server.endpoint, http)
@@ -104,24 +127,15 @@ async def etcd_rows(iterations: int) -> list[Row]:
             async def floor_refresh() -> None:
                 await floor.post("/v3/lease/keepalive", {"ID": str(lease.id)})
 
-            samples = await interleaved(
-                {
-                    "range coordkit": ck_range,
-                    "range floor": floor_range,
-                    "txn-CAS coordkit": ck_cas,
-                    "txn-CAS floor": floor_cas,
-                    "refresh coordkit": ck_refresh,
-                    "refresh floor": floor_refresh,
-                },
-                iterations,
-            )
-            for op in ("range", "txn-CAS", "refresh"):
-                ck, fl = samples[f"{op} coordkit"], samples[f"{op} floor"]
-                rows.append((op, percentile(ck, 0.5), percentile(ck, 0.99), percentile(fl, 0.5), percentile(fl, 0.99)))
+            pairs = {
+                "range": (ck_range, floor_range),
+                "txn-CAS": (ck_cas, floor_cas),
+                "refresh": (ck_refresh, floor_refresh),
+            }
+            rows += await paired_rows(pairs, iterations)
             watch = await watch_delivery(backend, http, server.endpoint, max(200, iterations // 4))
             for row, side in (("watch put->event", "sent"), ("watch ack->event", "acked")):
-                ck, fl = watch[f"ck {side}"], watch[f"raw {side}"]
-                rows.append((row, percentile(ck, 0.5), percentile(ck, 0.99), percentile(fl, 0.5), percentile(fl, 0.99)))
+                rows.append(_row(row, watch[f"ck {side}"], watch[f"raw {side}"]))
             await backend.revoke(lease.id)
     return rows
 
@@ -230,24 +244,15 @@ async def grpc_rows(iterations: int) -> tuple[list[Row], tuple[float, float]]:
                 await keepalive.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease.id))
                 await keepalive.read()
 
-            samples = await interleaved(
-                {
-                    "range coordkit": ck_range,
-                    "range floor": floor_range,
-                    "txn-CAS coordkit": ck_cas,
-                    "txn-CAS floor": floor_cas,
-                    "refresh coordkit": ck_refresh,
-                    "refresh floor": floor_refresh,
-                },
-                iterations,
-            )
-            for op in ("range", "txn-CAS", "refresh"):
-                ck, fl = samples[f"{op} coordkit"], samples[f"{op} floor"]
-                rows.append((op, percentile(ck, 0.5), percentile(ck, 0.99), percentile(fl, 0.5), percentile(fl, 0.99)))
+            pairs = {
+                "range": (ck_range, floor_range),
+                "txn-CAS": (ck_cas, floor_cas),
+                "refresh": (ck_refresh, floor_refresh),
+            }
+            rows += await paired_rows(pairs, iterations)
             watch = await grpc_watch_delivery(backend, channel, max(200, iterations // 4))
             for row, side in (("watch put->event", "sent"), ("watch ack->event", "acked")):
-                ck, fl = watch[f"ck {side}"], watch[f"raw {side}"]
-                rows.append((row, percentile(ck, 0.5), percentile(ck, 0.99), percentile(fl, 0.5), percentile(fl, 0.99)))
+                rows.append(_row(row, watch[f"ck {side}"], watch[f"raw {side}"]))
             keepalive.cancel()
 
             async def concurrent(call: object, count: int = 1000) -> float:
@@ -300,7 +305,7 @@ async def grpc_watch_delivery(backend: EtcdBackend, channel: grpc.aio.Channel, c
 
 async def memory_rows(seconds: float = 2.0) -> list[tuple[str, float]]:
     backend = MemoryBackend()
-    rows = []
+    rows: list[tuple[str, float]] = []
     key = b"bench/key"
     mod = 0
     done = 0
@@ -326,7 +331,7 @@ async def memory_rows(seconds: float = 2.0) -> list[tuple[str, float]]:
 
 async def postgres_rows(iterations: int) -> tuple[list[tuple[str, float, float, float, float]], list[float]]:
     """PostgresBackend vs the same SQL sent by hand on one asyncpg connection (the floor); then expiry lateness."""
-    rows = []
+    rows: list[Row] = []
     with PostgresServer() as server:
         async with PostgresBackend(server.dsn) as backend:
             conn = await asyncpg.connect(server.dsn)
@@ -402,21 +407,13 @@ async def postgres_rows(iterations: int) -> tuple[list[tuple[str, float, float, 
                     lease.id,
                 )
 
-            samples = await interleaved(
-                {
-                    "range coordkit": ck_range,
-                    "range floor": floor_range,
-                    "txn-CAS coordkit": ck_cas,
-                    "txn-CAS floor": floor_cas,
-                    "refresh coordkit": ck_refresh,
-                    "refresh floor": floor_refresh,
-                },
-                iterations,
-            )
+            pairs = {
+                "range": (ck_range, floor_range),
+                "txn-CAS": (ck_cas, floor_cas),
+                "refresh": (ck_refresh, floor_refresh),
+            }
+            rows += await paired_rows(pairs, iterations)
             await conn.close()
-            for op in ("range", "txn-CAS", "refresh"):
-                ck, fl = samples[f"{op} coordkit"], samples[f"{op} floor"]
-                rows.append((op, percentile(ck, 0.5), percentile(ck, 0.99), percentile(fl, 0.5), percentile(fl, 0.99)))
             watch = await put_to_event(backend, max(200, iterations // 4))
             rows.append(("watch put->event", percentile(watch, 0.5), percentile(watch, 0.99), math.nan, math.nan))
             lateness = await expiry_lateness(backend, 20)
