@@ -158,6 +158,7 @@ class Counted(PassThrough):
         self.reads: list[Range] = []
         self.hold_replies: anyio.Event | None = None  # while set up, txn replies wait for it (the txn is applied)
         self.held = anyio.Event()
+        self.watched = anyio.Event()  # set by the first watch
 
     async def range(self, request: Range) -> RangeResult:
         self.reads.append(request)
@@ -176,6 +177,7 @@ class Counted(PassThrough):
         self, key: bytes, *, prefix: bool = False, start_revision: int
     ) -> AbstractAsyncContextManager[AsyncIterator[WatchBatch]]:
         self.watches += 1
+        self.watched.set()
         return self.inner.watch(key, prefix=prefix, start_revision=start_revision)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import AsyncExitStack, aclosing
+from functools import partial
 from typing import Any
 
 import anyio
@@ -236,6 +237,11 @@ class CountingCodec:
         return value
 
 
+def caught_up(view: ConfigView[Any], revision: int, _: object) -> bool:
+    """A wait_for predicate: the view shows ``revision`` or later (whatever its values)."""
+    return view.revision >= revision
+
+
 async def test_views_of_one_prefix_decode_each_value_once_per_codec(harness: Harness) -> None:
     """Ten views sharing a codec decode each stored value once between them, share the object, and share the
     error of a value that does not decode; a view with another codec decodes for itself."""
@@ -250,8 +256,8 @@ async def test_views_of_one_prefix_decode_each_value_once_per_codec(harness: Har
             for n, value in enumerate([{"n": 1}, "bad", {"n": 2}], start=1):
                 revision = await publish(admin, prefix + "v", value, expected_revision=None)
                 with anyio.fail_after(15):
-                    while any(view.revision < (revision or 0) for view in [*views, alone]):  # noqa: ASYNC110
-                        await anyio.sleep(0.01)
+                    for view in [*views, alone]:  # wait_for looks again at every change the view takes in
+                        await view.wait_for(partial(caught_up, view, revision or 0))
                 assert (shared.decodes, other.decodes) == (n + 1, n + 1)
                 if value == "bad":
                     errors = {id(view.errors["v"]) for view in views}

@@ -261,8 +261,7 @@ async def test_callers_in_one_process_share_one_attempt(harness: Harness) -> Non
                     for i in range(60):
                         callers.start_soon(caller, group[i % 5])
                     with anyio.fail_after(10):  # one of them found the claim and waits for it to go
-                        while client.watches < 1:  # noqa: ASYNC110 - the client counts, it has no event
-                            await anyio.sleep(0.01)
+                        await client.watched.wait()
                     await anyio.wait_all_tasks_blocked()
                     release.set()
         assert results == [b"built"] * 60

@@ -28,6 +28,7 @@ from coordkit import (
     UnavailableError,
     publish,
 )
+from coordkit._retry import retry_call
 from coordkit.testing import KvRecorder, PostgresServer, check_linearizable
 
 from .proxy import TcpProxy
@@ -128,15 +129,12 @@ async def test_blackholed_connections_time_out_and_recover(postgres_server: Post
             with pytest.raises(UnavailableError), anyio.fail_after(5):
                 await service.range(Range(prefix + b"k"))
             await writer.txn([], [Put(prefix + b"k", b"1")])
-            await anyio.sleep(1)  # the session's keepalives meet the blackhole too
+            with anyio.fail_after(10):  # the session's keepalives meet the blackhole too
+                while not session.statistics().keepalive_failures:  # noqa: ASYNC110 - a counter, no event
+                    await anyio.sleep(0.1)
             proxy.pass_through()
             with anyio.fail_after(10):
-                while True:
-                    try:
-                        got = await service.range(Range(prefix + b"k"))
-                        break
-                    except UnavailableError:
-                        await anyio.sleep(0.1)
+                got = await retry_call(lambda: service.range(Range(prefix + b"k")))
             assert got.kvs[0].value == b"1"
             assert not session.lost
 
