@@ -4,7 +4,8 @@ For code that asks "do I lead now?" (a health endpoint, a dashboard, a component
 running a leader-only job (for that, use ``election.campaign()`` or ``run_while_leader``). Each replica holds a
 latch and prints every transition. Replica a leads first, then stops: b takes over at once. Then b's process
 freezes (its keepalives stop): its latch says "follower" and its block ends with LeadershipLostError before its
-lease can expire on the server, and c takes over.
+lease can expire on the server, and c takes over. A dashboard follows the leader meanwhile with
+``observe_leader``: it reads, with no session and no campaign of its own.
 
     python examples/leader_latch.py                 # in-memory backend (the default)
     python examples/leader_latch.py --etcd http://127.0.0.1:2379
@@ -17,7 +18,7 @@ from contextlib import aclosing
 import anyio
 from _common import backend_factory
 
-from coordkit import Election, LeadershipLostError, Session
+from coordkit import Backend, Election, LeadershipLostError, Session, observe_leader
 from coordkit.testing import FaultyBackend
 
 NAME = "examples/latch/reports"
@@ -49,12 +50,22 @@ async def replica(name: str, client: FaultyBackend, stop: anyio.Event, freeze: a
             print(f"{name}: {exc}")
 
 
+async def dashboard(client: Backend, seen: list[str]) -> None:
+    async with client, aclosing(observe_leader(client, NAME)) as leaders:
+        async for leader in leaders:
+            shown = "nobody" if leader is None else leader.value.decode()
+            if not seen or seen[-1] != shown:
+                seen.append(shown)
+
+
 async def main() -> None:
     connect = backend_factory(__doc__ or "")
     stops = {name: anyio.Event() for name in "abc"}
     became_leader.update({name: anyio.Event() for name in "abc"})
     freeze = anyio.Event()
+    seen: list[str] = []
     async with anyio.create_task_group() as tg:
+        tg.start_soon(dashboard, connect(), seen)
         for name in "abc":
             tg.start_soon(replica, name, FaultyBackend(connect()), stops[name], freeze)
             await anyio.sleep(0.2)  # a campaigns first, then b, then c
@@ -63,10 +74,13 @@ async def main() -> None:
         freeze.set()
         await became_leader["c"].wait()
         stops["c"].set()
+        tg.cancel_scope.cancel()
     b_led = transitions.index("b leader")
     assert "b follower" in transitions[b_led:], "b's latch said so when b froze"
     assert transitions.index("c leader") > b_led, "c led after b"
     print("c took over from the frozen b; transitions: " + ", ".join(transitions))
+    led = [name for name in seen if name != "nobody"]
+    print("the dashboard saw the leaders " + " -> ".join(dict.fromkeys(led)))
 
 
 if __name__ == "__main__":
