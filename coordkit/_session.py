@@ -215,7 +215,9 @@ class Session:
 
         Raises:
             SessionClosedError: the session is not open.
-            OwnershipLostError: (or the ``lost_error`` subclass) the session was lost before or during the body.
+            OwnershipLostError: (or the ``lost_error`` subclass) the session was lost before or during the body;
+                also when the body meets a `LeaseExpiredError` about this session's lease (a write refused
+                because the lease is gone), which loses the session at once.
         """
         about = f"{what}: " if what else ""
         if not self._open:
@@ -227,6 +229,13 @@ class Session:
             self._guards.add(scope)
             try:
                 yield
+            except LeaseExpiredError as exc:
+                if exc.lease_id != self._lease_id:
+                    raise
+                # A write bound to our lease was refused: the store has no lease any more. The session is lost
+                # now (every other guarded block is cancelled), not at the next keepalive.
+                self._report_lease_gone(exc)
+                raise lost_error(f"{about}session lost: {self._lost_reason}", session=self) from exc
             finally:
                 self._guards.discard(scope)
         if scope.cancelled_caught:

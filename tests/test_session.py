@@ -9,6 +9,7 @@ import pytest
 
 from coordkit import (
     EventType,
+    LeaseExpiredError,
     OwnershipLostError,
     Put,
     Range,
@@ -82,6 +83,36 @@ async def test_lease_gone_on_server_loses_session(harness: Harness) -> None:
                 await harness.expire_lease(session.lease_id)
                 await anyio.sleep_forever()
         assert session.lost
+
+
+async def test_a_write_refused_for_a_gone_lease_loses_the_session_at_once(harness: Harness) -> None:
+    """A write bound to the session's lease, refused because the store no longer has the lease (revoked from
+    elsewhere, before any keepalive noticed): the guarded block raises OwnershipLostError, not the raw
+    LeaseExpiredError, and every other guarded block of the session is cancelled at once."""
+    async with (
+        harness.client() as backend,
+        harness.client() as other,
+        Session(backend, ttl=30) as session,
+        anyio.create_task_group() as tg,
+    ):
+        other_lost = anyio.Event()
+
+        async def other_block() -> None:
+            with pytest.raises(OwnershipLostError):
+                async with session.guarded():
+                    await anyio.sleep_forever()
+            other_lost.set()
+
+        tg.start_soon(other_block)
+        await anyio.wait_all_tasks_blocked()
+        await other.revoke(session.lease_id)
+        with pytest.raises(OwnershipLostError, match="expired") as caught:
+            async with session.guarded():
+                await backend.txn([], [Put(harness.namespace + b"k", b"v", session.lease_id)])
+        assert isinstance(caught.value.__cause__, LeaseExpiredError)
+        assert session.lost
+        with anyio.fail_after(5):
+            await other_lost.wait()
 
 
 async def test_outside_cancellation_passes_through_guarded_block(harness: Harness) -> None:

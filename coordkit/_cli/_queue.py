@@ -20,7 +20,6 @@ from .. import (
     MAX_REQUEST_BYTES,
     Backend,
     ClaimLostError,
-    LeaseExpiredError,
     OwnershipLostError,
     QueuedItem,
     Session,
@@ -422,8 +421,7 @@ def queue_consume(
                         while max_items is None or handled < max_items:
                             await consumer.consume_one(work_queue, session)
                             handled += 1
-        except (OwnershipLostError, LeaseExpiredError) as exc:
-            # (a claim made just as the lease went raises LeaseExpiredError: the session is as lost)
+        except OwnershipLostError as exc:
             raise Failure(f"the session was lost ({exc}); the command, if any, was stopped", EXIT_LOST) from None
         return 0
 
