@@ -59,6 +59,7 @@ from coordkit import (
     WatchBatch,
     publish,
 )
+from coordkit._keys import name_prefix
 
 from .cluster import EtcdCluster
 from .proxy import TcpProxy
@@ -493,6 +494,26 @@ class Load:
         told = sorted((r, w) for w, r in self.fenced_ok.items() if low <= r <= high)
         return f"watched (revision, value): {window}; acknowledged (revision, value): {told}; missing: {missing[:10]}"
 
+    async def _behind(self, counter_revision: int) -> list[str]:
+        """What has not caught up with the store (empty when everything has), with what the store holds."""
+        backend = self.views[0].backend
+        behind = []
+        if self.counter_revision < counter_revision:
+            behind.append(f"counter watch at {self.counter_revision}, counter written at {counter_revision}")
+        behind += [
+            f"view {i} at {v.revision} < {self.publish_revision}"
+            for i, v in enumerate(self.views)
+            if v.revision < self.publish_revision
+        ]
+        if not all(seen and seen[-1] is None for seen in self.observed):
+            keys = (await backend.range(Range(name_prefix(self.election), prefix=True))).kvs
+            behind.append(f"observers saw {[seen[-5:] for seen in self.observed]}; election keys now {keys}")
+        if not (self.group_views and not self.group_views[-1].members):
+            keys = (await backend.range(Range(name_prefix(self.group), prefix=True))).kvs
+            last = self.group_views[-1] if self.group_views else None
+            behind.append(f"group watch's last view {last}; group keys now {keys}")
+        return behind
+
     async def stop_and_verify(self) -> dict[str, Any]:
         """Stop the workers, let every follower catch up, and check what must hold. Returns the counts."""
         assert self._task_group is not None
@@ -502,11 +523,13 @@ class Load:
         await check_etcd_consistent(self.cluster)  # else nothing below can be judged
         backend = self.views[0].backend
         final = (await backend.range(Range(self.counter))).kvs[0]
-        with anyio.fail_after(30):  # the followers catch up
+        with anyio.move_on_after(30):  # the followers catch up
             await self.wait_until(lambda: self.counter_revision >= final.mod_revision)
             await self.wait_until(lambda: all(view.revision >= self.publish_revision for view in self.views))
             await self.wait_until(lambda: all(seen and seen[-1] is None for seen in self.observed))
             await self.wait_until(lambda: bool(self.group_views) and not self.group_views[-1].members)
+        if pending := await self._behind(final.mod_revision):
+            raise AssertionError(f"followers did not catch up within 30 s after the workers stopped: {pending}")
         assert not self.violations, self.violations
 
         # mutual exclusion: each applied increment is the previous value + 1 (two holders at once would both

@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from coordkit import Session
-from coordkit._backends.etcd import EtcdBackend
+from coordkit._backends.etcd import EtcdBackend, grpc_transport
 from coordkit._backends.etcd._proto import rpc_pb2
 from coordkit._backends.types import Delete, Put, Range, WatchBatch
 from coordkit._errors import (
@@ -260,6 +260,31 @@ async def test_watches_move_to_another_endpoint_with_no_gap(server: EtcdServer, 
                 assert [(await anext(a)).revision] == [second.revision]
                 assert [(await anext(b)).revision for _ in range(2)] == [second.revision, third.revision]
             assert notice.revision >= first.revision
+
+
+async def test_a_stream_that_breaks_as_a_watch_is_accepted_moves_that_watch_too(
+    server: EtcdServer, ns: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream breaks after etcd's "created" answer was read, before the watch was filed among the stream's
+    registered watches: the watch is registered again on a new stream, and gets its events (it stalled for ever,
+    filed on the broken stream after that stream's watches had been moved: seen on the cluster test)."""
+    deliver = grpc_transport.Watcher.deliver
+    broken = []
+
+    def deliver_then_break(watcher: grpc_transport.Watcher, response: rpc_pb2.WatchResponse) -> None:
+        deliver(watcher, response)
+        if response.created and not broken and watcher.stream is not None:
+            broken.append(watcher.stream)
+            watcher.stream._break(UnavailableError("broken by the test as the watch is accepted"))
+
+    monkeypatch.setattr(grpc_transport.Watcher, "deliver", deliver_then_break)
+    async with EtcdBackend(server.endpoint, transport="grpc") as backend:
+        first = await backend.txn([], [Put(ns + b"k", b"1")])
+        async with backend.watch(ns + b"k", start_revision=first.revision) as batches:
+            second = await backend.txn([], [Put(ns + b"k", b"2")])
+            with anyio.fail_after(10):
+                assert [(await anext(batches)).revision for _ in range(2)] == [first.revision, second.revision]
+    assert broken, "the break was not injected"
 
 
 async def test_closed_backend_refuses_calls(server: EtcdServer) -> None:

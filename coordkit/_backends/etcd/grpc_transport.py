@@ -932,6 +932,10 @@ class WatchStream(_Stream):
             raise error from exc
         finally:
             self._creating.pop(watcher.watch_id, None)
+        if self.broken:
+            # Accepted, but the stream broke before the watch was filed here: the break moved this stream's
+            # watches without it. Registered again by the caller, from the revision after its last event.
+            raise UnavailableError(f"the watch stream to {self.endpoint} broke as the watch was created")
         if watcher.registered:
             self._watchers[watcher.watch_id] = watcher
             if watcher.cancelled:  # its owner left while it moved here
