@@ -6,9 +6,11 @@
 
 (Not ``queue.py``: a script there would shadow the standard library's ``queue`` for every benchmark.)
 
-- queue: ``--items`` items put up front (``put_many``), then drained by N consumers (each on its own session and
-  client, each holding ``async with queue``), on EtcdBackend (etcd 3.5.1 on loopback) and MemoryBackend, in two
-  modes: each item's processing is a 20 ms sleep ("20ms"), or nothing ("none"). End-to-end items/s (up to the
+- queue: ``--items`` items put up front (``put_many``), then drained by N consumers, each holding ``async with
+  queue``, on EtcdBackend (etcd 3.5.1 on loopback) and MemoryBackend, in two client layouts: "own" (each consumer
+  its own client and session: N processes' worth of clients, all in this one process) and "shared" (the N
+  consumers are tasks of one process sharing one client and session: one watch, each event decoded once), and in
+  two modes: each item's processing is a 20 ms sleep ("20ms"), or nothing ("none"). End-to-end items/s (up to the
   last completion) and claim latency (from asking for a lease to holding an item) p50/p99; "x 1" is items/s over
   one consumer's in the same mode, "% ceiling" items/s over the ceiling below; writes/item is the store
   revisions the drain used per item (the store counts one per write), puts counted as one per item.
@@ -54,7 +56,7 @@ WRITES_PER_ITEM = 3
 
 
 async def drain(
-    connect: Connect, name: str, items: int, consumers: int, work: float
+    connect: Connect, name: str, items: int, consumers: int, work: float, *, shared: bool
 ) -> tuple[float, list[float], float]:
     claims: list[float] = []
     done = 0
@@ -62,7 +64,7 @@ async def drain(
     all_done = anyio.Event()
     async with AsyncExitStack() as stack:
         sessions = []
-        for _ in range(consumers + 1):
+        for _ in range(2 if shared else consumers + 1):
             client = await stack.enter_async_context(connect())
             sessions.append(await stack.enter_async_context(Session(client, ttl=30)))
         first = (await sessions[0].backend.range(Range(b"bench/none"))).revision
@@ -85,8 +87,8 @@ async def drain(
                         all_done.set()
 
         async with anyio.create_task_group() as tg:
-            for session in sessions[1:]:
-                tg.start_soon(consume, session)
+            for index in range(consumers):
+                tg.start_soon(consume, sessions[1 if shared else index + 1])
             await all_done.wait()
             last = (await sessions[0].backend.range(Range(b"bench/none"))).revision
             tg.cancel_scope.cancel()
@@ -173,23 +175,25 @@ async def main() -> None:
         ]
         raw = {label: await ceiling(connect) for label, connect in backends}
         for label, connect in backends:
-            for mode, work in (("20ms", 0.02), ("none", 0.0)):
-                for consumers in counts:
-                    name = f"bench/queue/{label}/{mode}/{consumers}"
-                    rate, claims, writes = await drain(connect, name, args.items, consumers, work)
-                    p50, p99 = percentile(claims, 0.5), percentile(claims, 0.99)
-                    rows.append((label, mode, consumers, rate, p50, p99, writes))
+            for layout in ("own", "shared"):
+                for mode, work in (("20ms", 0.02), ("none", 0.0)):
+                    for consumers in counts:
+                        name = f"bench/queue/{label}/{layout}/{mode}/{consumers}"
+                        shared = layout == "shared"
+                        rate, claims, writes = await drain(connect, name, args.items, consumers, work, shared=shared)
+                        p50, p99 = percentile(claims, 0.5), percentile(claims, 0.99)
+                        rows.append((label, layout, mode, consumers, rate, p50, p99, writes))
         cron = {} if args.no_scheduler else {label: await scheduler_claims(connect) for label, connect in backends}
-    print(f"WorkQueue: {args.items} items drained by N consumers (own session and client each)")
+    print(f"WorkQueue: {args.items} items drained by N consumers (clients: own = one each, shared = one for all)")
     ceilings = {label: rate / WRITES_PER_ITEM for label, (rate, _) in raw.items()}
-    singles = {(label, mode): rate for label, mode, consumers, rate, *_ in rows if consumers == 1}
+    singles = {(label, layout, mode): rate for label, layout, mode, consumers, rate, *_ in rows if consumers == 1}
     print(
-        f"{'backend':<8} {'work':>5} {'consumers':>9} {'items/s':>9} {'x 1':>6} {'% ceiling':>9}"
+        f"{'backend':<8} {'clients':>7} {'work':>5} {'consumers':>9} {'items/s':>9} {'x 1':>6} {'% ceiling':>9}"
         f" {'claim p50 ms':>13} {'p99 ms':>8} {'writes/item':>11}"
     )
-    for label, mode, consumers, rate, p50, p99, writes in rows:
+    for label, layout, mode, consumers, rate, p50, p99, writes in rows:
         print(
-            f"{label:<8} {mode:>5} {consumers:>9} {rate:>9.0f} {rate / singles[label, mode]:>6.2f}"
+            f"{label:<8} {layout:>7} {mode:>5} {consumers:>9} {rate:>9.0f} {rate / singles[label, layout, mode]:>6.2f}"
             f" {100 * rate / ceilings[label]:>8.1f}% {p50 * 1e3:>13.2f} {p99 * 1e3:>8.2f} {writes:>11.2f}"
         )
     print()

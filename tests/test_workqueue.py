@@ -245,6 +245,43 @@ async def test_put_many_and_foreign_priorities(harness: Harness) -> None:
         assert order[0] == b"urgent" and order[1:] == [b"a%d" % i for i in range(130)]
 
 
+async def test_records_rewritten_while_a_consumer_follows_take_their_new_place(harness: Harness) -> None:
+    """A consumer inside ``async with queue`` keeps the queue's order in its view, change by change (it does not
+    read the whole queue again per claim): a record another program rewrites with a higher priority moves ahead,
+    one rewritten to garbage is dead-lettered, a deleted one is gone, and one put back is offered in its place."""
+    import base64
+
+    from coordkit import Delete, Put
+
+    def record(payload: bytes, priority: int = 0) -> bytes:
+        return b'{"payload": "%s", "priority": %d}' % (base64.b64encode(payload), priority)
+
+    name = harness.namespace.decode() + "rewritten"
+    items, tail = name.encode() + b"/items/", name.encode() + b"/tail"
+    async with sessions(harness, 1) as (session,), harness.client() as raw:
+        queue = WorkQueue(session, name)
+        _, _, c, d, e = (item.encode() for item in await queue.put_many([b"a", b"b", b"c", b"d", b"e"]))
+        got = []
+        async with queue:
+            async with queue.lease() as task:  # the consumer's view of the queue is built here
+                got.append(task.payload)
+            # Another program, while the view is live (the tail rewritten, as every write that frees an item does):
+            await raw.txn(
+                [], [Put(items + d, record(b"d", 5)), Put(items + c, b"garbage"), Delete(items + e), Put(tail, b"")]
+            )
+            for _ in range(2):
+                with anyio.fail_after(5):
+                    async with queue.lease() as task:
+                        got.append(task.payload)
+            await raw.txn([], [Put(items + e, record(b"e again")), Put(tail, b"")])
+            with anyio.fail_after(5):
+                async with queue.lease() as task:
+                    got.append(task.payload)
+        assert got == [b"a", b"d", b"b", b"e again"]
+        assert [letter.id.encode() for letter in await queue.dead_letters()] == [c]
+        assert await queue.depth() == type(await queue.depth())(0, 0, 1)
+
+
 async def test_sixteen_consumers_always_take_the_head(harness: Harness) -> None:
     """Replays the queue's history: at the revision of every claim, the item claimed was the head of the free
     items (no free item of higher priority, none older of the same priority), while 16 consumers compete,

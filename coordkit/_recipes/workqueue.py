@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import json
 import math
 import uuid
@@ -289,6 +290,15 @@ def _claim_visibility(value: bytes) -> int | None:
     return visibility if isinstance(visibility, int) and not isinstance(visibility, bool) else None
 
 
+def _claim_waiter(value: bytes) -> str | None:
+    """The waiter token a hand-off's claim names, or None."""
+    try:
+        waiter = json.loads(value)["waiter"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return waiter if isinstance(waiter, str) else None
+
+
 def _encode_id(item_id: str) -> bytes:
     if not isinstance(item_id, str):
         raise TypeError(f"item ids are str, not {type(item_id).__name__}")
@@ -354,6 +364,94 @@ class _Scan:
 
 
 @final
+class _RecordCodec:
+    """The item record format as a codec, so a record version is decoded once for every follower of the queue in
+    the process (`Subscription.decoded`)."""
+
+    def encode(self, value: _Item) -> bytes:
+        return value.encode()
+
+    def decode(self, data: bytes) -> _Item:
+        return _Item.decode(data)
+
+
+_RECORDS = _RecordCodec()
+
+
+class _View(dict[bytes, KeyValue]):
+    """A queue's keys as one consumer's subscription shows them, with what a claim reads kept up to date on each
+    change: the items in offer order, the records that cannot be decoded, the consumers in line, and the claims
+    handed to waiters (by waiter token). So a claim costs the same whatever the queue's length.
+
+    Every change goes through ``view[key] = kv``, `pop` or ``del`` (as `apply` makes them); a snapshot is a new
+    view (`_Claimer.apply`).
+    """
+
+    def __init__(self, queue: WorkQueue, subscription: Subscription, state: dict[bytes, KeyValue]) -> None:
+        super().__init__()
+        self._queue, self._sub = queue, subscription
+        self.order: list[tuple[int, int, bytes]] = []  # (-priority, create revision, key), sorted: offer order
+        self._ranks: dict[bytes, tuple[int, int, bytes]] = {}
+        self.decoded: dict[bytes, _Item] = {}
+        self.bad: dict[bytes, str] = {}  # item key -> why its record cannot be decoded
+        self.waiters: dict[bytes, _Waiter] = {}
+        self.handed: dict[str, bytes] = {}  # waiter token -> the claim a hand-off wrote for it
+        self._tokens: dict[bytes, str] = {}  # claim key -> waiter token
+        super().update(state)
+        self._sorted = False  # filled in key order first, then sorted once
+        for key, kv in state.items():
+            self._index(key, kv)
+        self.order.sort()
+        self._sorted = True
+
+    def __setitem__(self, key: bytes, kv: KeyValue) -> None:
+        self._unindex(key)
+        super().__setitem__(key, kv)
+        self._index(key, kv)
+
+    def _index(self, key: bytes, kv: KeyValue) -> None:
+        queue = self._queue
+        if key.startswith(queue._items):
+            decoded = queue._decode(key, kv, self._sub)
+            if isinstance(decoded, str):
+                self.bad[key] = decoded
+                return
+            self.decoded[key] = decoded
+            rank = self._ranks[key] = (-decoded.priority, kv.create_revision, key)
+            if self._sorted:
+                bisect.insort(self.order, rank)
+            else:
+                self.order.append(rank)
+        elif key.startswith(queue._waiting):
+            waiter = _Waiter.parse(key, kv, len(queue._waiting))
+            if waiter is not None:
+                self.waiters[key] = waiter
+        elif key.startswith(queue._claims) and b'"waiter":' in kv.value:
+            token = _claim_waiter(kv.value)
+            if token is not None:
+                self.handed[token], self._tokens[key] = key, token
+
+    def __delitem__(self, key: bytes) -> None:
+        self._unindex(key)
+        super().__delitem__(key)
+
+    def pop(self, key: bytes, *default: Any) -> Any:
+        self._unindex(key)
+        return super().pop(key, *default)
+
+    def _unindex(self, key: bytes) -> None:
+        rank = self._ranks.pop(key, None)
+        if rank is not None:
+            del self.order[bisect.bisect_left(self.order, rank)]
+        self.decoded.pop(key, None)
+        self.bad.pop(key, None)
+        self.waiters.pop(key, None)
+        token = self._tokens.pop(key, None)
+        if token is not None and self.handed.get(token) == key:
+            del self.handed[token]
+
+
+@final
 class _Claimer:
     """One consumer's wait for an item (`WorkQueue.lease`).
 
@@ -373,8 +471,8 @@ class _Claimer:
         # A claim found at the first look may have been handed to us any time since we took our place in line.
         self.since: float | None = line.since if line is not None else None
         self.changed = anyio.current_time()  # when the line last moved (someone left it) in our view
-        self._ahead: set[bytes] = set()  # the waiting keys ahead of ours in line, as far as the view shows
-        self._ahead_of = 0  # the place in line (``registered``) ``_ahead`` was counted for; 0: not counted
+        if not isinstance(subscription.state, _View):
+            subscription.state = _View(queue, subscription, subscription.state)
 
     async def run(self) -> Task:
         """Wait for an item and claim it (or be handed it); leave the line if this ends any other way."""
@@ -394,7 +492,7 @@ class _Claimer:
 
     async def step(self) -> Task | float | _Behind:
         """Act on the current view: our handed item, a chore, a hand-off, or the local time to wait until."""
-        state, now = self.sub.state, anyio.current_time()
+        state, now = self.view, anyio.current_time()
         if self.registered and self.key not in state:
             # Our place in line is gone: an item was handed to us (its claim came in the same batch) or our
             # lease ended (the session guard stops us).
@@ -415,31 +513,33 @@ class _Claimer:
             return scan.wake  # nothing to hand out: wait for a change, by watch, or a timer
         return await self.hand_out(scan)
 
-    def first_in_line(self, state: dict[bytes, KeyValue]) -> bool:
-        """Whether no waiting key older than ours is in the view (kept up to date by `apply`, one pass at first)."""
-        if self._ahead_of != self.registered:
-            waiting, ours = self.queue._waiting, self.registered
-            self._ahead = {key for key, kv in state.items() if key.startswith(waiting) and kv.create_revision < ours}
-            self._ahead_of = ours
-        return not self._ahead
+    @property
+    def view(self) -> _View:
+        view = self.sub.state
+        assert isinstance(view, _View)
+        return view
 
-    def handed(self, state: dict[bytes, KeyValue], now: float) -> Task | None:
+    def first_in_line(self, view: _View) -> bool:
+        """Whether no consumer in line in the view took its place before ours."""
+        ours = self.registered
+        return not any(waiter.revision < ours for waiter in view.waiters.values())
+
+    def handed(self, view: _View, now: float) -> Task | None:
         """The item a hand-off gave us (a claim that names our token), if our view shows one."""
-        queue, mark = self.queue, f'"waiter":"{self.token}"'.encode()
-        for claim, kv in state.items():
-            if not claim.startswith(queue._claims) or mark not in kv.value:
-                continue
-            item_id = claim[len(queue._claims) :]
-            item_kv = state.get(queue._items + item_id)
-            decoded = None if item_kv is None else queue._decode(item_kv.key, item_kv)
-            if item_kv is None or not isinstance(decoded, _Item):
-                return None
-            task = Task(queue, item_id.decode(), decoded, kv.create_revision, self.visibility)
-            # Counted from when we saw it (after it was written): other consumers count from when they saw it.
-            task._deadline = now + self.visibility - _MARGIN
-            task._create_revision = item_kv.create_revision
-            return task
-        return None
+        queue, claim = self.queue, view.handed.get(self.token)
+        if claim is None:
+            return None
+        item_key = queue._items + claim[len(queue._claims) :]
+        item_kv, decoded = view.get(item_key), view.decoded.get(item_key)
+        if item_kv is None or decoded is None:
+            return None
+        task = Task(
+            queue, item_key[len(queue._items) :].decode(), decoded, view[claim].create_revision, self.visibility
+        )
+        # Counted from when we saw it (after it was written): other consumers count from when they saw it.
+        task._deadline = now + self.visibility - _MARGIN
+        task._create_revision = item_kv.create_revision
+        return task
 
     async def hand_out(self, scan: _Scan) -> Task | float | _Behind:
         """One transaction: the first free items to the oldest waiters and to us (last in line, unless we are
@@ -508,12 +608,11 @@ class _Claimer:
     def given(self, given: list[Any], revision: int, sent: float, entered: bool) -> Task | float:
         """Our hand-off committed at ``revision``: our own writes into the view (the next claim need not wait for
         the watch to bring them); our task if we gave ourselves an item."""
-        queue, state, mine = self.queue, self.sub.state, None
+        queue, state, mine = self.queue, self.view, None
         for key, kv, delivered, claim, value, waiter in given:
             lease = queue.session.lease_id if waiter is None else waiter.lease
             state[claim] = KeyValue(claim, value, revision, revision, 1, lease)
             state[key] = KeyValue(key, delivered.encode(), kv.create_revision, revision, kv.version + 1)
-            queue._decoded[key] = (revision, delivered)
             if waiter is not None:
                 state.pop(waiter.key, None)
             if waiter is None or waiter.key == self.key:
@@ -548,23 +647,20 @@ class _Claimer:
     def apply(self, item: Snapshot | WatchBatch) -> bool:
         """Bring the view up to date with ``item``; whether we should look at it (a waiter behind others in
         line looks only when someone leaves the line: its own hand-off, or an older waiter's)."""
-        self.sub.state, self.sub.revision = apply(self.sub.state, item), item.revision
+        state = apply(self.sub.state, item)
+        if not isinstance(state, _View):  # a snapshot: a new view
+            state = _View(self.queue, self.sub, state)
+        self.sub.state, self.sub.revision = state, item.revision
         if not self.registered or isinstance(item, Snapshot):
-            self._ahead_of = 0  # (a snapshot: count the waiters ahead of us again when needed)
             return True
-        waiting, left = self.queue._waiting, False
+        waiting = self.queue._waiting
         for event in item.events:
-            key = event.kv.key
-            if not key.startswith(waiting):
-                continue
-            if event.type is EventType.DELETE:
-                left = True  # someone left the line: maybe us (handed an item), maybe we are first now
-                self._ahead.discard(key)
+            if event.type is EventType.DELETE and event.kv.key.startswith(waiting):
+                # Someone left the line: maybe us (handed an item), maybe we are first now.
                 self.changed = anyio.current_time()
-            elif event.kv.create_revision < self.registered and self._ahead_of == self.registered:
-                self._ahead.add(key)  # an older waiter our view had not shown yet
+                return True
         # The first in line hands out, so it looks at every change (a waiter joining, an item put or freed).
-        return left or self.first_in_line(self.sub.state)
+        return self.first_in_line(state)
 
     async def leave_line(self) -> None:
         """Take our waiting key out of line; if an item was handed to us meanwhile, give it back uncounted."""
@@ -580,7 +676,7 @@ class _Claimer:
             return
         while self.sub.revision < result.revision:
             self.apply(await self.sub.next())
-        task = self.handed(self.sub.state, anyio.current_time())
+        task = self.handed(self.view, anyio.current_time())
         if task is not None:
             await queue._settle(task, error=None)
 
@@ -812,8 +908,6 @@ class WorkQueue:
         self._subscription: Subscription | None = None
         self._subscription_busy = False
         self._line: _Line | None = None  # a place in line our last completion took for the next lease
-        # item key -> (mod revision, decoded item or why it cannot be decoded): each record is decoded once
-        self._decoded: dict[bytes, tuple[int, _Item | str]] = {}
         # claim key -> (mod revision, local time this consumer first saw that revision of the claim)
         self._claims_seen: dict[bytes, tuple[int, float]] = {}
         # claim key -> (mod revision, the visibility timeout it declares)
@@ -1213,22 +1307,25 @@ class WorkQueue:
                 self._claim_visibilities = {claim: cached}
         return cached[1]
 
-    def _decode(self, key: bytes, kv: KeyValue) -> _Item | str:
-        cached = self._decoded.get(key)
-        if cached is not None and cached[0] == kv.mod_revision:
-            return cached[1]
-        decoded: _Item | str
+    def _decode(self, key: bytes, kv: KeyValue, subscription: Subscription | None = None) -> _Item | str:
+        """The item record ``kv`` of ``key``, or why it cannot be decoded; decoded once for every follower of
+        ``subscription``'s feed when given."""
         try:
-            item_id = key[len(self._items) :].decode()
-            if not item_id:
-                raise _Undecodable("the item id (the key after items/) is empty")
-            decoded = _Item.decode(kv.value)
+            if not key[len(self._items) :].decode():
+                return "the item id (the key after items/) is empty"
         except UnicodeDecodeError:
-            decoded = "the item key is not UTF-8"
-        except _Undecodable as exc:
-            decoded = str(exc)
-        self._decoded[key] = (kv.mod_revision, decoded)
-        return decoded
+            return "the item key is not UTF-8"
+        if subscription is None:
+            try:
+                return _Item.decode(kv.value)
+            except _Undecodable as exc:
+                return str(exc)
+        item, error = subscription.decoded(_RECORDS, kv)
+        if error is None:
+            return item  # type: ignore[no-any-return]
+        if isinstance(error, _Undecodable):
+            return str(error)
+        raise error
 
     async def _claim(self, visibility: int) -> Task:
         # Guarded: a session that is closed, or lost while we wait, claims nothing.
@@ -1254,38 +1351,26 @@ class WorkQueue:
             else:
                 self._subscription_busy = False
 
-    def _scan(self, state: dict[bytes, KeyValue], now: float) -> _Scan:
+    def _scan(self, view: _View, now: float) -> _Scan:
         """One look at the queue: the first free items in order, the waiting consumers, what a hand-off must
         compare, and the first chore (a bad record, an expired item, a claim to take back) if any."""
-        entries, waiters = [], []
-        for key, kv in state.items():
-            if key.startswith(self._items):
-                decoded = self._decode(key, kv)
-                if isinstance(decoded, str):
-                    # Nobody can ever process it: out of the way, into the dead letters, with the reason.
-                    buried = _Item(kv.value, error=f"undecodable item record: {decoded}")
-                    return _Scan(chore=partial(self._bury, key, kv, buried))
-                entries.append((-decoded.priority, kv.create_revision, key, kv, decoded))
-            elif key.startswith(self._waiting):
-                waiter = _Waiter.parse(key, kv, len(self._waiting))
-                if waiter is not None:
-                    waiters.append(waiter)
-        if len(self._decoded) > 2 * len(entries) + 64:
-            self._decoded = {key: value for key, value in self._decoded.items() if key in state}
-        if len(self._claims_seen) > 2 * len(entries) + 64:
-            self._claims_seen = {claim: value for claim, value in self._claims_seen.items() if claim in state}
-        entries.sort()
-        gate, tail = state.get(self._gate), state.get(self._tail)
+        for key, why in view.bad.items():
+            # Nobody can ever process it: out of the way, into the dead letters, with the reason.
+            kv = view[key]
+            return _Scan(chore=partial(self._bury, key, kv, _Item(kv.value, error=f"undecodable item record: {why}")))
+        if len(self._claims_seen) > 2 * len(view.order) + 64:
+            self._claims_seen = {claim: value for claim, value in self._claims_seen.items() if claim in view}
+        gate, tail = view.get(self._gate), view.get(self._tail)
         scan = _Scan(
             gate=Compare.mod(self._gate, "==", gate.mod_revision if gate is not None else 0),
             paused=gate is not None and gate.value == _PAUSED,
             tail=Compare.mod(self._tail, "==", tail.mod_revision if tail is not None else 0),
-            waiters=sorted(waiters, key=lambda waiter: waiter.revision),
+            waiters=sorted(view.waiters.values(), key=lambda waiter: waiter.revision),
         )
-        wall = self._now().timestamp()
-        for _, _, key, kv, item in entries:
-            self._place(scan, state, key, kv, item, now, wall)
-            if scan.chore is not None or len(scan.free) >= _HAND_OFF:
+        wall, wanted = self._now().timestamp(), min(_HAND_OFF, len(scan.waiters) + 1)  # (+1: us, if not in line)
+        for _, _, key in view.order:
+            self._place(scan, view, key, view[key], view.decoded[key], now, wall)
+            if scan.chore is not None or len(scan.free) >= wanted:
                 break
         return scan
 
