@@ -1,6 +1,7 @@
 """WorkQueue throughput and claim latency against the store's own ceiling, and Scheduler claim cost, in one run.
 
-    PYTHONPATH=. python benchmarks/workqueue.py [--items 256] [--consumers 1,4,16,64] [--no-scheduler]
+    PYTHONPATH=. python benchmarks/workqueue.py [--items 256] [--consumers 1,4,16,64] [--backlog 10000]
+        [--no-scheduler]
 
 (``PYTHONPATH=.``: the checkout's coordkit, not an installed one; the last line says which was measured.)
 
@@ -14,6 +15,9 @@
   last completion) and claim latency (from asking for a lease to holding an item) p50/p99; "x 1" is items/s over
   one consumer's in the same mode, "% ceiling" items/s over the ceiling below; writes/item is the store
   revisions the drain used per item (the store counts one per write), puts counted as one per item.
+- backlog: the same drain of ``--items`` items from the head of a queue that holds ``--backlog`` more behind
+  them, by 1 and by 16 consumers (shared client): "x short" is items/s over the same drain from a queue of only
+  ``--items`` items (1.00: a claim costs the same whatever the queue's length).
 - ceiling: the same etcd's raw throughput of small compare-and-put transactions from 16 concurrent clients, and
   one client's txn round trip p50; divided by the 3 writes an item costs (put, claim, completion), the most
   items/s any design with 3 writes per item could reach here.
@@ -56,7 +60,7 @@ WRITES_PER_ITEM = 3
 
 
 async def drain(
-    connect: Connect, name: str, items: int, consumers: int, work: float, *, shared: bool
+    connect: Connect, name: str, items: int, consumers: int, work: float, *, shared: bool, backlog: int = 0
 ) -> tuple[float, list[float], float]:
     claims: list[float] = []
     done = 0
@@ -68,13 +72,18 @@ async def drain(
             client = await stack.enter_async_context(connect())
             sessions.append(await stack.enter_async_context(Session(client, ttl=30)))
         first = (await sessions[0].backend.range(Range(b"bench/none"))).revision
-        for start in range(0, items, 64):  # 64 per put (put_many writes 100 per transaction; count them as 1 each)
-            await WorkQueue(sessions[0], name).put_many([b"item %d" % i for i in range(start, min(items, start + 64))])
-        started = time.perf_counter()
+        total = items + backlog  # the first ``items`` are drained
+        for start in range(0, total, 64):  # 64 per put (put_many writes 100 per transaction; count them as 1 each)
+            await WorkQueue(sessions[0], name).put_many([b"item %d" % i for i in range(start, min(total, start + 64))])
+        entered, all_in, go = 0, anyio.Event(), anyio.Event()
 
         async def consume(session: Session) -> None:
-            nonlocal done, finished
+            nonlocal done, finished, entered
             async with WorkQueue(session, name) as queue:
+                entered += 1  # the consumer follows the queue (its view of the queue is read): the clock starts
+                if entered == consumers:  # when every consumer does, so startup is not counted
+                    all_in.set()
+                await go.wait()
                 while True:
                     asked = time.perf_counter()
                     async with queue.lease(visibility_timeout=30):
@@ -89,12 +98,15 @@ async def drain(
         async with anyio.create_task_group() as tg:
             for index in range(consumers):
                 tg.start_soon(consume, sessions[1 if shared else index + 1])
+            await all_in.wait()
+            started = time.perf_counter()
+            go.set()
             await all_done.wait()
             last = (await sessions[0].backend.range(Range(b"bench/none"))).revision
             tg.cancel_scope.cancel()
     # Store writes per item: revisions from before the puts to the last completion, the puts counted one per item
     # (as `put` writes them), whatever put_many saved.
-    puts = -(-items // 64)
+    puts = -(-(items + backlog) // 64)
     return items / (finished - started), claims, (last - first - puts) / items + 1
 
 
@@ -163,6 +175,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=256)
     parser.add_argument("--consumers", default="1,4,16,64")
+    parser.add_argument("--backlog", type=int, default=10000)
     parser.add_argument("--no-scheduler", action="store_true")
     args = parser.parse_args()
     counts = [int(n) for n in args.consumers.split(",")]
@@ -183,6 +196,13 @@ async def main() -> None:
                         rate, claims, writes = await drain(connect, name, args.items, consumers, work, shared=shared)
                         p50, p99 = percentile(claims, 0.5), percentile(claims, 0.99)
                         rows.append((label, layout, mode, consumers, rate, p50, p99, writes))
+        deep = []
+        for label, connect in backends:
+            for consumers in (1, 16):
+                name = f"bench/queue/{label}/backlog/{consumers}"
+                drained = drain(connect, name, args.items, consumers, 0.0, shared=True, backlog=args.backlog)
+                rate, claims, _ = await drained
+                deep.append((label, consumers, rate, percentile(claims, 0.5)))
         cron = {} if args.no_scheduler else {label: await scheduler_claims(connect) for label, connect in backends}
     print(f"WorkQueue: {args.items} items drained by N consumers (clients: own = one each, shared = one for all)")
     ceilings = {label: rate / WRITES_PER_ITEM for label, (rate, _) in raw.items()}
@@ -196,6 +216,13 @@ async def main() -> None:
             f"{label:<8} {layout:>7} {mode:>5} {consumers:>9} {rate:>9.0f} {rate / singles[label, layout, mode]:>6.2f}"
             f" {100 * rate / ceilings[label]:>8.1f}% {p50 * 1e3:>13.2f} {p99 * 1e3:>8.2f} {writes:>11.2f}"
         )
+    print(f"\nBacklog: the first {args.items} items drained from behind {args.backlog} more (shared client, no work)")
+    print(f"{'backend':<8} {'consumers':>9} {'items/s':>9} {'x short':>8} {'claim p50 ms':>13}")
+    shorts = {(r[0], r[3]): r[4] for r in rows if r[1] == "shared" and r[2] == "none"}
+    for label, consumers, rate, p50 in deep:
+        baseline = shorts.get((label, consumers))
+        relative = f"{rate / baseline:8.2f}" if baseline else f"{'-':>8}"  # (no short drain of that size in this run)
+        print(f"{label:<8} {consumers:>9} {rate:>9.0f} {relative} {p50 * 1e3:>13.2f}")
     print()
     print(f"Ceiling: raw compare-and-put txns/s from 16 clients, / {WRITES_PER_ITEM} writes per item; one txn p50")
     for label, (rate, rtt) in raw.items():

@@ -269,7 +269,7 @@ async def test_a_stream_that_breaks_as_a_watch_is_accepted_moves_that_watch_too(
     registered watches: the watch is registered again on a new stream, and gets its events (it stalled for ever,
     filed on the broken stream after that stream's watches had been moved: seen on the cluster test)."""
     deliver = grpc_transport.Watcher.deliver
-    broken = []
+    broken: list[grpc_transport.WatchStream] = []
 
     def deliver_then_break(watcher: grpc_transport.Watcher, response: rpc_pb2.WatchResponse) -> None:
         deliver(watcher, response)

@@ -917,7 +917,8 @@ class WorkQueue:
         """Optional: keep one follower of the queue open across leases, so a claim does not open a watch."""
         if self._subscription is not None:
             raise RuntimeError(f"WorkQueue {self.name!r} is already entered")
-        self._subscription = await subscribe(self.session.backend, self._prefix)
+        subscription = self._subscription = await subscribe(self.session.backend, self._prefix)
+        subscription.state = _View(self, subscription, subscription.state)  # the queue's order, read once here
         return self
 
     async def __aexit__(
