@@ -582,13 +582,16 @@ class _Claimer:
         )
         # The gate open and the tail unchanged since our view (no item put, given back or requeued that we have
         # not seen), every dependency-blocked item ahead still blocked: the items given are the first free ones.
-        latest = Range(queue._prefix, prefix=True, sort_by="mod", descending=True, limit=1, keys_only=True)
+        # Refused, the failure branch reads the keys compared (keys only, each a point read: never the whole
+        # queue), so we know which revision to catch up to; a compared key that was deleted shows no revision,
+        # and we then wait for the next change instead (see `wait`).
+        probes = [Range(key, keys_only=True) for key in dict.fromkeys(c.key for c in compares)][: _MAX_TXN - 1]
         sent = anyio.current_time()
-        result = await queue.session.backend.txn(compares, [*ops, *enter], [*self._enter_line(), latest])
+        result = await queue.session.backend.txn(compares, [*ops, *enter], [*self._enter_line(), *probes])
         if not result.succeeded:
             self.joined(result.revision)
-            kvs = getattr(result.responses[-1], "kvs", ())
-            return _Behind(max(kvs[0].mod_revision if kvs else 0, self.registered))
+            seen = [kv.mod_revision for response in result.responses for kv in getattr(response, "kvs", ())]
+            return _Behind(max([*seen, self.registered]))
         return self.given(given, result.revision, sent, bool(enter))
 
     def _line_value(self) -> bytes:
