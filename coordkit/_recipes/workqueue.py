@@ -271,13 +271,14 @@ def _time_field(record: dict[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def _claim_holder(value: bytes) -> str | None:
-    """The holder a claim records (its session lease id, hex), or None."""
+def _claim_text(value: bytes, name: str) -> str | None:
+    """A text field of a claim record: ``holder`` (the holder's session lease id, hex) or ``waiter`` (the token
+    of the waiter a hand-off gave the item to); None if the claim has none."""
     try:
-        holder = json.loads(value)["holder"]
+        text = json.loads(value)[name]
     except (ValueError, TypeError, KeyError):
         return None
-    return holder if isinstance(holder, str) else None
+    return text if isinstance(text, str) else None
 
 
 def _claim_visibility(value: bytes) -> int | None:
@@ -288,15 +289,6 @@ def _claim_visibility(value: bytes) -> int | None:
     except (ValueError, TypeError, KeyError):
         return None
     return visibility if isinstance(visibility, int) and not isinstance(visibility, bool) else None
-
-
-def _claim_waiter(value: bytes) -> str | None:
-    """The waiter token a hand-off's claim names, or None."""
-    try:
-        waiter = json.loads(value)["waiter"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    return waiter if isinstance(waiter, str) else None
 
 
 def _encode_id(item_id: str) -> bytes:
@@ -427,7 +419,7 @@ class _View(dict[bytes, KeyValue]):
             if waiter is not None:
                 self.waiters[key] = waiter
         elif key.startswith(queue._claims) and b'"waiter":' in kv.value:
-            token = _claim_waiter(kv.value)
+            token = _claim_text(kv.value, "waiter")
             if token is not None:
                 self.handed[token], self._tokens[key] = key, token
 
@@ -582,17 +574,22 @@ class _Claimer:
         )
         # The gate open and the tail unchanged since our view (no item put, given back or requeued that we have
         # not seen), every dependency-blocked item ahead still blocked: the items given are the first free ones.
-        # Refused, the failure branch reads the keys compared (keys only, each a point read: never the whole
-        # queue), so we know which revision to catch up to; a compared key that was deleted shows no revision,
-        # and we then wait for the next change instead (see `wait`).
+        return await self._commit(compares, [*ops, *enter], given, entered=bool(enter))
+
+    async def _commit(
+        self, compares: list[Compare], ops: list[Op], given: list[Any], *, entered: bool
+    ) -> Task | float | _Behind:
+        """Send a hand-off. Refused, its failure branch puts us in line and reads back the keys compared (keys
+        only, each a point read, never the whole queue), so we know which revision to catch up to; a compared key
+        that was deleted shows no revision, and we then wait for the next change instead (see `wait`)."""
         probes = [Range(key, keys_only=True) for key in dict.fromkeys(c.key for c in compares)][: _MAX_TXN - 1]
         sent = anyio.current_time()
-        result = await queue.session.backend.txn(compares, [*ops, *enter], [*self._enter_line(), *probes])
+        result = await self.queue.session.backend.txn(compares, ops, [*self._enter_line(), *probes])
         if not result.succeeded:
             self.joined(result.revision)
             seen = [kv.mod_revision for response in result.responses for kv in getattr(response, "kvs", ())]
             return _Behind(max([*seen, self.registered]))
-        return self.given(given, result.revision, sent, bool(enter))
+        return self.given(given, result.revision, sent, entered)
 
     def _line_value(self) -> bytes:
         return b""
@@ -1203,7 +1200,7 @@ class WorkQueue:
             if claim is not None:
                 entry = replace(
                     entry,
-                    holder=_claim_holder(claim.value),
+                    holder=_claim_text(claim.value, "holder"),
                     visibility_timeout=_claim_visibility(claim.value),
                     claim_revision=claim.create_revision,
                 )
