@@ -282,6 +282,28 @@ async def test_records_rewritten_while_a_consumer_follows_take_their_new_place(h
         assert await queue.depth() == type(await queue.depth())(0, 0, 1)
 
 
+async def test_a_chore_another_consumer_did_first_does_not_stall_a_consumer_in_a_shared_store(
+    harness: Harness,
+) -> None:
+    """A consumer's view shows a bad record that another consumer has already moved away, and the store's newest
+    write is outside the queue (the store has other users). Its own move is refused; it catches up with the
+    queue and takes the next item (it waited for the refused transaction's revision, which no change of the
+    queue would bring: stalled until the queue changed again)."""
+    from coordkit import Delete, Put
+
+    name = harness.namespace.decode() + "chore"
+    async with sessions(harness, 1) as (session,), harness.client() as raw:
+        queue = WorkQueue(session, name)
+        await raw.txn([], [Put(name.encode() + b"/items/bad", b"banana")])
+        good = await queue.put(b"good")
+        async with queue:  # the consumer's view shows the bad record
+            await raw.txn([], [Delete(name.encode() + b"/items/bad")])  # (another consumer moved it away)
+            await raw.txn([], [Put(harness.namespace + b"elsewhere", b"x")])
+            with anyio.fail_after(5):
+                async with queue.lease() as task:
+                    assert task.id == good
+
+
 async def test_sixteen_consumers_always_take_the_head(harness: Harness) -> None:
     """Replays the queue's history: at the revision of every claim, the item claimed was the head of the free
     items (no free item of higher priority, none older of the same priority), while 16 consumers compete,
@@ -702,7 +724,13 @@ async def test_dependencies_wait_for_completion_and_fail_with_their_dependency(h
 
 async def test_an_item_handed_to_a_consumer_in_line_goes_back_when_it_leaves(harness: Harness) -> None:
     """A completion inside ``async with queue`` puts the consumer in line; the next claimer hands it the next item,
-    under its session lease; leaving ``async with queue`` without leasing gives that item back, uncounted."""
+    under its session lease; leaving ``async with queue`` without leasing gives that item back, uncounted.
+
+    The store has other users: a write outside the queue comes last before the consumer leaves (leaving waited
+    for the queue's view to reach the store's newest revision, which no change of the queue would bring: it gave
+    up, and the item came back only when taken back after its visibility timeout, counted)."""
+    from coordkit import Put
+
     name = harness.namespace.decode() + "line"
     async with sessions(harness, 3) as (producer_session, first_session, second_session):
         producer = WorkQueue(producer_session, name)
@@ -723,5 +751,6 @@ async def test_an_item_handed_to_a_consumer_in_line_goes_back_when_it_leaves(har
                 (listed,) = await producer.items()
                 assert listed.leased and listed.holder == f"{first_session.lease_id:x}"
                 assert got == []
+                await producer_session.backend.txn([], [Put(harness.namespace + b"elsewhere", b"x")])
             # Left without leasing again: "b" goes back, and the consumer waiting gets it, first attempt.
         assert got == [(b"b", 1)]

@@ -291,6 +291,19 @@ def _claim_visibility(value: bytes) -> int | None:
     return visibility if isinstance(visibility, int) and not isinstance(visibility, bool) else None
 
 
+def _read_back(compares: list[Compare]) -> list[Range]:
+    """Point reads (keys only) of the keys ``compares`` name, for a transaction's failure branch: never the
+    whole queue (etcd would read and sort every key of the prefix)."""
+    return [Range(key, keys_only=True) for key in dict.fromkeys(c.key for c in compares)][: _MAX_TXN - 1]
+
+
+def _newest(result: TxnResult) -> int:
+    """The newest mod revision the failure branch's reads (`_read_back`) found, 0 if none: a revision of the
+    queue's own keys to catch up to. (A refused transaction's own revision is the store's, which may be a write
+    anywhere: the queue's view would wait for it for ever.)"""
+    return max((kv.mod_revision for response in result.responses for kv in getattr(response, "kvs", ())), default=0)
+
+
 def _encode_id(item_id: str) -> bytes:
     if not isinstance(item_id, str):
         raise TypeError(f"item ids are str, not {type(item_id).__name__}")
@@ -582,13 +595,11 @@ class _Claimer:
         """Send a hand-off. Refused, its failure branch puts us in line and reads back the keys compared (keys
         only, each a point read, never the whole queue), so we know which revision to catch up to; a compared key
         that was deleted shows no revision, and we then wait for the next change instead (see `wait`)."""
-        probes = [Range(key, keys_only=True) for key in dict.fromkeys(c.key for c in compares)][: _MAX_TXN - 1]
         sent = anyio.current_time()
-        result = await self.queue.session.backend.txn(compares, ops, [*self._enter_line(), *probes])
+        result = await self.queue.session.backend.txn(compares, ops, [*self._enter_line(), *_read_back(compares)])
         if not result.succeeded:
             self.joined(result.revision)
-            seen = [kv.mod_revision for response in result.responses for kv in getattr(response, "kvs", ())]
-            return _Behind(max([*seen, self.registered]))
+            return _Behind(max(_newest(result), self.registered))
         return self.given(given, result.revision, sent, entered)
 
     def _line_value(self) -> bytes:
@@ -674,7 +685,10 @@ class _Claimer:
         self.registered = 0
         if result.succeeded:
             return
-        while self.sub.revision < result.revision:
+        # Whoever took our key out of line (a hand-off, with its claim for us, or our lease's end) did it in the
+        # queue: catch up until the view shows it. (Not up to the failed transaction's revision: that may be a
+        # write anywhere in the store, which no change of the queue would ever bring.)
+        while key in self.sub.state:
             self.apply(await self.sub.next())
         task = self.handed(self.view, anyio.current_time())
         if task is not None:
@@ -1452,16 +1466,21 @@ class WorkQueue:
         else:
             # The tail moves: an item free again must refuse any claim that did not see it free.
             ops = [Put(key, replace(item, error=reason, held=False).encode()), Delete(claim), Put(self._tail, b"")]
-        return (await self.session.backend.txn([fence, Compare.mod(key, "==", kv.mod_revision)], ops)).revision
+        return await self._chore([fence, Compare.mod(key, "==", kv.mod_revision)], ops)
 
     async def _bury(self, key: bytes, kv: KeyValue, item: _Item) -> int:
         """Move an item to the dead letters, if it is still as we saw it (another consumer may have done it)."""
         dead = self._dead + key[len(self._items) :]
         # Fenced by the record's mod revision: a record rewritten meanwhile (claimed, requeued) is left alone.
-        result = await self.session.backend.txn(
+        return await self._chore(
             [Compare.mod(key, "==", kv.mod_revision)], [Delete(key), Put(dead, replace(item, held=False).encode())]
         )
-        return result.revision
+
+    async def _chore(self, compares: list[Compare], ops: list[Op]) -> int:
+        """A fenced chore: the revision to catch up to before looking again. Its own, done; refused (another
+        consumer did it first), the newest revision of the keys it compared (0: they are gone; the next change)."""
+        result = await self.session.backend.txn(compares, ops, _read_back(compares))
+        return result.revision if result.succeeded else _newest(result)
 
     def _forget(self, *keys: bytes) -> None:
         """Our own deletion, known now: drop the keys from the kept view so the next claim does not compare
