@@ -236,6 +236,29 @@ async def test_server_restart_breaks_an_open_watch_and_the_stream_reopens() -> N
             assert [b.revision for b in replayed] == [result.revision, later.revision]
 
 
+async def test_every_watch_of_a_broken_stream_fails_when_none_can_be_moved() -> None:
+    """The stream breaks and no endpoint takes its watches back (the only server is down): every watch of that
+    stream raises UnavailableError, not only the first one the client tried to move. (The others kept a stale
+    "registered" from the broken stream, were not failed, and hung for ever: two of three watches of one client
+    stalled in the cluster test when the quorum was lost.)"""
+    with EtcdServer() as srv:
+        async with EtcdBackend(srv.endpoint, transport="grpc") as backend:
+            result = await backend.txn((), (Put(b"a", b"1"), Put(b"b", b"1"), Put(b"c", b"1")))
+            async with (
+                backend.watch(b"a", start_revision=result.revision) as a,
+                backend.watch(b"b", start_revision=result.revision) as b,
+                backend.watch(b"c", start_revision=result.revision) as c,
+            ):
+                with anyio.fail_after(10):
+                    for batches in (a, b, c):
+                        await anext(batches)
+                await anyio.to_thread.run_sync(srv.kill)
+                with anyio.fail_after(30):
+                    for batches in (a, b, c):
+                        with pytest.raises(UnavailableError):
+                            await anext(batches)
+
+
 async def test_watches_move_to_another_endpoint_with_no_gap(server: EtcdServer, ns: bytes) -> None:
     """When the shared watch stream breaks, every watch moves to a new stream on the next endpoint, each from the
     revision after its last event (etcd's Go client does the same): the reader sees neither an error nor a gap."""

@@ -964,6 +964,8 @@ class WatchStream(_Stream):
         watchers, self._watchers = self._watchers, {}
         if not watchers:
             return
+        for watcher in watchers.values():
+            watcher.registered = False  # on no stream now: failed, not left hanging, if it cannot be moved
         if isinstance(error, UnavailableError) and not self.client.closed:
             self.client.resume(list(watchers.values()), error)
         else:
