@@ -34,9 +34,9 @@ def anyio_backend(kind: str) -> Any:
 
 @pytest.fixture(scope="session")
 def etcd_server() -> Iterator[EtcdServer]:
-    """The etcd every etcd test shares; ``COORDKIT_ETCD`` names another etcd build to run the suite against (e.g.
+    """The etcd every etcd test shares; ``COORDKIT_TEST_ETCD`` names another etcd build to run the suite against (e.g.
     Debian's 3.4 at /usr/bin/etcd, which has no --unsafe-no-fsync)."""
-    binary = os.environ.get("COORDKIT_ETCD")
+    binary = os.environ.get("COORDKIT_TEST_ETCD")  # (not COORDKIT_ETCD: the CLI's endpoints)
     with EtcdServer(etcd_binary=binary, unsafe_no_fsync=binary is None) as server:
         yield server
 

@@ -365,7 +365,7 @@ class _Scan:
     paused: bool = False
     tail: Compare | None = None
     wake: float = math.inf  # local time of the next timer (a claim to take back, a delayed item due)
-    chore: Callable[[], Awaitable[int]] | None = None  # a write to do first; returns the store's revision
+    chore: Callable[[], Awaitable[int]] | None = None  # a write to do first; returns the revision to catch up to
 
 
 @final
@@ -403,18 +403,16 @@ class _View(dict[bytes, KeyValue]):
         self.handed: dict[str, bytes] = {}  # waiter token -> the claim a hand-off wrote for it
         self._tokens: dict[bytes, str] = {}  # claim key -> waiter token
         super().update(state)
-        self._sorted = False  # filled in key order first, then sorted once
         for key, kv in state.items():
-            self._index(key, kv)
-        self.order.sort()
-        self._sorted = True
+            self._index(key, kv, insort=False)
+        self.order.sort()  # once, not an insertion per item
 
     def __setitem__(self, key: bytes, kv: KeyValue) -> None:
         self._unindex(key)
         super().__setitem__(key, kv)
         self._index(key, kv)
 
-    def _index(self, key: bytes, kv: KeyValue) -> None:
+    def _index(self, key: bytes, kv: KeyValue, *, insort: bool = True) -> None:
         queue = self._queue
         if key.startswith(queue._items):
             decoded = queue._decode(key, kv, self._sub)
@@ -423,7 +421,7 @@ class _View(dict[bytes, KeyValue]):
                 return
             self.decoded[key] = decoded
             rank = self._ranks[key] = (-decoded.priority, kv.create_revision, key)
-            if self._sorted:
+            if insort:
                 bisect.insort(self.order, rank)
             else:
                 self.order.append(rank)
@@ -476,8 +474,6 @@ class _Claimer:
         # A claim found at the first look may have been handed to us any time since we took our place in line.
         self.since: float | None = line.since if line is not None else None
         self.changed = anyio.current_time()  # when the line last moved (someone left it) in our view
-        if not isinstance(subscription.state, _View):
-            subscription.state = _View(queue, subscription, subscription.state)
 
     async def run(self) -> Task:
         """Wait for an item and claim it (or be handed it); leave the line if this ends any other way."""
@@ -931,8 +927,7 @@ class WorkQueue:
         """Optional: keep one follower of the queue open across leases, so a claim does not open a watch."""
         if self._subscription is not None:
             raise RuntimeError(f"WorkQueue {self.name!r} is already entered")
-        subscription = self._subscription = await subscribe(self.session.backend, self._prefix)
-        subscription.state = _View(self, subscription, subscription.state)  # the queue's order, read once here
+        self._subscription = await self._follow()
         return self
 
     async def __aexit__(
@@ -1347,11 +1342,18 @@ class WorkQueue:
         async with self.session.guarded(ClaimLostError, what=f"queue {self.name!r}"):
             return await self._wait_and_claim(visibility)
 
+    async def _follow(self) -> Subscription:
+        """Follow the queue's keys (the process's shared watch), with a view of them that keeps the queue's order:
+        the whole queue is read once here."""
+        subscription = await subscribe(self.session.backend, self._prefix)
+        subscription.state = _View(self, subscription, subscription.state)
+        return subscription
+
     async def _wait_and_claim(self, visibility: int) -> Task:
         # Inside ``async with queue`` the queue's own subscription is reused (no new watch per lease), when no
         # other task of this object is using it.
         own = self._subscription if self._subscription is not None and not self._subscription_busy else None
-        subscription: Subscription = own or await subscribe(self.session.backend, self._prefix)
+        subscription: Subscription = own or await self._follow()
         self._subscription_busy |= own is not None
         line, self._line = (self._line, None) if own is not None else (None, self._line)
         try:
